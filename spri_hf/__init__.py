@@ -1,0 +1,28 @@
+"""spri_hf: upcycle dense Hugging Face models into sparse mixture-of-experts models with SPRI.
+
+Importing the package registers `model_type="spri"` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout
+from .configuration_spri import SpriConfig
+from .modeling_spri import SpriForCausalLM, SpriModel, SpriMoeBlock, SpriPreTrainedModel
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("spri", SpriConfig, exist_ok=True)
+AutoModel.register(SpriConfig, SpriModel, exist_ok=True)
+AutoModelForCausalLM.register(SpriConfig, SpriForCausalLM, exist_ok=True)
+
+__all__ = [
+    "FFN_LAYOUTS",
+    "FfnLayout",
+    "SpriConfig",
+    "SpriForCausalLM",
+    "SpriModel",
+    "SpriMoeBlock",
+    "SpriPreTrainedModel",
+    "get_ffn_layout",
+]

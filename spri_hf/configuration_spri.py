@@ -1,0 +1,178 @@
+"""Configuration of SPRI mixture-of-experts models (shipped to the Hub: imports only transformers)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+_INITS = ("spri", "copy", "noise", "drop", "random")
+_SPRI_MODES = ("balanced", "partition")
+_PARTITIONS = ("interleaved", "contiguous", "random")
+_SHARED_EXPERTS = (None, "dense")
+# Far beyond any released MoE; refuses absurd configs before anything is allocated.
+_MAX_EXPERTS = 4096
+
+
+@strict
+class SpriConfig(PreTrainedConfig):
+    r"""
+    Configuration of a dense model upcycled into a sparse mixture of experts with SPRI (SVD-Partitioned Residual
+    Initialization). The dense model's own configuration is kept whole in `base_config`; the fields below say how
+    its FFN layers were turned into experts and how they are trained.
+
+    Args:
+        base_config (`dict` or `PreTrainedConfig`):
+            Configuration of the dense model (any supported decoder family).
+        num_experts (`int`, defaults to 8):
+            Routed experts per upcycled FFN layer.
+        num_experts_per_tok (`int`, defaults to 2):
+            Experts each token is sent to (top-k).
+        init (`str`, defaults to `"spri"`):
+            How experts start: `"spri"` (shared principal + SVD-partitioned residual), `"copy"` (every expert is the
+            dense FFN), `"noise"` (copy + Gaussian noise), `"drop"` (Drop-Upcycling) or `"random"` (from scratch).
+        principal_ratio (`float`, defaults to 0.5):
+            Share of the singular directions of each FFN matrix kept in the principal part `P` shared by all experts.
+        principal_energy (`float`, *optional*):
+            Instead of `principal_ratio`: keep the smallest rank whose directions hold this share of `sum(s**2)`.
+        partition (`str`, defaults to `"interleaved"`):
+            How the residual tail directions are dealt to experts: `"interleaved"`, `"contiguous"` or `"random"`.
+        spri_mode (`str`, defaults to `"balanced"`):
+            `"balanced"`: `W_i = P + (1 - diversity) R + diversity * N * R_i`, so experts average exactly to the dense
+            weight. `"partition"`: `W_i = P + residual_scale * R_i`, each expert keeps only its own slice of the tail.
+        diversity (`float`, defaults to 0.1):
+            Balanced mode: 0 is copy upcycling, 1 gives each expert only its own residual slice (times N).
+        residual_scale (`float`, defaults to 1.0):
+            Partition mode: scale of each expert's residual slice.
+        noise_std (`float`, defaults to 0.01):
+            `init="noise"`: noise standard deviation relative to each matrix's own.
+        drop_ratio (`float`, defaults to 0.5):
+            `init="drop"`: share of intermediate neurons re-initialised per expert.
+        moe_layers (`list[int]`, *optional*):
+            Indices of the FFN layers to upcycle; `None` upcycles all of them.
+        shared_expert (`str`, *optional*):
+            `"dense"` keeps an always-on copy of the dense FFN next to the routed experts (Qwen2-MoE style).
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the Switch load-balancing loss, added to the loss whenever labels are given.
+        router_z_loss_coef (`float`, defaults to 0.0):
+            Weight of the router z-loss (mean squared log-sum-exp of the router logits).
+        norm_topk_prob (`bool`, defaults to `True`):
+            Renormalise the top-k routing weights to sum to one.
+        output_router_logits (`bool`, defaults to `False`):
+            Return the router logits of every MoE layer in the model output.
+        stage (`int`, *optional*):
+            1: residual parametrization (shared frozen base + trainable low-rank factors per expert), 2: full experts.
+            Defaults to 1 for `init="spri"` and 2 otherwise.
+        residual_rank (`int`, *optional*):
+            Rank of each expert's residual factors in stage 1; set by `from_dense`.
+        stage1_trainable (`list[str]`, *optional*):
+            Extra parameter-name substrings left trainable in stage 1 (routers and residual factors always are).
+        stage2_train_all (`bool`, defaults to `True`):
+            In stage 2 train the whole model; `False` trains only routers, experts and shared experts.
+        seed (`int`, defaults to 0):
+            Seed of every random choice of the upcycling (same seed, same inputs => identical weights).
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the router initialisation (never zero: equal logits route all tokens alike).
+    """
+
+    model_type = "spri"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    base_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    init: str = "spri"
+    principal_ratio: float | int = 0.5
+    principal_energy: float | int | None = None
+    partition: str = "interleaved"
+    spri_mode: str = "balanced"
+    diversity: float | int = 0.1
+    residual_scale: float | int = 1.0
+    noise_std: float | int = 0.01
+    drop_ratio: float | int = 0.5
+    moe_layers: list[int] | None = None
+    shared_expert: str | None = None
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.0
+    norm_topk_prob: bool = True
+    output_router_logits: bool = False
+    stage: int | None = None
+    residual_rank: int | None = None
+    stage1_trainable: list[str] | None = None
+    stage2_train_all: bool = True
+    seed: int = 0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.stage is None:
+            self.stage = 1 if self.init == "spri" else 2
+        super().__post_init__(**kwargs)
+        # The wrapped dense model owns its embeddings: tying is decided by `base_config`.
+        self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+
+    def validate_spri_settings(self):
+        """Check every SPRI field; raise `ValueError` naming the field, the value and the allowed range."""
+        _check_choice("init", self.init, _INITS)
+        _check_choice("spri_mode", self.spri_mode, _SPRI_MODES)
+        _check_choice("partition", self.partition, _PARTITIONS)
+        _check_choice("shared_expert", self.shared_expert, _SHARED_EXPERTS)
+        if not 1 <= self.num_experts <= _MAX_EXPERTS:
+            raise ValueError(f"num_experts={self.num_experts} must be between 1 and {_MAX_EXPERTS}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts="
+                f"{self.num_experts}; lower num_experts_per_tok or raise num_experts."
+            )
+        for name in ("principal_ratio", "diversity", "drop_ratio"):
+            _check_unit_interval(name, getattr(self, name))
+        if self.principal_energy is not None:
+            _check_unit_interval("principal_energy", self.principal_energy)
+        for name in ("noise_std", "router_aux_loss_coef", "router_z_loss_coef"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0.")
+        if not abs(self.residual_scale) < float("inf"):
+            raise ValueError(f"residual_scale={self.residual_scale} must be finite.")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range={self.initializer_range} must be > 0 (a zero router routes all alike).")
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage={self.stage} must be 1 (residual factors) or 2 (full experts).")
+        if self.stage == 1 and self.init != "spri":
+            raise ValueError(
+                f"stage=1 needs init='spri' (only SPRI has residual factors), got init={self.init!r}; use stage=2."
+            )
+        if self.residual_rank is not None and self.residual_rank < 1:
+            raise ValueError(f"residual_rank={self.residual_rank} must be >= 1.")
+        num_layers = getattr(self.base_config, "num_hidden_layers", None)
+        if self.moe_layers is not None:
+            if len(self.moe_layers) == 0:
+                raise ValueError("moe_layers=[] upcycles nothing; pass None for every FFN layer or a non-empty list.")
+            for idx in self.moe_layers:
+                if num_layers is not None and not 0 <= idx < num_layers:
+                    raise ValueError(
+                        f"moe_layers contains {idx}, outside the dense model's layers 0..{num_layers - 1}."
+                    )
+            if len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"moe_layers={self.moe_layers} lists a layer twice.")
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        # Generation builds its cache from the text config: that is the wrapped dense model's.
+        return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    def upcycled_layers(self) -> list[int]:
+        """Indices of the FFN layers that are mixtures of experts."""
+        if self.moe_layers is not None:
+            return sorted(self.moe_layers)
+        return list(range(self.base_config.num_hidden_layers))
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}.")
+
+
+def _check_unit_interval(name, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} is outside [0, 1]; pass a value between 0 and 1.")
+
+
+__all__ = ["SpriConfig"]

@@ -1,0 +1,168 @@
+"""Pure tensor functions that turn dense FFN weights into expert weights (SPRI and its baselines).
+
+Everything here works on plain tensors, never on modules, so every invariant of SPRI can be tested
+without building a model. Weights are `(out_features, in_features)` matrices as in `nn.Linear`.
+All arithmetic is done in float64 and the results are returned in float64; callers cast.
+"""
+
+import math
+
+import torch
+
+
+SPRI_MODES = ("balanced", "partition")
+PARTITIONS = ("interleaved", "contiguous", "random")
+INITS = ("spri", "copy", "noise", "drop", "random")
+
+
+def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on `(seed, layer_idx)`, so layers can be upcycled in any order."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 * (int(layer_idx) + 1))
+
+
+def principal_rank(
+    singular_values: torch.Tensor, principal_ratio: float | None = None, principal_energy: float | None = None
+) -> int:
+    """Rank `r` of the principal part shared by all experts.
+
+    Args:
+        singular_values: descending singular values of one matrix.
+        principal_ratio: keep `round(principal_ratio * q)` directions, `q = len(singular_values)`.
+        principal_energy: keep the smallest `r` whose directions hold this share of `sum(s**2)`.
+    """
+    q = singular_values.numel()
+    if principal_energy is None:
+        return int(math.floor(principal_ratio * q + 0.5))
+    energy = singular_values.double().square()
+    cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    # smallest r with cumulative[r - 1] >= principal_energy
+    r = int(torch.searchsorted(cumulative, torch.tensor(principal_energy, dtype=torch.float64) - 1e-12).item()) + 1
+    return min(max(r, 0), q) if principal_energy > 0 else 0
+
+
+def partition_residual(
+    rank: int, principal: int, num_experts: int, partition: str = "interleaved", generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Split the tail indices `principal .. rank-1` of an SVD into `num_experts` disjoint groups.
+
+    Args:
+        rank: number of singular directions `q = min(m, n)`.
+        principal: rank `r` of the shared principal part.
+        partition: "interleaved" (index j -> expert (j - r) mod N), "contiguous" (N bands), "random" (seeded).
+    """
+    tail = torch.arange(principal, rank)
+    if partition == "interleaved":
+        return [tail[i::num_experts] for i in range(num_experts)]
+    if partition == "contiguous":
+        return list(torch.tensor_split(tail, num_experts))
+    if partition == "random":
+        shuffled = tail[torch.randperm(tail.numel(), generator=generator)]
+        return [shuffled[i::num_experts].sort().values for i in range(num_experts)]
+    raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}.")
+
+
+def residual_rank_per_expert(tail: int, num_experts: int) -> int:
+    """Largest group size when `tail` directions are split across `num_experts` (all partitions are balanced)."""
+    return -(-tail // num_experts)
+
+
+def spri_coefficients(num_experts: int, spri_mode: str, diversity: float, residual_scale: float) -> tuple[float, float]:
+    """`(b, c)` of `W_i = P + b * R + c * R_i` for the two SPRI presets (see SPRI.md)."""
+    if spri_mode == "balanced":
+        return 1.0 - diversity, diversity * num_experts
+    if spri_mode == "partition":
+        return 0.0, residual_scale
+    raise ValueError(f"spri_mode={spri_mode!r} is not one of {SPRI_MODES}.")
+
+
+def spri_residual_factors(
+    weight: torch.Tensor,
+    num_experts: int,
+    *,
+    principal: int,
+    shared_coef: float,
+    expert_coef: float,
+    partition: str = "interleaved",
+    rank_per_expert: int | None = None,
+    generator: torch.Generator | None = None,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPRI in its stage-1 form: a shared base and per-expert low-rank residual factors.
+
+    Returns `(shared, factor_b, factor_a)` with `shared = P + b * R` of shape (m, n), `factor_b` (N, m, k) and
+    `factor_a` (N, k, n) such that `factor_b[i] @ factor_a[i] = c * R_i`. Groups smaller than `k` are zero padded;
+    zero rows/columns receive zero gradients, so padding never changes training.
+    """
+    w = weight.detach().to(torch.float64)
+    u, s, vh = svd if svd is not None else torch.linalg.svd(w, full_matrices=False)
+    q = s.numel()
+    groups = partition_residual(q, principal, num_experts, partition, generator)
+    k = rank_per_expert if rank_per_expert is not None else residual_rank_per_expert(q - principal, num_experts)
+    k = max(k, 1)
+    principal_part = (u[:, :principal] * s[:principal]) @ vh[:principal]
+    shared = principal_part + shared_coef * (w - principal_part)
+    m, n = w.shape
+    factor_b = w.new_zeros(num_experts, m, k)
+    factor_a = w.new_zeros(num_experts, k, n)
+    # c * U diag(s) V^T = (sign(c) U sqrt(|c| s)) (sqrt(|c| s) V^T); with c == 0 keep A = sqrt(s) V^T and B = 0 so
+    # the factors can still learn (as LoRA starts from B = 0).
+    sign = -1.0 if expert_coef < 0 else 1.0
+    for i, group in enumerate(groups):
+        g = group.numel()
+        if g == 0:
+            continue
+        root = (abs(expert_coef) * s[group]).sqrt()
+        if expert_coef == 0:
+            factor_a[i, :g] = s[group].sqrt()[:, None] * vh[group]
+        else:
+            factor_b[i, :, :g] = sign * u[:, group] * root
+            factor_a[i, :g] = root[:, None] * vh[group]
+    return shared, factor_b, factor_a
+
+
+def materialize_experts(shared: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor) -> torch.Tensor:
+    """Stage-2 expert weights `W_i = shared + B_i A_i`, shape (N, m, n)."""
+    return shared.unsqueeze(0) + torch.bmm(factor_b, factor_a)
+
+
+def copy_experts(weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Sparse upcycling: every expert is the dense matrix."""
+    return weight.detach().to(torch.float64).unsqueeze(0).expand(num_experts, -1, -1).clone()
+
+
+def noise_experts(weight: torch.Tensor, num_experts: int, noise_std: float, generator: torch.Generator) -> torch.Tensor:
+    """Copy plus Gaussian noise whose standard deviation is `noise_std` times the matrix's own."""
+    experts = copy_experts(weight, num_experts)
+    scale = noise_std * experts[0].std()
+    return experts + scale * torch.randn(experts.shape, generator=generator, dtype=torch.float64)
+
+
+def drop_neurons(num_experts: int, intermediate: int, drop_ratio: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Drop-Upcycling: for every expert, the intermediate neurons to re-initialise (shared by all projections)."""
+    count = int(math.floor(drop_ratio * intermediate + 0.5))
+    return [torch.randperm(intermediate, generator=generator)[:count].sort().values for _ in range(num_experts)]
+
+
+def drop_experts(
+    weight: torch.Tensor, dropped: list[torch.Tensor], neuron_dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Re-initialise the dropped neurons of each expert from N(mean, std) of the dense matrix.
+
+    Args:
+        neuron_dim: 0 when neurons are rows (gate/up), 1 when they are columns (down).
+    """
+    experts = copy_experts(weight, len(dropped))
+    mean, std = experts[0].mean(), experts[0].std()
+    for i, idx in enumerate(dropped):
+        if neuron_dim == 0:
+            shape = (idx.numel(), experts.shape[2])
+            experts[i, idx, :] = mean + std * torch.randn(shape, generator=generator, dtype=torch.float64)
+        else:
+            shape = (experts.shape[1], idx.numel())
+            experts[i, :, idx] = mean + std * torch.randn(shape, generator=generator, dtype=torch.float64)
+    return experts
+
+
+def random_experts(shape: tuple[int, int], num_experts: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """From-scratch experts: N(0, std) entries."""
+    return std * torch.randn((num_experts, *shape), generator=generator, dtype=torch.float64)

@@ -1,0 +1,315 @@
+"""`from_dense`: build an SPRI model from a dense one, layer by layer, under `torch.no_grad()`.
+
+The SPRI skeleton is built on the meta device, every non-FFN tensor is copied from the dense model by name, and each
+upcycled FFN layer gets its router and experts from the pure functions of `initializers`. Nothing about the dense model
+is modified.
+"""
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging
+
+from . import initializers as spri_init
+from .architectures import FfnLayout, get_ffn_layout
+from .configuration_spri import SpriConfig
+
+
+logger = logging.get_logger(__name__)
+
+_CONFIG_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "init",
+    "principal_ratio",
+    "principal_energy",
+    "partition",
+    "spri_mode",
+    "diversity",
+    "residual_scale",
+    "noise_std",
+    "drop_ratio",
+    "moe_layers",
+    "shared_expert",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "norm_topk_prob",
+    "stage",
+    "stage1_trainable",
+    "stage2_train_all",
+    "seed",
+    "initializer_range",
+    "output_router_logits",
+)
+
+
+def make_config(base_config, **settings) -> SpriConfig:
+    """`SpriConfig(base_config=..., **settings)` with validation errors raised as `ValueError` / `TypeError`."""
+    unknown = sorted(set(settings) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"Unknown SPRI setting(s) {unknown}; the settings are {list(_CONFIG_FIELDS)}.")
+    if "initializer_range" not in settings:
+        settings["initializer_range"] = getattr(base_config, "initializer_range", None) or 0.02
+    try:
+        return SpriConfig(base_config=base_config, **settings)
+    except StrictDataclassError as err:
+        cause = err.__cause__ if isinstance(err.__cause__, (TypeError, ValueError)) else None
+        message = str(cause) if cause is not None else str(err)
+        raise (TypeError if isinstance(cause, TypeError) else ValueError)(message) from None
+
+
+def upcycle(
+    spri_class: type,
+    dense: PreTrainedModel | str | os.PathLike,
+    *,
+    show_progress: bool = False,
+    from_pretrained_kwargs: dict | None = None,
+    **settings,
+) -> PreTrainedModel:
+    """Upcycle `dense` into `spri_class` (`SpriForCausalLM` or `SpriModel`).
+
+    Args:
+        dense: a `PreTrainedModel`, or a local folder / Hub id loaded with `from_pretrained(**from_pretrained_kwargs)`.
+        show_progress: show a progress bar over layers.
+        **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
+    """
+    is_causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING is getattr(spri_class, "_dense_mapping", None)
+    if isinstance(dense, (str, os.PathLike)):
+        auto_class = AutoModelForCausalLM if is_causal_lm else AutoModel
+        dense = auto_class.from_pretrained(dense, **(from_pretrained_kwargs or {}))
+    if not isinstance(dense, PreTrainedModel):
+        raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")
+    layout = get_ffn_layout(dense.config.model_type)
+    dense_root = _dense_root(dense, is_causal_lm)
+
+    config = make_config(copy.deepcopy(dense.config), **settings)
+    _check_finite(dense_root)
+    upcycled = config.upcycled_layers()
+    hidden, inter = layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config)
+    if config.init == "spri":
+        config.residual_rank = _residual_rank(config, dense_root, layout, hidden, inter)
+
+    dtype, device = dense.dtype, dense.device
+    with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
+        model = spri_class(config)
+    model.to_empty(device=device)
+
+    with torch.no_grad():
+        filled = _copy_dense_tensors(dense_root, model.model, layout, upcycled, config.shared_expert == "dense")
+        layers = _layers(dense_root, layout)
+        blocks = model.moe_blocks()
+        for idx in logging.tqdm(upcycled, desc="Upcycling FFN layers", disable=not show_progress):
+            matrices, biases = dense_ffn_weights(getattr(layers[idx], layout.mlp_attr), layout)
+            tensors = upcycle_layer(config, layout, idx, matrices, biases)
+            block = blocks[idx]
+            for name, value in tensors.items():
+                block.get_parameter(name).copy_(value)
+                filled.add(f"{_block_prefix(model.model, block)}.{name}")
+
+    expected = {name for name, _ in model.model.named_parameters()} | {name for name, _ in model.model.named_buffers()}
+    expected -= {name.removeprefix("model.") for name in model.all_tied_weights_keys}  # tied below
+    if expected - filled:
+        raise RuntimeError(f"Internal error: upcycling left {sorted(expected - filled)[:5]} unset; please report it.")
+    model.tie_weights()
+    if dense.generation_config is not None:
+        model.generation_config = copy.deepcopy(dense.generation_config)
+    model.apply_stage_trainability()
+    return model.eval()
+
+
+def _dense_root(dense: PreTrainedModel, is_causal_lm: bool) -> PreTrainedModel:
+    config_class = type(dense.config)
+    if is_causal_lm:
+        expected = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+        if not isinstance(dense, expected):
+            raise TypeError(
+                f"SpriForCausalLM.from_dense needs a causal LM ({expected.__name__}), got {type(dense).__name__}; "
+                "load it with AutoModelForCausalLM, or use SpriModel.from_dense for a bare backbone."
+            )
+        return dense
+    backbone = MODEL_MAPPING[config_class]
+    return dense if isinstance(dense, backbone) else dense.base_model
+
+
+def _check_finite(dense_root: torch.nn.Module):
+    for name, param in dense_root.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ValueError(
+                f"The dense weight {name!r} contains NaN or infinite values; SPRI cannot decompose it. "
+                "Check the checkpoint (or the dtype it was loaded in) before upcycling."
+            )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _layers(root: torch.nn.Module, layout: FfnLayout) -> torch.nn.ModuleList:
+    backbone = root.base_model if isinstance(root, PreTrainedModel) else root
+    return getattr(backbone, layout.layers_attr)
+
+
+def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise RuntimeError("module not found in its model")
+
+
+def _block_prefix(root: torch.nn.Module, block: torch.nn.Module) -> str:
+    return _module_name(root, block)
+
+
+def _copy_dense_tensors(dense_root, spri_inner, layout: FfnLayout, upcycled: list[int], keep_shared: bool) -> set[str]:
+    """Copy every non-FFN tensor (and the shared expert) by name; return the names filled in `spri_inner`."""
+    layers_name = _module_name(dense_root, _layers(dense_root, layout))
+    ffn_prefixes = {f"{layers_name}.{idx}.{layout.mlp_attr}.": idx for idx in upcycled}
+    targets = dict(spri_inner.named_parameters())
+    targets.update(dict(spri_inner.named_buffers()))
+    filled = set()
+    for name, tensor in list(dense_root.named_parameters()) + list(dense_root.named_buffers()):
+        prefix = next((p for p in ffn_prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            if not keep_shared:
+                continue
+            name = f"{prefix}shared_expert.{name[len(prefix):]}"
+        if name not in targets:
+            raise RuntimeError(f"Internal error: dense tensor {name!r} has no counterpart in the SPRI model.")
+        targets[name].copy_(tensor)
+        filled.add(name)
+    return filled
+
+
+def dense_ffn_weights(mlp: torch.nn.Module, layout: FfnLayout) -> tuple[dict, dict]:
+    """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down"."""
+    matrices, biases = {}, {}
+    if layout.fused_gate_up is not None:
+        fused = getattr(mlp, layout.fused_gate_up)
+        matrices["gate"], matrices["up"] = fused.weight.chunk(2, dim=0)
+        if fused.bias is not None:
+            biases["gate"], biases["up"] = fused.bias.chunk(2, dim=0)
+        modules = {"down": getattr(mlp, layout.down)}
+    else:
+        modules = {proj: getattr(mlp, getattr(layout, proj)) for proj in layout.projection_names()}
+    for proj, module in modules.items():
+        matrices[proj] = module.weight.t() if layout.conv1d else module.weight
+        if getattr(module, "bias", None) is not None:
+            biases[proj] = module.bias
+    return matrices, biases
+
+
+def _principal(config: SpriConfig, singular_values: torch.Tensor) -> int:
+    return spri_init.principal_rank(singular_values, config.principal_ratio, config.principal_energy)
+
+
+def _check_tail(config: SpriConfig, tail: int, where: str):
+    if 0 < tail < config.num_experts:
+        setting = (
+            f"principal_energy={config.principal_energy}"
+            if config.principal_energy is not None
+            else f"principal_ratio={config.principal_ratio}"
+        )
+        raise ValueError(
+            f"The residual rank of {where} is {tail}, smaller than num_experts={config.num_experts}: some experts "
+            f"would get no residual direction. Lower {setting} or use fewer experts."
+        )
+
+
+def _residual_rank(config: SpriConfig, dense_root, layout: FfnLayout, hidden: int, inter: int) -> int:
+    """Rank `k` of each expert's residual factors, checked before any heavy work."""
+    rank = min(hidden, inter)
+    if config.principal_energy is None:
+        tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
+        _check_tail(config, tail, "every FFN matrix")
+        return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1)
+    layers = _layers(dense_root, layout)
+    largest = 0
+    for idx in config.upcycled_layers():
+        matrices, _ = dense_ffn_weights(getattr(layers[idx], layout.mlp_attr), layout)
+        for proj, weight in matrices.items():
+            tail = rank - _principal(config, torch.linalg.svdvals(weight.detach().double()))
+            _check_tail(config, tail, f"layer {idx} {proj}")
+            largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
+    return max(largest, 1)
+
+
+def upcycle_layer(config: SpriConfig, layout: FfnLayout, layer_idx: int, matrices: dict, biases: dict) -> dict:
+    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block (float64)."""
+    generator = spri_init.layer_generator(config.seed, layer_idx)
+    num_experts = config.num_experts
+    hidden = matrices["down"].shape[0]
+    tensors = {"router.weight": config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)}
+    up_names = ("gate", "up") if layout.gated else ("up",)
+    prefix = "gate_up" if layout.gated else "up"
+
+    if config.init == "spri":
+        shared_coef, expert_coef = spri_init.spri_coefficients(
+            num_experts, config.spri_mode, config.diversity, config.residual_scale
+        )
+        factors = {}
+        for proj, weight in matrices.items():
+            svd = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            factors[proj] = spri_init.spri_residual_factors(
+                weight,
+                num_experts,
+                principal=_principal(config, svd[1]),
+                shared_coef=shared_coef,
+                expert_coef=expert_coef,
+                partition=config.partition,
+                rank_per_expert=config.residual_rank,
+                generator=generator,
+                svd=svd,
+            )
+        if config.stage == 1:
+            tensors[f"experts.{prefix}_shared"] = torch.cat([factors[p][0] for p in up_names], dim=0)
+            tensors[f"experts.{prefix}_residual_b"] = torch.cat([factors[p][1] for p in up_names], dim=1)
+            tensors[f"experts.{prefix}_residual_a"] = torch.cat([factors[p][2] for p in up_names], dim=1)
+            shared, factor_b, factor_a = factors["down"]
+            tensors["experts.down_shared"], tensors["experts.down_residual_b"] = shared, factor_b
+            tensors["experts.down_residual_a"] = factor_a
+        else:
+            experts = {proj: spri_init.materialize_experts(*factors[proj]) for proj in matrices}
+            _add_full_experts(tensors, experts, up_names, prefix)
+    else:
+        if config.init == "copy":
+            experts = {proj: spri_init.copy_experts(w, num_experts) for proj, w in matrices.items()}
+        elif config.init == "noise":
+            experts = {
+                proj: spri_init.noise_experts(w, num_experts, config.noise_std, generator) for proj, w in matrices.items()
+            }
+        elif config.init == "drop":
+            dropped = spri_init.drop_neurons(num_experts, matrices["down"].shape[1], config.drop_ratio, generator)
+            experts = {
+                proj: spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator)
+                for proj, w in matrices.items()
+            }
+        else:  # random
+            experts = {
+                proj: spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator)
+                for proj, w in matrices.items()
+            }
+        _add_full_experts(tensors, experts, up_names, prefix)
+
+    if biases:
+        zero = config.init == "random"
+        up_bias = torch.cat([biases[p].detach().double() for p in up_names])
+        down_bias = biases["down"].detach().double()
+        tensors[f"experts.{prefix}_proj_bias"] = (up_bias * (not zero)).expand(num_experts, -1)
+        tensors["experts.down_proj_bias"] = (down_bias * (not zero)).expand(num_experts, -1)
+    return tensors
+
+
+def _add_full_experts(tensors: dict, experts: dict, up_names: tuple, prefix: str):
+    tensors[f"experts.{prefix}_proj"] = torch.cat([experts[p] for p in up_names], dim=1)
+    tensors["experts.down_proj"] = experts["down"]
