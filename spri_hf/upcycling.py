@@ -86,7 +86,7 @@ def upcycle(
     layout = get_ffn_layout(dense.config.model_type)
     dense_root = _dense_root(dense, is_causal_lm)
 
-    config = make_config(copy.deepcopy(dense.config), **settings)
+    config = make_config(_dequantized_config(dense.config), **settings)
     _check_finite(dense_root)
     upcycled = config.upcycled_layers()
     hidden, inter = layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config)
@@ -133,6 +133,22 @@ def _dense_root(dense: PreTrainedModel, is_causal_lm: bool) -> PreTrainedModel:
         return dense
     backbone = MODEL_MAPPING[config_class]
     return dense if isinstance(dense, backbone) else dense.base_model
+
+
+def _dequantized_config(config):
+    """A copy of the dense config; GGUF checkpoints are dequantised on load, so their quantization entry goes."""
+    config = copy.deepcopy(config)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        if str(method).lower().endswith("gguf"):
+            del config.quantization_config
+        else:
+            raise ValueError(
+                f"The dense model is quantized ({method}); SPRI needs floating-point weights. Load it without "
+                "quantization (or dequantize it) before upcycling."
+            )
+    return config
 
 
 def _check_finite(dense_root: torch.nn.Module):

@@ -1,0 +1,68 @@
+"""Per-layer diagnostics of an SPRI model: how far apart its experts are and how much of them is residual."""
+
+import torch
+
+from .initializers import principal_rank
+from .modeling_spri import SpriResidualExperts
+
+
+@torch.no_grad()
+def expert_matrices(block) -> torch.Tensor:
+    """All expert weights of one block flattened per expert, shape (E, params per expert), float64."""
+    experts = block.experts.materialize() if isinstance(block.experts, SpriResidualExperts) else block.experts
+    up = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    return torch.cat([up.flatten(1), experts.down_proj.flatten(1)], dim=1).double()
+
+
+@torch.no_grad()
+def inspect_model(model) -> list[dict]:
+    """One row per MoE layer: experts, principal rank, residual energy share, mean pairwise expert distance.
+
+    - principal rank: rank of the part shared by all experts (from the config; with `principal_energy`, measured on
+      the experts' mean down projection).
+    - residual energy share: `sum_i ||W_i - mean||^2 / sum_i ||W_i||^2`, the share of expert energy that differs
+      between experts (0 for copy upcycling).
+    - pairwise distance: mean over expert pairs of `||W_i - W_j|| / ||mean||` (relative Frobenius distance).
+    """
+    config = model.config
+    rows = []
+    for idx, block in model.moe_blocks().items():
+        flat = expert_matrices(block)
+        mean = flat.mean(0)
+        deviation = (flat - mean).square().sum() / flat.square().sum().clamp_min(1e-300)
+        distances = torch.cdist(flat, flat)
+        num = flat.shape[0]
+        pairwise = distances.sum() / max(num * (num - 1), 1) / mean.norm().clamp_min(1e-300)
+        down = block.experts.materialize().down_proj if isinstance(block.experts, SpriResidualExperts) else block.experts.down_proj
+        q = min(down.shape[1:])
+        if config.init != "spri":
+            rank = q
+        elif config.principal_energy is None:
+            rank = principal_rank(torch.empty(q), config.principal_ratio)
+        else:
+            rank = principal_rank(torch.linalg.svdvals(down.double().mean(0)), principal_energy=config.principal_energy)
+        rows.append(
+            {
+                "layer": idx,
+                "experts": num,
+                "principal_rank": rank,
+                "rank": q,
+                "residual_energy_share": deviation.item(),
+                "pairwise_distance": pairwise.item(),
+            }
+        )
+    return rows
+
+
+def format_report(config, rows: list[dict]) -> str:
+    head = (
+        f"SPRI model: init={config.init}, stage={config.stage}, {config.num_experts} experts, "
+        f"top-{config.num_experts_per_tok}, base={config.base_config.model_type}"
+    )
+    lines = [head, f"{'layer':>5} {'experts':>7} {'principal rank':>15} {'residual share':>15} {'pairwise dist':>14}"]
+    for row in rows:
+        lines.append(
+            f"{row['layer']:>5} {row['experts']:>7} {row['principal_rank']:>8}/{row['rank']:<6} "
+            f"{row['residual_energy_share']:>15.3e} {row['pairwise_distance']:>14.3e}"
+        )
+    return "\n".join(lines)
