@@ -316,6 +316,8 @@ class SpriPreTrainedModel(PreTrainedModel):
     def __init__(self, config: SpriConfig):
         super().__init__(config)
         dense_class = self._dense_class(config)
+        # The experts live in this wrapper; the dense architecture has none and refuses an experts implementation.
+        config.base_config._experts_implementation_internal = None
         self.model = dense_class(config.base_config)
         self._swap_ffn_blocks()
         self.post_init()

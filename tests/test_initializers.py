@@ -1,0 +1,105 @@
+"""The SPRI invariants of SPRI.md on plain tensors, no model involved."""
+
+import pytest
+import torch
+
+from spri_hf import initializers as spri_init
+
+
+def _weight(m=24, n=40, seed=0):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _experts(weight, num_experts, principal, mode="balanced", diversity=0.3, scale=1.0, partition="interleaved", seed=0):
+    b, c = spri_init.spri_coefficients(num_experts, mode, diversity, scale)
+    shared, fb, fa = spri_init.spri_residual_factors(
+        weight, num_experts, principal=principal, shared_coef=b, expert_coef=c, partition=partition,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return shared, fb, fa, spri_init.materialize_experts(shared, fb, fa)
+
+
+@pytest.mark.parametrize("partition", ["interleaved", "contiguous", "random"])
+def test_partition_is_disjoint_and_covers_the_tail(partition):
+    groups = spri_init.partition_residual(24, 10, 4, partition, torch.Generator().manual_seed(0))
+    flat = torch.cat(groups).sort().values
+    assert torch.equal(flat, torch.arange(10, 24))
+    assert max(g.numel() for g in groups) - min(g.numel() for g in groups) <= 1
+
+
+def test_interleaved_partition_deals_round_robin():
+    groups = spri_init.partition_residual(12, 4, 4, "interleaved")
+    assert groups[1].tolist() == [5, 9]
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("partition", ["interleaved", "contiguous", "random"])
+def test_balanced_experts_average_to_the_dense_weight(diversity, partition):
+    weight = _weight()
+    *_, experts = _experts(weight, 4, principal=12, diversity=diversity, partition=partition)
+    torch.testing.assert_close(experts.mean(0), weight, atol=1e-12, rtol=0)
+    if diversity > 0:
+        assert (experts[0] - experts[1]).abs().max() > 1e-3  # they really differ
+
+
+def test_partition_mode_residuals_sum_to_the_residual_and_are_orthogonal():
+    weight, principal, scale, num_experts = _weight(), 8, 0.7, 4
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    principal_part = (u[:, :principal] * s[:principal]) @ vh[:principal]
+    shared, fb, fa, experts = _experts(weight, num_experts, principal, mode="partition", scale=scale)
+    torch.testing.assert_close(shared, principal_part, atol=1e-12, rtol=0)
+    residuals = (experts - principal_part) / scale
+    torch.testing.assert_close(residuals.sum(0), weight - principal_part, atol=1e-12, rtol=0)
+    for i in range(num_experts):
+        for j in range(num_experts):
+            if i != j:
+                assert (residuals[i].T @ residuals[j]).abs().max() < 1e-10
+                assert (residuals[i] @ residuals[j].T).abs().max() < 1e-10
+    assert residuals[0].norm() > 1e-3
+
+
+def test_full_principal_ratio_makes_every_expert_the_dense_weight():
+    weight = _weight()
+    principal = spri_init.principal_rank(torch.linalg.svdvals(weight), principal_ratio=1.0)
+    *_, experts = _experts(weight, 4, principal)
+    for expert in experts:
+        torch.testing.assert_close(expert, weight, atol=1e-10, rtol=0)
+
+
+def test_factors_have_the_padded_rank_and_reproduce_c_times_r_i():
+    weight = _weight(24, 40)
+    shared, fb, fa, _ = _experts(weight, 5, principal=10, mode="partition", scale=2.0)  # tail 14 -> ranks 3,3,3,3,2
+    assert fb.shape == (5, 24, 3) and fa.shape == (5, 3, 40)
+    assert fb[4, :, 2].abs().max() == 0 and fa[4, 2].abs().max() == 0  # zero padding of the smaller group
+
+
+def test_principal_energy_picks_the_smallest_rank_holding_the_energy():
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
+    assert spri_init.principal_rank(s, principal_energy=16 / 22) == 1
+    assert spri_init.principal_rank(s, principal_energy=0.75) == 2
+    assert spri_init.principal_rank(s, principal_energy=1.0) == 4
+    assert spri_init.principal_rank(s, principal_ratio=0.5) == 2
+
+
+def test_same_seed_same_weights_and_other_seed_other_weights():
+    weight = _weight()
+    a = _experts(weight, 4, 10, partition="random", seed=3)[3]
+    b = _experts(weight, 4, 10, partition="random", seed=3)[3]
+    c = _experts(weight, 4, 10, partition="random", seed=4)[3]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_baselines():
+    weight = _weight()
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(spri_init.copy_experts(weight, 3)[2], weight)
+    noisy = spri_init.noise_experts(weight, 3, 0.01, gen)
+    relative = (noisy - weight).norm(dim=(1, 2)) / weight.norm()
+    assert torch.all((relative > 0.005) & (relative < 0.02))
+    dropped = spri_init.drop_neurons(3, 24, 0.5, gen)
+    assert all(d.numel() == 12 for d in dropped)
+    experts = spri_init.drop_experts(weight, dropped, 0, gen)
+    kept = [r for r in range(24) if r not in dropped[0].tolist()]
+    assert torch.equal(experts[0, kept], weight[kept]) and not torch.equal(experts[0, dropped[0]], weight[dropped[0]])
+    random = spri_init.random_experts((24, 40), 3, 0.02, gen)
+    assert abs(random.std().item() - 0.02) < 0.003
