@@ -12,10 +12,13 @@ parametrizations (see SPRI.md, "Two-stage training"):
 This file is shipped to the Hub as remote code: it imports only torch, transformers and its relative siblings.
 """
 
+import glob
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -371,8 +374,22 @@ class SpriPreTrainedModel(PreTrainedModel):
         super().initialize_weights()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as err:
+            raise OSError(
+                f"Could not read the weights of {pretrained_model_name_or_path}: a safetensors file is corrupt or "
+                f"truncated ({err}). Save or download the checkpoint again."
+            ) from err
+        except RuntimeError as err:
+            mismatch = _first_shape_mismatch(cls, pretrained_model_name_or_path)
+            if mismatch is None:
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: {mismatch}. The config.json and the weights do not belong "
+                "together (e.g. num_experts, residual_rank or stage changed); restore the matching config."
+            ) from err
         # Loading may replace parameters; trainability follows the stage recorded in the config.
         model.apply_stage_trainability()
         return model
@@ -436,6 +453,21 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
+
+
+def _first_shape_mismatch(model_class, folder) -> str | None:
+    """Describe the first tensor of a local checkpoint whose shape differs from what its config builds."""
+    if not os.path.isdir(str(folder)):
+        return None
+    with torch.device("meta"):
+        expected = model_class(SpriConfig.from_pretrained(folder)).state_dict()
+    for path in sorted(glob.glob(os.path.join(str(folder), "*.safetensors"))):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                shape = list(handle.get_slice(name).get_shape())
+                if name in expected and list(expected[name].shape) != shape:
+                    return f"tensor {name!r} has shape {shape} in {os.path.basename(path)} but the config expects {list(expected[name].shape)}"
+    return None
 
 
 def _is_router_or_residual(name: str) -> bool:
