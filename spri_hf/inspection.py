@@ -7,9 +7,13 @@ from .modeling_spri import SpriResidualExperts
 
 
 @torch.no_grad()
-def expert_matrices(block) -> torch.Tensor:
-    """All expert weights of one block flattened per expert, shape (E, params per expert), float64."""
-    experts = block.experts.materialize() if isinstance(block.experts, SpriResidualExperts) else block.experts
+def full_experts(block):
+    """The block's experts in stage-2 form (stage-1 factors are materialised into a copy)."""
+    return block.experts.materialize() if isinstance(block.experts, SpriResidualExperts) else block.experts
+
+
+def expert_matrices(experts) -> torch.Tensor:
+    """All expert weights flattened per expert, shape (E, params per expert), float64."""
     up = experts.gate_up_proj if experts.has_gate else experts.up_proj
     return torch.cat([up.flatten(1), experts.down_proj.flatten(1)], dim=1).double()
 
@@ -27,13 +31,14 @@ def inspect_model(model) -> list[dict]:
     config = model.config
     rows = []
     for idx, block in model.moe_blocks().items():
-        flat = expert_matrices(block)
+        experts = full_experts(block)
+        flat = expert_matrices(experts)
         mean = flat.mean(0)
         deviation = (flat - mean).square().sum() / flat.square().sum().clamp_min(1e-300)
         distances = torch.cdist(flat, flat)
         num = flat.shape[0]
         pairwise = distances.sum() / max(num * (num - 1), 1) / mean.norm().clamp_min(1e-300)
-        down = block.experts.materialize().down_proj if isinstance(block.experts, SpriResidualExperts) else block.experts.down_proj
+        down = experts.down_proj
         q = min(down.shape[1:])
         if config.init != "spri":
             rank = q

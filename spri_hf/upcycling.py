@@ -11,7 +11,14 @@ from contextlib import contextmanager
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+)
 from transformers.utils import logging
 
 from . import initializers as spri_init
@@ -79,8 +86,12 @@ def upcycle(
     """
     is_causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING is getattr(spri_class, "_dense_mapping", None)
     if isinstance(dense, (str, os.PathLike)):
+        # settings that are not SPRI fields (dtype=, revision=, gguf_file=, ...) are for loading the dense model
+        load_kwargs = dict(from_pretrained_kwargs or {})
+        load_kwargs.update({key: settings.pop(key) for key in list(settings) if key not in _CONFIG_FIELDS})
+        make_config(_dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
         auto_class = AutoModelForCausalLM if is_causal_lm else AutoModel
-        dense = auto_class.from_pretrained(dense, **(from_pretrained_kwargs or {}))
+        dense = auto_class.from_pretrained(dense, **load_kwargs)
     if not isinstance(dense, PreTrainedModel):
         raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")
     layout = get_ffn_layout(dense.config.model_type)
@@ -119,6 +130,12 @@ def upcycle(
         model.generation_config = copy.deepcopy(dense.generation_config)
     model.apply_stage_trainability()
     return model.eval()
+
+
+def _config_kwargs(load_kwargs: dict) -> dict:
+    """The `from_pretrained` kwargs that also locate the config (validated before any weight is read)."""
+    keys = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+    return {key: load_kwargs[key] for key in keys if key in load_kwargs}
 
 
 def _dense_root(dense: PreTrainedModel, is_causal_lm: bool) -> PreTrainedModel:

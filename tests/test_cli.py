@@ -45,3 +45,13 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "spri-hf")
     result = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "upcycle" in result.stdout and "demo" in result.stdout
+
+
+def test_from_dense_accepts_a_local_path_with_loading_kwargs(tmp_path, input_ids):
+    dense = tiny_dense("mistral")
+    dense.save_pretrained(tmp_path / "dense")
+    from_path = SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4, init="copy", dtype=torch.bfloat16)
+    assert from_path.dtype == torch.bfloat16
+    from_model = SpriForCausalLM.from_dense(dense.to(torch.bfloat16), num_experts=4, init="copy")
+    a, b = from_path.state_dict(), from_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

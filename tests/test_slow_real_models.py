@@ -44,9 +44,12 @@ def test_spri_upcycled_smollm2_save_reload(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     inputs = tokenizer("Open the document.", return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+        # bit-identical weights; safetensors loads them at other memory alignments, so BLAS may round differently
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-4, rtol=0)
 
 
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
