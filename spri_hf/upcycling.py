@@ -117,9 +117,10 @@ def upcycle(
             matrices, biases = dense_ffn_weights(getattr(layers[idx], layout.mlp_attr), layout)
             tensors = upcycle_layer(config, layout, idx, matrices, biases)
             block = blocks[idx]
+            block_name = _module_name(model.model, block)
             for name, value in tensors.items():
                 block.get_parameter(name).copy_(value)
-                filled.add(f"{_block_prefix(model.model, block)}.{name}")
+                filled.add(f"{block_name}.{name}")
 
     expected = {name for name, _ in model.model.named_parameters()} | {name for name, _ in model.model.named_buffers()}
     expected -= {name.removeprefix("model.") for name in model.all_tied_weights_keys}  # tied below
@@ -198,10 +199,6 @@ def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
         if module is target:
             return name
     raise RuntimeError("module not found in its model")
-
-
-def _block_prefix(root: torch.nn.Module, block: torch.nn.Module) -> str:
-    return _module_name(root, block)
 
 
 def _copy_dense_tensors(dense_root, spri_inner, layout: FfnLayout, upcycled: list[int], keep_shared: bool) -> set[str]:
