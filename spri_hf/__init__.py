@@ -7,6 +7,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout
 from .configuration_spri import SpriConfig
+from .export import export_native, fold_to_dense
+from .integrations import install_trainer_model_card_hook
 from .modeling_spri import SpriForCausalLM, SpriModel, SpriMoeBlock, SpriPreTrainedModel
 
 
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 AutoConfig.register("spri", SpriConfig, exist_ok=True)
 AutoModel.register(SpriConfig, SpriModel, exist_ok=True)
 AutoModelForCausalLM.register(SpriConfig, SpriForCausalLM, exist_ok=True)
+install_trainer_model_card_hook()
 
 __all__ = [
     "FFN_LAYOUTS",
@@ -24,5 +27,7 @@ __all__ = [
     "SpriModel",
     "SpriMoeBlock",
     "SpriPreTrainedModel",
+    "export_native",
+    "fold_to_dense",
     "get_ffn_layout",
 ]

@@ -2,12 +2,12 @@
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
+
+from .utils import atomic_save
 
 
 def _layers_arg(text: str) -> list[int]:
@@ -46,28 +46,6 @@ _SETTING_NAMES = (
 ).split()
 
 
-def atomic_save(model, out_dir: str, overwrite: bool = False, **save_kwargs):
-    """`save_pretrained` into a temporary sibling folder, then rename: `out_dir` is never half written."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
-        model.save_pretrained(staging, **save_kwargs)
-        if os.path.exists(out_dir):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(backup, "old"))
-            os.rename(staging, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def cmd_upcycle(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -99,6 +77,32 @@ def cmd_upcycle(args) -> int:
         f"{model.config.num_experts} experts (top-{model.config.num_experts_per_tok}), init={model.config.init}, "
         f"stage {model.config.stage}; load {loaded - start:.1f}s, upcycle {upcycled - loaded:.1f}s, "
         f"save {time.perf_counter() - upcycled:.1f}s."
+    )
+    return 0
+
+
+def cmd_export_native(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from . import SpriForCausalLM
+    from .export import export_native, native_format_for
+    from .modeling_spri import SpriConfig
+
+    out_dir = os.path.abspath(args.out)
+    if os.path.exists(out_dir) and not args.overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
+    native_format_for(SpriConfig.from_pretrained(args.src))  # refuse before loading any weight
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.src)
+    if not isinstance(model, SpriForCausalLM):
+        raise ValueError(f"{args.src} holds a {type(model).__name__}, not an SPRI causal LM (model_type 'spri').")
+    loaded = time.perf_counter()
+    native = export_native(model, out_dir, overwrite=args.overwrite, verify=not args.no_verify)
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.endswith(".safetensors"))
+    print(
+        f"Exported {args.src} (stage {model.config.stage}) -> {out_dir} as {type(native).__name__} "
+        f"({size / 1e6:.1f} MB of weights); load {loaded - start:.1f}s, export {time.perf_counter() - loaded:.1f}s. "
+        "It loads with plain transformers: AutoModelForCausalLM.from_pretrained(OUT)."
     )
     return 0
 
@@ -135,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_settings(upcycle)
     upcycle.set_defaults(func=cmd_upcycle)
+
+    export = sub.add_parser(
+        "export-native", help="SPRI checkpoint in, native Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint out (exact)"
+    )
+    export.add_argument("src", help="SPRI checkpoint folder")
+    export.add_argument("out", help="folder to write the native checkpoint to")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--no-verify", action="store_true", help="skip the logits check before writing")
+    export.set_defaults(func=cmd_export_native)
 
     inspect = sub.add_parser("inspect", help="per layer: experts, principal rank, residual share, expert distance")
     inspect.add_argument("path")

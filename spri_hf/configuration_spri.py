@@ -1,8 +1,9 @@
 """Configuration of SPRI mixture-of-experts models (shipped to the Hub: imports only transformers)."""
 
-from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+# `strict` is huggingface_hub's; taken through transformers so the Hub copy of this file imports transformers only.
+from transformers.configuration_utils import SubConfigSpec, strict
 
 
 _INITS = ("spri", "copy", "noise", "drop", "random")
@@ -72,6 +73,10 @@ class SpriConfig(PreTrainedConfig):
             Seed of every random choice of the upcycling (same seed, same inputs => identical weights).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the router initialisation (never zero: equal logits route all tokens alike).
+        base_model (`str`, *optional*):
+            Where the dense model came from (Hub id or folder), recorded by `from_dense` for the model card.
+        base_model_license (`str`, *optional*):
+            The dense model's license, recorded by `from_dense` when its model card states one; carried to the card.
     """
 
     model_type = "spri"
@@ -101,6 +106,8 @@ class SpriConfig(PreTrainedConfig):
     stage2_train_all: bool = True
     seed: int = 0
     initializer_range: float = 0.02
+    base_model: str | None = None
+    base_model_license: str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -163,6 +170,10 @@ class SpriConfig(PreTrainedConfig):
         if self.moe_layers is not None:
             return sorted(self.moe_layers)
         return list(range(self.base_config.num_hidden_layers))
+
+
+# `save_pretrained` copies this file into every checkpoint and records it in `auto_map` (remote code).
+SpriConfig.register_for_auto_class()
 
 
 def _check_choice(name, value, allowed):

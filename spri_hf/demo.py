@@ -113,7 +113,7 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
 
     from . import SpriForCausalLM
     from .assets import load_smollm2
-    from .cli import atomic_save
+    from .utils import atomic_save
 
     torch.manual_seed(0)
     timings, start = {}, time.perf_counter()

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -32,8 +31,14 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+# safetensors and huggingface_hub names taken through transformers: the Hub copy of this file imports only torch
+# and transformers.
+from transformers.modeling_utils import safe_open
+from transformers.utils.hub import HfHubHTTPError
+
 from .architectures import get_ffn_layout
 from .configuration_spri import SpriConfig
+from .model_card import write_model_card
 
 
 class SpriRouter(nn.Module):
@@ -377,13 +382,14 @@ class SpriPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as err:
-            raise OSError(
-                f"Could not read the weights of {pretrained_model_name_or_path}: a safetensors file is corrupt or "
-                f"truncated ({err}). Save or download the checkpoint again."
-            ) from err
-        except RuntimeError as err:
-            mismatch = _first_shape_mismatch(cls, pretrained_model_name_or_path)
+        except Exception as err:
+            # safetensors' error class is matched by name: the Hub copy of this file imports only torch/transformers
+            if type(err).__name__ == "SafetensorError":
+                raise OSError(
+                    f"Could not read the weights of {pretrained_model_name_or_path}: a safetensors file is corrupt or "
+                    f"truncated ({err}). Save or download the checkpoint again."
+                ) from err
+            mismatch = _first_shape_mismatch(cls, pretrained_model_name_or_path) if isinstance(err, RuntimeError) else None
             if mismatch is None:
                 raise
             raise ValueError(
@@ -397,9 +403,49 @@ class SpriPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_dense(cls, dense, **settings):
         """Upcycle a dense model into this SPRI class. See `spri_hf.upcycling.upcycle` for every setting."""
-        from .upcycling import upcycle
+        try:
+            # not a `from .x import` line: the Hub copy of this file ships without the upcycler
+            from . import upcycling
+        except ImportError as err:
+            raise ImportError(
+                "from_dense needs the spri_hf package (this is the modeling code shipped with a checkpoint): "
+                "pip install spri_hf, then use spri_hf.SpriForCausalLM.from_dense."
+            ) from err
+        return upcycling.upcycle(cls, dense, **settings)
 
-        return upcycle(cls, dense, **settings)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the model card (`README.md`, SPRI section created or updated).
+
+        The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
+        folder loads with `trust_remote_code=True` where spri_hf is not installed.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir, repo_id: str | None = None) -> str:
+        """Write this model's card into `output_dir/README.md`, keeping any text already there."""
+        return write_model_card(self, output_dir, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """`PreTrainedModel.push_to_hub` (weights, config with `auto_map`, code files, model card).
+
+        A failed upload raises an `OSError` that says what failed; nothing local is touched (the upload is made from
+        a temporary folder) and the Hub keeps its previous revision, since a commit is all-or-nothing.
+        """
+        try:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        except HfHubHTTPError as err:
+            raise OSError(
+                f"Pushing the model to the Hub repo {repo_id!r} failed: {err}. Nothing local was changed and no "
+                "partial commit was made. Check the endpoint and token (HF_ENDPOINT, HF_TOKEN), then push again; "
+                "or save_pretrained() locally and upload the folder later."
+            ) from err
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # push_to_hub has just replaced README.md with the Hub's (or a blank) card: put the SPRI section back in.
+        self.create_or_update_model_card(working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def apply_stage_trainability(self):
         """Freeze/unfreeze parameters as the current stage prescribes (see `SpriConfig.stage`)."""
@@ -569,5 +615,9 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
             router_logits=tuple(router_logits) if output_router_logits else None,
         )
 
+
+# `save_pretrained` copies this file, its relative imports and an `auto_map` into every checkpoint (remote code).
+SpriModel.register_for_auto_class("AutoModel")
+SpriForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["SpriPreTrainedModel", "SpriModel", "SpriForCausalLM", "SpriMoeBlock", "SpriRouter", "SpriExperts"]

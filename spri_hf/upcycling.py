@@ -51,6 +51,8 @@ _CONFIG_FIELDS = (
     "seed",
     "initializer_range",
     "output_router_logits",
+    "base_model",
+    "base_model_license",
 )
 
 
@@ -97,6 +99,8 @@ def upcycle(
     layout = get_ffn_layout(dense.config.model_type)
     dense_root = _dense_root(dense, is_causal_lm)
 
+    settings.setdefault("base_model", dense.name_or_path or None)
+    settings.setdefault("base_model_license", _read_license(settings["base_model"]))
     config = make_config(_dequantized_config(dense.config), **settings)
     _check_finite(dense_root)
     upcycled = config.upcycled_layers()
@@ -127,10 +131,25 @@ def upcycle(
     if expected - filled:
         raise RuntimeError(f"Internal error: upcycling left {sorted(expected - filled)[:5]} unset; please report it.")
     model.tie_weights()
-    if dense.generation_config is not None:
+    if getattr(dense, "generation_config", None) is not None and model.can_generate():
         model.generation_config = copy.deepcopy(dense.generation_config)
     model.apply_stage_trainability()
     return model.eval()
+
+
+def _read_license(name_or_path: str | None) -> str | None:
+    """The `license` of a model card (local folder, or Hub repo when online); `None` when there is none to read."""
+    if not name_or_path:
+        return None
+    from huggingface_hub import ModelCard
+
+    card = os.path.join(name_or_path, "README.md")
+    if os.path.isdir(name_or_path) and not os.path.isfile(card):
+        return None
+    try:
+        return ModelCard.load(card if os.path.isdir(name_or_path) else name_or_path).data.get("license")
+    except Exception:  # offline, no card, unreadable card: the model card then says the license is unknown
+        return None
 
 
 def _config_kwargs(load_kwargs: dict) -> dict:

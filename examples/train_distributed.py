@@ -1,0 +1,223 @@
+"""Two-stage SPRI training with the stock `Trainer`, single- or multi-process (DDP through accelerate).
+
+Multi-process on CPU (gloo), 2 processes::
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no --main_process_port 29511 examples/train_distributed.py --output-dir out/dist
+
+Single process::
+
+    python examples/train_distributed.py --output-dir out/single
+
+`--multi_gpu` is accelerate's name for "spawn N processes with torchrun"; it also works without GPUs. Do NOT use
+`accelerate launch --cpu --num_processes 2`: in accelerate 1.15 `--cpu` selects the simple launcher, which starts a
+single process (multi-process CPU launching with `--cpu` needs MPI and `--mpirun_hostfile`). On a machine without a GPU
+the script sets `use_cpu=True`, which makes accelerate pick `MULTI_CPU` with the gloo backend; without it every
+process would silently train on its own (`DistributedType.NO`).
+
+What it does: build a tiny random dense Llama (same seed on every rank) or load `--dense PATH`, upcycle it with
+`init="spri"`, train stage 1 (routers + residual factors) for `--steps` steps, call `model.set_stage(2)`, build a new
+`Trainer` and train stage 2 (everything) for `--steps` steps. Every rank then writes `{output_dir}/rank{RANK}.json`
+with a sha256 of its final state_dict, the per-expert token counts its routers saw in every training forward pass,
+and the logged losses of both stages.
+"""
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers.utils import logging
+
+import spri_hf  # noqa: F401  (registers model_type="spri" with the auto classes)
+from spri_hf import SpriForCausalLM
+
+
+VOCAB = 97
+
+
+class ProgressionDataset(Dataset):
+    """Arithmetic progressions with a random start: a small learnable causal-LM task, identical on every rank."""
+
+    def __init__(self, size: int, length: int, vocab: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for _ in range(size):
+            start = int(torch.randint(3, 20, (1,), generator=generator))
+            step = int(torch.randint(1, 7, (1,), generator=generator))
+            seq = [3 + (start + step * j) % (vocab - 3) for j in range(length)]
+            self.rows.append({"input_ids": seq, "labels": seq})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+class ExpertTokenCounter:
+    """Counts, per training forward pass, how many (token, slot) pairs each MoE layer's router sent to each expert.
+
+    A forward hook on every `SpriMoeBlock.router` reads the router's `top_k_index` output. Routers are kept by
+    `set_stage(2)` (only the experts are replaced), so the same hooks cover both stages.
+    """
+
+    def __init__(self, model: SpriForCausalLM):
+        self.num_experts = model.config.num_experts
+        self.layers = sorted(model.moe_blocks())
+        self.stage = None  # set by the caller before each stage
+        self.steps: dict[str, list[list[list[int]]]] = {}  # stage -> [forward][layer][expert]
+        self._pending: list[list[int]] = []
+        self._handles = [
+            block.router.register_forward_hook(self._hook) for _, block in sorted(model.moe_blocks().items())
+        ]
+
+    def _hook(self, module, inputs, output):
+        if not module.training:
+            return
+        top_k_index = output[2]
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
+        self._pending.append(counts.tolist())
+        if len(self._pending) == len(self.layers):  # one full forward pass seen: record it as one step
+            self.steps.setdefault(self.stage, []).append(self._pending)
+            self._pending = []
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def tiny_dense_llama(seed: int):
+    """A tiny random dense Llama; the explicit seed makes it bit-identical on every rank."""
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state_dict in sorted-name order: each name, then the tensor's float32 bytes."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def training_args(output_dir: str, steps: int, lr: float, batch_size: int, seed: int) -> TrainingArguments:
+    """Arguments shared by both stages."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        # Without a GPU, use_cpu=True is what makes accelerate choose MULTI_CPU (gloo) under a multi-process launch.
+        use_cpu=not torch.cuda.is_available(),
+        # Every trainable tensor gets a gradient each step, even with idle experts: experts are fused (E, ...)
+        # parameters indexed per expert, so idle rows get zeros and the reducer never waits on an unused parameter.
+        ddp_find_unused_parameters=False,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def train_stage(model, dataset, args: TrainingArguments) -> list[float]:
+    """Run one `Trainer` over `model` and return its logged losses (averaged over ranks by `Trainer`)."""
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # Drop the DDP wrapper (and its autograd hooks) before the stage switch replaces the expert parameters.
+    del trainer
+    gc.collect()
+    return losses
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--dense", default=None, help="local dense checkpoint folder (default: a tiny random Llama)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="per device; tiny so that some experts idle")
+    parser.add_argument("--seq-len", type=int, default=8)
+    parser.add_argument("--lr-stage1", type=float, default=3e-2)
+    parser.add_argument("--lr-stage2", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.set_verbosity_error()
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.dense is None:
+        dense = tiny_dense_llama(args.seed)
+        vocab = VOCAB
+    else:
+        dense = AutoModelForCausalLM.from_pretrained(args.dense)
+        vocab = dense.config.vocab_size
+    model = SpriForCausalLM.from_dense(
+        dense, init="spri", num_experts=args.num_experts, num_experts_per_tok=args.top_k, diversity=0.3, seed=args.seed
+    ).train()
+    del dense
+    dataset = ProgressionDataset(size=64, length=args.seq_len, vocab=vocab, seed=args.seed)
+    counter = ExpertTokenCounter(model)
+
+    counter.stage = "1"
+    stage1_args = training_args(os.path.join(args.output_dir, "stage1"), args.steps, args.lr_stage1, args.batch_size, args.seed)
+    if stage1_args.world_size != world_size:  # fail loudly instead of training N independent copies
+        raise RuntimeError(f"launched {world_size} processes but Trainer sees world_size={stage1_args.world_size}")
+    stage1_losses = train_stage(model, dataset, stage1_args)
+
+    model.set_stage(2)  # materialises W_i = S + B_i A_i: new expert parameters, hence a new Trainer (and optimizer)
+    counter.stage = "2"
+    stage2_args = training_args(os.path.join(args.output_dir, "stage2"), args.steps, args.lr_stage2, args.batch_size, args.seed)
+    stage2_losses = train_stage(model, dataset, stage2_args)
+    counter.remove()
+
+    idle = sum(count == 0 for steps in counter.steps.values() for step in steps for layer in step for count in layer)
+    report = {
+        "rank": rank,
+        "world_size": world_size,
+        "distributed_type": str(stage2_args.distributed_state.distributed_type),
+        "backend": stage2_args.distributed_state.backend,
+        "final_stage": model.config.stage,
+        "num_experts": args.num_experts,
+        "top_k": args.top_k,
+        "moe_layers": counter.layers,
+        "state_dict_sha256": state_dict_sha256(model),
+        "losses": {"1": stage1_losses, "2": stage2_losses},
+        "expert_token_counts": counter.steps,  # stage -> [step][layer][expert]
+        "idle_expert_slots": int(idle),  # (step, layer, expert) triples that received no token on this rank
+    }
+    with open(os.path.join(args.output_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(f"rank {rank}/{world_size}: sha256={report['state_dict_sha256'][:16]} idle_expert_slots={idle}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Leave SPRI behind: export to transformers' native MoE formats, or fold the experts back into the dense model.
+
+- `export_native(model, out_dir)`: a Mixtral (Llama/Mistral bases), Qwen2-MoE (Qwen2) or Qwen3-MoE (Qwen3)
+  checkpoint that plain transformers loads with no custom code. Only exact exports are written: a model that no
+  native format expresses exactly gets a `ValueError` saying why, and every export is checked numerically against
+  the SPRI model before anything is written.
+- `fold_to_dense(model)`: Experts Weights Averaging, the dense architecture with each FFN the mean of its experts.
+
+Each native format is one small `NativeFormat` class: `unsupported_reason(config)` says why not, `native_config`
+builds the target config and `block_tensors` maps one MoE block. Adding a format is adding one class.
+"""
+
+import copy
+import dataclasses
+import os
+
+import torch
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoModelForCausalLM,
+    MixtralConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+from .architectures import FfnLayout
+from .configuration_spri import SpriConfig
+from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
+from .upcycling import _default_dtype, _module_name, dense_ffn_weights
+from .utils import atomic_save
+
+
+# Config fields that describe a file, not a model: never carried from the dense config to the native one.
+_NOT_CARRIED = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"}
+
+
+class NativeFormat:
+    """One of transformers' own MoE architectures that an SPRI model can be written as, exactly."""
+
+    model_type: str
+    config_class: type[PreTrainedConfig]
+    sources: tuple[str, ...]
+
+    def unsupported_reason(self, config: SpriConfig) -> str | None:
+        """Why this format cannot express `config` exactly, or `None` when it can."""
+        return None
+
+    def moe_fields(self, config: SpriConfig) -> dict:
+        raise NotImplementedError
+
+    def native_config(self, config: SpriConfig) -> PreTrainedConfig:
+        base = config.base_config.to_dict()
+        known = {field.name for field in dataclasses.fields(self.config_class)}
+        carried = {key: value for key, value in base.items() if key in known and key not in _NOT_CARRIED}
+        carried.update(self.moe_fields(config))
+        return self.config_class(**carried)
+
+    def block_tensors(self, block: SpriMoeBlock, experts) -> dict[str, torch.Tensor]:
+        """Tensors of one native sparse block, keyed relative to the layer's `mlp`."""
+        return {
+            "gate.weight": block.router.weight,
+            "experts.gate_up_proj": experts.gate_up_proj,
+            "experts.down_proj": experts.down_proj,
+        }
+
+
+def _common_reasons(config: SpriConfig, name: str) -> list[str]:
+    base = config.base_config
+    reasons = []
+    if getattr(base, "mlp_bias", False):
+        reasons.append(f"the dense FFNs have biases (mlp_bias=True) and {name} experts have none")
+    return reasons
+
+
+def _dense_layers(config: SpriConfig) -> list[int]:
+    upcycled = set(config.upcycled_layers())
+    return [idx for idx in range(config.base_config.num_hidden_layers) if idx not in upcycled]
+
+
+class MixtralFormat(NativeFormat):
+    model_type = "mixtral"
+    config_class = MixtralConfig
+    sources = ("llama", "mistral")
+
+    def unsupported_reason(self, config):
+        reasons = _common_reasons(config, "Mixtral")
+        if getattr(config.base_config, "attention_bias", False):
+            reasons.append("the attention projections have biases (attention_bias=True); Mixtral's have none")
+        if config.shared_expert is not None:
+            reasons.append("Mixtral has no shared expert (a Qwen2 base exports a dense shared expert exactly)")
+        if _dense_layers(config):
+            reasons.append(f"layers {_dense_layers(config)} are dense and every Mixtral layer is a MoE layer")
+        if not config.norm_topk_prob:
+            reasons.append("norm_topk_prob=False and Mixtral always renormalises the top-k routing weights")
+        return "; ".join(reasons) or None
+
+    def moe_fields(self, config):
+        return dict(
+            num_local_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            router_aux_loss_coef=config.router_aux_loss_coef,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            sliding_window=getattr(config.base_config, "sliding_window", None),
+        )
+
+
+class Qwen2MoeFormat(NativeFormat):
+    model_type = "qwen2_moe"
+    config_class = Qwen2MoeConfig
+    sources = ("qwen2",)
+
+    def moe_fields(self, config):
+        inter = config.base_config.intermediate_size
+        return dict(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+            router_aux_loss_coef=config.router_aux_loss_coef,
+            moe_intermediate_size=inter,
+            # No shared expert: a zero-width one adds exactly nothing.
+            shared_expert_intermediate_size=inter if config.shared_expert == "dense" else 0,
+            mlp_only_layers=_dense_layers(config),
+            decoder_sparse_step=1,
+            qkv_bias=True,
+            output_router_logits=False,
+        )
+
+    def block_tensors(self, block, experts):
+        tensors = super().block_tensors(block, experts)
+        router = block.router.weight
+        if block.shared_expert is not None:
+            shared = block.shared_expert
+            # Qwen2-MoE multiplies the shared expert by sigmoid(gate(x)): a zero gate gives 0.5, so down is doubled.
+            tensors["shared_expert.gate_proj.weight"] = shared.gate_proj.weight
+            tensors["shared_expert.up_proj.weight"] = shared.up_proj.weight
+            tensors["shared_expert.down_proj.weight"] = 2 * shared.down_proj.weight
+        else:
+            inter, hidden = 0, router.shape[1]
+            tensors["shared_expert.gate_proj.weight"] = router.new_zeros(inter, hidden)
+            tensors["shared_expert.up_proj.weight"] = router.new_zeros(inter, hidden)
+            tensors["shared_expert.down_proj.weight"] = router.new_zeros(hidden, inter)
+        tensors["shared_expert_gate.weight"] = router.new_zeros(1, router.shape[1])
+        return tensors
+
+
+class Qwen3MoeFormat(NativeFormat):
+    model_type = "qwen3_moe"
+    config_class = Qwen3MoeConfig
+    sources = ("qwen3",)
+
+    def unsupported_reason(self, config):
+        reasons = _common_reasons(config, "Qwen3-MoE")
+        if config.shared_expert is not None:
+            reasons.append("Qwen3-MoE has no shared expert (a Qwen2 base exports a dense shared expert exactly)")
+        return "; ".join(reasons) or None
+
+    def moe_fields(self, config):
+        inter = config.base_config.intermediate_size
+        return dict(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+            router_aux_loss_coef=config.router_aux_loss_coef,
+            moe_intermediate_size=inter,
+            mlp_only_layers=_dense_layers(config),
+            decoder_sparse_step=1,
+            output_router_logits=False,
+        )
+
+
+NATIVE_FORMATS: tuple[NativeFormat, ...] = (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat())
+
+
+def native_format_for(config: SpriConfig) -> NativeFormat:
+    """The native format of `config`'s dense family, or a `ValueError` saying why there is none."""
+    model_type = config.base_config.model_type
+    target = next((fmt for fmt in NATIVE_FORMATS if model_type in fmt.sources), None)
+    if target is None:
+        supported = ", ".join(f"{'/'.join(fmt.sources)} -> {fmt.model_type}" for fmt in NATIVE_FORMATS)
+        raise ValueError(
+            f"No native transformers MoE format expresses a {model_type!r} base exactly (supported: {supported}). "
+            "Share the SPRI checkpoint itself (push_to_hub: it loads with trust_remote_code=True), or use "
+            "spri_hf.fold_to_dense for a dense model."
+        )
+    reason = target.unsupported_reason(config)
+    if reason is not None:
+        raise ValueError(
+            f"This {model_type} SPRI model cannot be exported to {target.model_type} exactly: {reason}. Nothing "
+            "was written; no approximate export is made."
+        )
+    return target
+
+
+def _stage2_experts(block: SpriMoeBlock):
+    """The block's full experts; stage-1 factors are materialised into a copy (the model itself is unchanged)."""
+    return block.experts.materialize() if isinstance(block.experts, SpriResidualExperts) else block.experts
+
+
+def _unwrap(model) -> SpriPreTrainedModel:
+    if not isinstance(model, SpriPreTrainedModel):
+        raise TypeError(f"Expected an SPRI model (SpriForCausalLM / SpriModel), got {type(model).__name__}.")
+    return model
+
+
+def _inner_tensors(model: SpriPreTrainedModel) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the wrapped dense architecture, by name (FFN blocks included)."""
+    tensors = dict(model.model.named_parameters())
+    tensors.update(dict(model.model.named_buffers()))
+    return tensors
+
+
+def _build_skeleton(model_class, config, like: torch.Tensor) -> PreTrainedModel:
+    with torch.no_grad(), _default_dtype(like.dtype), torch.device("meta"):
+        skeleton = model_class(config)
+    return skeleton.to_empty(device=like.device)
+
+
+def _fill(target: PreTrainedModel, tensors: dict[str, torch.Tensor], what: str):
+    """Copy `tensors` into `target` by name, checking every shape; every target tensor must be filled."""
+    slots = dict(target.named_parameters())
+    slots.update(dict(target.named_buffers()))
+    missing = set(slots) - set(tensors) - {name for name in target.all_tied_weights_keys}
+    if missing:
+        raise RuntimeError(f"Internal error: {what} left {sorted(missing)[:5]} unset; please report it.")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in slots:
+                raise RuntimeError(f"Internal error: {what} has no tensor {name!r}; please report it.")
+            if tuple(slots[name].shape) != tuple(value.shape):
+                raise RuntimeError(
+                    f"Internal error: {what} tensor {name!r} is {tuple(slots[name].shape)}, got {tuple(value.shape)}."
+                )
+            slots[name].copy_(value)
+    target.tie_weights()
+
+
+@torch.no_grad()
+def to_native(model: SpriForCausalLM):
+    """The native transformers MoE model equal to `model` (in memory; see `export_native`)."""
+    model = _unwrap(model)
+    if not isinstance(model, SpriForCausalLM):
+        raise TypeError(
+            f"export_native needs a SpriForCausalLM (native MoE checkpoints are causal LMs), got {type(model).__name__}."
+        )
+    target = native_format_for(model.config)
+    native_config = target.native_config(model.config)
+    native_config.dtype = model.dtype
+    reference = next(model.parameters())
+    native = _build_skeleton(MODEL_FOR_CAUSAL_LM_MAPPING[type(native_config)], native_config, reference)
+
+    layers_name = _module_name(model.model, model.decoder_layers())
+    mlp = model.ffn_layout.mlp_attr
+    ffn_prefixes = tuple(f"{layers_name}.{idx}.{mlp}." for idx in model.config.upcycled_layers())
+    tensors = {name: value for name, value in _inner_tensors(model).items() if not name.startswith(ffn_prefixes)}
+    for idx, block in model.moe_blocks().items():
+        for name, value in target.block_tensors(block, _stage2_experts(block)).items():
+            tensors[f"{layers_name}.{idx}.{mlp}.{name}"] = value
+    _fill(native, tensors, f"the {target.model_type} export")
+    if model.generation_config is not None:
+        native.generation_config = copy.deepcopy(model.generation_config)
+    return native.eval()
+
+
+def _check_equal_logits(model, native, vocab_size: int):
+    """Refuse an export whose logits differ from the SPRI model's (a silent approximation is never written)."""
+    device = next(model.parameters()).device
+    probe = torch.arange(1, 17, device=device).remainder(vocab_size - 1).add(1)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(probe).logits.float()
+            got = native(probe).logits.float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if model.dtype == torch.float32 else 5e-2
+    difference = (expected - got).abs().max().item()
+    if not difference <= tolerance * max(1.0, expected.abs().max().item()):
+        raise ValueError(
+            f"The {native.config.model_type} export does not reproduce this model (max logit difference "
+            f"{difference:.3g}): some setting of the dense base has no native counterpart. Nothing was written; "
+            "please report the base model's config."
+        )
+
+
+def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False, verify: bool = True):
+    """Write `model` as a native transformers MoE checkpoint that loads with no custom code.
+
+    Llama and Mistral bases become Mixtral, Qwen2 becomes Qwen2-MoE (a dense shared expert is exact: zero shared
+    gate, doubled shared down projection; non-upcycled layers stay dense via `mlp_only_layers`) and Qwen3 becomes
+    Qwen3-MoE. A stage-1 model is exported after materialising its experts (`W_i = S + B_i A_i`) into a copy; the
+    model passed in is not changed. Anything no native format expresses exactly raises a `ValueError` saying why.
+
+    Args:
+        model: a `SpriForCausalLM`.
+        out_dir: folder to write; written to a temporary sibling and renamed, so it is never half written.
+        overwrite: replace `out_dir` if it exists (otherwise `FileExistsError`).
+        verify: compare the logits of both models on a probe sequence before writing (refuses on any difference
+            beyond float rounding).
+
+    Returns:
+        The native model (`MixtralForCausalLM`, `Qwen2MoeForCausalLM` or `Qwen3MoeForCausalLM`).
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it, or choose another folder.")
+    native = to_native(model)
+    if verify:
+        _check_equal_logits(model, native, native.config.vocab_size)
+    atomic_save(native, out_dir, overwrite=overwrite)
+    return native
+
+
+def _write_dense_ffn(mlp: torch.nn.Module, layout: FfnLayout, experts, gated: bool):
+    """Set a dense FFN to the mean of the experts (views from `dense_ffn_weights` write through)."""
+    matrices, biases = dense_ffn_weights(mlp, layout)
+    up_names = ("gate", "up") if gated else ("up",)
+    prefix = "gate_up" if gated else "up"
+    up = getattr(experts, f"{prefix}_proj").mean(0).chunk(len(up_names), dim=0)
+    for proj, value in zip(up_names, up):
+        matrices[proj].copy_(value)
+    matrices["down"].copy_(experts.down_proj.mean(0))
+    if biases:
+        up_bias = getattr(experts, f"{prefix}_proj_bias").mean(0).chunk(len(up_names), dim=0)
+        for proj, value in zip(up_names, up_bias):
+            biases[proj].copy_(value)
+        biases["down"].copy_(experts.down_proj_bias.mean(0))
+
+
+@torch.no_grad()
+def fold_to_dense(model: SpriPreTrainedModel) -> PreTrainedModel:
+    """Average the experts back into the dense architecture (Experts Weights Averaging).
+
+    Each upcycled FFN becomes the mean of its routed experts (stage-1 factors are materialised first); every other
+    tensor is copied. The result is an instance of the base model's own class (`LlamaForCausalLM`, ...), which
+    transformers loads with no custom code. `init="copy"` models, or any model whose experts are still equal, fold
+    back to exactly the dense model; trained experts fold to their average, an approximation of the MoE.
+
+    Raises:
+        ValueError: with a dense shared expert (the sum of two FFNs is not one FFN of the same width).
+    """
+    model = _unwrap(model)
+    config = model.config
+    if config.shared_expert is not None:
+        raise ValueError(
+            f"fold_to_dense cannot fold shared_expert={config.shared_expert!r}: the shared expert plus the averaged "
+            "routed experts are two FFNs, which no single FFN of the dense width expresses. Use export_native "
+            "(a Qwen2 base keeps the shared expert exactly) or share the SPRI checkpoint."
+        )
+    layout = model.ffn_layout
+    base_config = copy.deepcopy(config.base_config)
+    reference = next(model.parameters())
+    dense = _build_skeleton(model._dense_class(config), base_config, reference)
+
+    layers_name = _module_name(model.model, model.decoder_layers())
+    ffn_prefixes = tuple(f"{layers_name}.{idx}.{layout.mlp_attr}." for idx in config.upcycled_layers())
+    tensors = {name: value for name, value in _inner_tensors(model).items() if not name.startswith(ffn_prefixes)}
+    dense_layers = getattr(dense.base_model, layout.layers_attr)
+    for idx, block in model.moe_blocks().items():
+        mlp = getattr(dense_layers[idx], layout.mlp_attr)
+        _write_dense_ffn(mlp, layout, _stage2_experts(block), layout.gated)
+        for name, value in list(mlp.named_parameters()) + list(mlp.named_buffers()):
+            tensors[f"{layers_name}.{idx}.{layout.mlp_attr}.{name}"] = value.detach().clone()
+    _fill(dense, tensors, "the folded dense model")
+    if getattr(model, "generation_config", None) is not None and dense.can_generate():
+        dense.generation_config = copy.deepcopy(model.generation_config)
+    return dense.eval()
+
+
+__all__ = ["NATIVE_FORMATS", "NativeFormat", "export_native", "fold_to_dense", "native_format_for", "to_native"]

@@ -1,0 +1,172 @@
+"""The model card of an SPRI checkpoint: what it was upcycled from, how, its size, its license, how to load it.
+
+Shipped to the Hub with the modeling code (so a model loaded with `trust_remote_code=True` still writes its card on
+`save_pretrained`); it imports nothing but the standard library.
+"""
+
+import os
+import re
+
+
+CARD_NAME = "README.md"
+SECTION_START = "<!-- spri_hf model card: start -->"
+SECTION_END = "<!-- spri_hf model card: end -->"
+# A Hub repo id ("org/name"); local folders are not valid `base_model` metadata.
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+_SETTINGS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "init",
+    "principal_ratio",
+    "principal_energy",
+    "partition",
+    "spri_mode",
+    "diversity",
+    "residual_scale",
+    "residual_rank",
+    "moe_layers",
+    "shared_expert",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "norm_topk_prob",
+    "seed",
+)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """`(total, active per token)`: routed expert tensors (leading dim = num_experts) count `top_k / num_experts`."""
+    config = model.config
+    total, active = 0, 0.0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        routed = ".experts." in name and param.dim() >= 2 and param.shape[0] == config.num_experts
+        active += param.numel() * (config.num_experts_per_tok / config.num_experts if routed else 1)
+    return total, int(round(active))
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.match(name) is not None and not os.path.exists(name)
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def render_front_matter(model) -> list[str]:
+    config = model.config
+    lines = [f"license: {config.base_model_license or 'other'}"]
+    if _is_hub_id(config.base_model):
+        lines.append(f"base_model: {config.base_model}")
+    lines += ["library_name: transformers", "tags:"]
+    lines += [f"- {tag}" for tag in ("spri", "mixture-of-experts", "upcycling", "custom_code")]
+    return lines
+
+
+def render_section(model, repo_id: str | None = None) -> str:
+    """The SPRI part of the card (between the section markers), as Markdown."""
+    config = model.config
+    base = f"`{config.base_model}`" if config.base_model else "a dense model"
+    total, active = parameter_counts(model)
+    repo = repo_id or "path/to/this/checkpoint"
+    layers = config.upcycled_layers()
+    settings = "\n".join(f"| `{name}` | `{getattr(config, name, None)}` |" for name in _SETTINGS)
+    if config.base_model_license:
+        license_text = f"`{config.base_model_license}`, carried over from the base model {base}."
+    else:
+        license_text = (
+            f"The base model's license could not be read when this model was upcycled; this model is a derivative "
+            f"of {base} and its license applies."
+        )
+    stage = (
+        "1 (residual factors: a shared frozen base per projection plus trainable low-rank factors per expert)"
+        if config.stage == 1
+        else "2 (full experts)"
+    )
+    return f"""{SECTION_START}
+# SPRI mixture of experts upcycled from {base}
+
+This model was made by upcycling {base} ({config.base_config.model_type}) into a sparse mixture of experts
+with SPRI (SVD-Partitioned Residual Initialization, arXiv 2606.16456) using
+[`spri_hf`](https://pypi.org/project/spri_hf/): each FFN matrix's SVD is split into a principal part shared by all
+experts and a residual tail partitioned across the routed experts.
+
+- Upcycled FFN layers: {len(layers)} of {config.base_config.num_hidden_layers}; {config.num_experts} experts each, top-{config.num_experts_per_tok} routing
+- Training stage: {stage}
+- Parameters: {total:,} total ({_human(total)}), {active:,} active per token ({_human(active)})
+
+## SPRI settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## How to load
+
+With `spri_hf` installed (no flag needed):
+
+```python
+import spri_hf
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+```
+
+Without `spri_hf` (the modeling code in this repository imports only torch and transformers):
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+```
+
+`spri_hf.export_native(model, out_dir)` turns Llama/Mistral, Qwen2 and Qwen3 based checkpoints into plain Mixtral,
+Qwen2-MoE and Qwen3-MoE checkpoints that need no custom code.
+
+## License
+
+{license_text}
+{SECTION_END}
+"""
+
+
+def write_model_card(model, save_directory: str | os.PathLike, repo_id: str | None = None) -> str:
+    """Create `README.md` in `save_directory`, or update the SPRI section of an existing one (other text is kept).
+
+    Returns the path of the card.
+    """
+    path = os.path.join(save_directory, CARD_NAME)
+    section = render_section(model, repo_id)
+    if not os.path.isfile(path):
+        text = "---\n" + "\n".join(render_front_matter(model)) + "\n---\n\n" + section
+    else:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if SECTION_START in text and SECTION_END in text:
+            before, rest = text.split(SECTION_START, 1)
+            after = rest.split(SECTION_END, 1)[1]
+            text = before + section.rstrip("\n") + after
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        text = _ensure_license(text, model.config.base_model_license)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp_path, path)
+    return path
+
+
+def _ensure_license(text: str, license_name: str | None) -> str:
+    """Add the base model's license to an existing card's front matter when the card states none."""
+    if not license_name or not text.startswith("---\n"):
+        return text
+    end = text.find("\n---", 4)
+    if end == -1:
+        return text
+    front = text[4:end]
+    if any(line.startswith("license:") for line in front.splitlines()):
+        return text
+    return f"---\nlicense: {license_name}\n{front}{text[end:]}"

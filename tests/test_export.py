@@ -1,0 +1,201 @@
+"""`export_native` (plain Mixtral / Qwen2-MoE / Qwen3-MoE checkpoints) and `fold_to_dense` (Experts Weights Averaging)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, tiny_dense
+from spri_hf import SpriForCausalLM, SpriModel, export_native, fold_to_dense
+from spri_hf.cli import main as cli_main
+from spri_hf.export import native_format_for
+
+
+ATOL = 1e-5
+
+# (dense family, SPRI settings, native model class)
+EXPORTS = {
+    "llama->mixtral": ("llama", {}, "MixtralForCausalLM"),
+    "mistral->mixtral": ("mistral", {}, "MixtralForCausalLM"),
+    "qwen2->qwen2_moe": ("qwen2", {}, "Qwen2MoeForCausalLM"),
+    "qwen2-shared-dense": ("qwen2", dict(shared_expert="dense"), "Qwen2MoeForCausalLM"),
+    "qwen2-some-layers": ("qwen2", dict(moe_layers=[1]), "Qwen2MoeForCausalLM"),
+    "qwen3->qwen3_moe": ("qwen3", {}, "Qwen3MoeForCausalLM"),
+    "qwen3-some-layers-unnormalised": ("qwen3", dict(moe_layers=[0], norm_topk_prob=False), "Qwen3MoeForCausalLM"),
+}
+
+
+def _perturb_experts(model, seed=0):
+    """Stand-in for training: move every expert tensor so that experts differ from their initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name or ".router." in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_native_round_trip_reproduces_the_logits(case, stage, tmp_path, input_ids):
+    family, settings, native_class = EXPORTS[case]
+    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, **settings))
+    if stage == 2:
+        model.set_stage(2)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+    export_native(model, tmp_path / "native")
+
+    # the SPRI model itself is unchanged: a stage-1 model is materialised into a copy, not in place
+    assert model.config.stage == stage
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    files = os.listdir(tmp_path / "native")
+    assert not [f for f in files if f.endswith(".py")]
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] != "spri"
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
+    assert type(native).__name__ == native_class
+    torch.testing.assert_close(native(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
+    generated = native.generate(input_ids, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(generated, model.generate(input_ids, max_new_tokens=5, do_sample=False))
+
+
+def test_exported_checkpoint_loads_where_spri_hf_is_not_importable(tmp_path, input_ids):
+    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense("qwen3"), num_experts=4, stage=2, init="noise"))
+    export_native(model, tmp_path / "native")
+    torch.save(input_ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n    import spri_hf\nexcept ImportError:\n    pass\nelse:\n    sys.exit('spri_hf is importable')\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'native')!r})\n"
+        f"torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", _without_spri_hf(script)], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def _without_spri_hf(script: str) -> str:
+    """Prefix `script` with a meta-path blocker: `import spri_hf` fails as if it were not installed (it is installed
+    editable in the test environment, so removing a path entry would not hide it)."""
+    blocker = (
+        "import sys\n"
+        "class _NoSpri:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'spri_hf' or name.startswith('spri_hf.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, _NoSpri())\n"
+    )
+    return blocker + script
+
+
+@pytest.mark.parametrize(
+    "family, settings, reason",
+    [
+        ("gpt2", {}, "No native transformers MoE format expresses a 'gpt2' base"),
+        ("phi3", {}, "No native transformers MoE format expresses a 'phi3' base"),
+        ("gemma2", {}, "No native transformers MoE format expresses a 'gemma2' base"),
+        ("llama", dict(moe_layers=[0]), "layers \\[1\\] are dense and every Mixtral layer is a MoE layer"),
+        ("llama", dict(shared_expert="dense"), "Mixtral has no shared expert"),
+        ("mistral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
+        ("llama-bias", {}, "mlp_bias=True"),
+        ("qwen3", dict(shared_expert="dense"), "Qwen3-MoE has no shared expert"),
+    ],
+)
+def test_export_native_refuses_what_no_native_format_expresses_and_writes_nothing(family, settings, reason, tmp_path):
+    model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, **settings)
+    with pytest.raises(ValueError, match=reason):
+        export_native(model, tmp_path / "native")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_native_never_replaces_an_existing_folder_unless_asked(tmp_path, input_ids):
+    model = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, init="copy")
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_native(model, tmp_path / "native")
+    assert os.listdir(tmp_path / "native") == ["keep.txt"]
+    export_native(model, tmp_path / "native", overwrite=True)
+    assert "keep.txt" not in os.listdir(tmp_path / "native")
+    assert sorted(os.listdir(tmp_path)) == ["native"]  # no staging folder left behind
+
+
+def test_export_native_command_line(tmp_path, capsys, input_ids):
+    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense("mistral"), num_experts=4))
+    model.save_pretrained(tmp_path / "spri")
+    assert cli_main(["export-native", str(tmp_path / "spri"), str(tmp_path / "native")]) == 0
+    assert "as MixtralForCausalLM" in capsys.readouterr().out
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
+    torch.testing.assert_close(native(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
+
+    SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4).save_pretrained(tmp_path / "gpt2")
+    assert cli_main(["export-native", str(tmp_path / "gpt2"), str(tmp_path / "gpt2-native")]) == 2
+    assert "No native transformers MoE format" in capsys.readouterr().err
+    assert not (tmp_path / "gpt2-native").exists()
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(init="copy"), dict(diversity=0.5), dict(diversity=0.5, stage=2)], ids=["copy", "spri", "spri-2"]
+)
+def test_fold_to_dense_of_an_untrained_model_is_the_dense_model(family, settings, input_ids):
+    """Copy experts average to W trivially; balanced SPRI experts average to W by construction (SPRI.md)."""
+    dense = tiny_dense(family)
+    folded = fold_to_dense(SpriForCausalLM.from_dense(dense, num_experts=4, **settings))
+    assert type(folded) is type(dense)
+    torch.testing.assert_close(folded(input_ids).logits, dense(input_ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_fold_to_dense_averages_trained_experts(family, tmp_path, input_ids):
+    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, stage=2))
+    folded = fold_to_dense(model)
+    experts = model.moe_blocks()[1].experts
+    layout = model.ffn_layout
+    from spri_hf.upcycling import dense_ffn_weights
+
+    matrices, biases = dense_ffn_weights(getattr(getattr(folded.base_model, layout.layers_attr)[1], layout.mlp_attr), layout)
+    up = torch.cat([matrices[p] for p in layout.projection_names()[:-1]])
+    torch.testing.assert_close(up, (experts.gate_up_proj if layout.gated else experts.up_proj).mean(0), atol=0, rtol=0)
+    torch.testing.assert_close(matrices["down"], experts.down_proj.mean(0), atol=0, rtol=0)
+    if biases:
+        torch.testing.assert_close(biases["down"], experts.down_proj_bias.mean(0), atol=0, rtol=0)
+    # attention, norms and embeddings are the SPRI model's own
+    torch.testing.assert_close(folded.get_input_embeddings().weight, model.get_input_embeddings().weight, atol=0, rtol=0)
+    folded.save_pretrained(tmp_path / "dense")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(reloaded) is type(folded)
+    torch.testing.assert_close(reloaded(input_ids).logits, folded(input_ids).logits, atol=0, rtol=0)
+
+
+def test_fold_to_dense_of_a_backbone_and_its_refusals(input_ids):
+    dense = tiny_dense("qwen2")
+    backbone = SpriModel.from_dense(dense.model, num_experts=4, init="copy")
+    folded = fold_to_dense(backbone)
+    assert type(folded) is type(dense.model)
+    torch.testing.assert_close(
+        folded(input_ids).last_hidden_state, dense.model(input_ids).last_hidden_state, atol=ATOL, rtol=0
+    )
+    with pytest.raises(ValueError, match="shared_expert='dense'"):
+        fold_to_dense(SpriForCausalLM.from_dense(dense, num_experts=4, shared_expert="dense"))
+    with pytest.raises(TypeError, match="Expected an SPRI model"):
+        fold_to_dense(dense)
+
+
+def test_every_family_is_either_exported_exactly_or_refused_with_a_reason():
+    exported = {family for family, _, _ in EXPORTS.values()}
+    for family in FAMILIES:
+        model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, init="copy")
+        if family in exported:
+            native_format_for(model.config)
+        else:
+            with pytest.raises(ValueError, match="exactly"):
+                native_format_for(model.config)
