@@ -461,6 +461,12 @@ class SpriPreTrainedModel(PreTrainedModel):
         """Switch to `stage` (only 1 -> 2 exists: materialise `W_i = S + B_i A_i`). Idempotent; returns the model."""
         if stage == self.config.stage:
             return self
+        if any(type(module).__module__.startswith("peft.") for module in self.modules()):
+            # set_stage re-applies SPRI's trainability, which would unfreeze the base weights under an adapter
+            raise ValueError(
+                "set_stage was called on a PEFT-wrapped model: call set_stage(2) before get_peft_model, or "
+                "merge_and_unload() first."
+            )
         if not (self.config.stage == 1 and stage == 2):
             raise ValueError(
                 f"Cannot go from stage {self.config.stage} to stage {stage}: the only transition is 1 -> 2 "
