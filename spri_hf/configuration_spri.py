@@ -10,6 +10,26 @@ _INITS = ("spri", "copy", "noise", "drop", "random")
 _SPRI_MODES = ("balanced", "partition")
 _PARTITIONS = ("interleaved", "contiguous", "random")
 _SHARED_EXPERTS = (None, "dense")
+# The fields that say how the dense model was upcycled (the model card lists them).
+UPCYCLING_SETTINGS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "init",
+    "principal_ratio",
+    "principal_energy",
+    "partition",
+    "spri_mode",
+    "diversity",
+    "residual_scale",
+    "noise_std",
+    "drop_ratio",
+    "moe_layers",
+    "shared_expert",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "norm_topk_prob",
+    "seed",
+)
 # Far beyond any released MoE; refuses absurd configs before anything is allocated.
 _MAX_EXPERTS = 4096
 

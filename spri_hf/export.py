@@ -107,6 +107,20 @@ class MixtralFormat(NativeFormat):
         )
 
 
+def _qwen_moe_fields(config: SpriConfig) -> dict:
+    """The MoE fields Qwen2-MoE and Qwen3-MoE share; layers that were not upcycled stay dense (`mlp_only_layers`)."""
+    return dict(
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        norm_topk_prob=config.norm_topk_prob,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        moe_intermediate_size=config.base_config.intermediate_size,
+        mlp_only_layers=_dense_layers(config),
+        decoder_sparse_step=1,
+        output_router_logits=False,
+    )
+
+
 class Qwen2MoeFormat(NativeFormat):
     model_type = "qwen2_moe"
     config_class = Qwen2MoeConfig
@@ -115,17 +129,10 @@ class Qwen2MoeFormat(NativeFormat):
     def moe_fields(self, config):
         inter = config.base_config.intermediate_size
         return dict(
-            num_experts=config.num_experts,
-            num_experts_per_tok=config.num_experts_per_tok,
-            norm_topk_prob=config.norm_topk_prob,
-            router_aux_loss_coef=config.router_aux_loss_coef,
-            moe_intermediate_size=inter,
+            _qwen_moe_fields(config),
             # No shared expert: a zero-width one adds exactly nothing.
             shared_expert_intermediate_size=inter if config.shared_expert == "dense" else 0,
-            mlp_only_layers=_dense_layers(config),
-            decoder_sparse_step=1,
             qkv_bias=True,
-            output_router_logits=False,
         )
 
     def block_tensors(self, block, experts):
@@ -158,17 +165,7 @@ class Qwen3MoeFormat(NativeFormat):
         return "; ".join(reasons) or None
 
     def moe_fields(self, config):
-        inter = config.base_config.intermediate_size
-        return dict(
-            num_experts=config.num_experts,
-            num_experts_per_tok=config.num_experts_per_tok,
-            norm_topk_prob=config.norm_topk_prob,
-            router_aux_loss_coef=config.router_aux_loss_coef,
-            moe_intermediate_size=inter,
-            mlp_only_layers=_dense_layers(config),
-            decoder_sparse_step=1,
-            output_router_logits=False,
-        )
+        return _qwen_moe_fields(config)
 
 
 NATIVE_FORMATS: tuple[NativeFormat, ...] = (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat())

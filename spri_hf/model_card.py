@@ -1,11 +1,13 @@
 """The model card of an SPRI checkpoint: what it was upcycled from, how, its size, its license, how to load it.
 
 Shipped to the Hub with the modeling code (so a model loaded with `trust_remote_code=True` still writes its card on
-`save_pretrained`); it imports nothing but the standard library.
+`save_pretrained`); it imports nothing but the standard library and its sibling config module.
 """
 
 import os
 import re
+
+from .configuration_spri import UPCYCLING_SETTINGS
 
 
 CARD_NAME = "README.md"
@@ -14,24 +16,6 @@ SECTION_END = "<!-- spri_hf model card: end -->"
 # A Hub repo id ("org/name"); local folders are not valid `base_model` metadata.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
-_SETTINGS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "init",
-    "principal_ratio",
-    "principal_energy",
-    "partition",
-    "spri_mode",
-    "diversity",
-    "residual_scale",
-    "residual_rank",
-    "moe_layers",
-    "shared_expert",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "norm_topk_prob",
-    "seed",
-)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -73,7 +57,7 @@ def render_section(model, repo_id: str | None = None) -> str:
     total, active = parameter_counts(model)
     repo = repo_id or "path/to/this/checkpoint"
     layers = config.upcycled_layers()
-    settings = "\n".join(f"| `{name}` | `{getattr(config, name, None)}` |" for name in _SETTINGS)
+    settings = "\n".join(f"| `{name}` | `{getattr(config, name, None)}` |" for name in UPCYCLING_SETTINGS + ("residual_rank",))
     if config.base_model_license:
         license_text = f"`{config.base_model_license}`, carried over from the base model {base}."
     else:

@@ -23,32 +23,15 @@ from transformers.utils import logging
 
 from . import initializers as spri_init
 from .architectures import FfnLayout, get_ffn_layout
-from .configuration_spri import SpriConfig
+from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
 
 
 logger = logging.get_logger(__name__)
 
-_CONFIG_FIELDS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "init",
-    "principal_ratio",
-    "principal_energy",
-    "partition",
-    "spri_mode",
-    "diversity",
-    "residual_scale",
-    "noise_std",
-    "drop_ratio",
-    "moe_layers",
-    "shared_expert",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "norm_topk_prob",
+_CONFIG_FIELDS = UPCYCLING_SETTINGS + (
     "stage",
     "stage1_trainable",
     "stage2_train_all",
-    "seed",
     "initializer_range",
     "output_router_logits",
     "base_model",

@@ -13,7 +13,6 @@ The stage-2 matrix (`CASES`) runs one lifecycle per family in a module-scoped fi
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from conftest import tiny_dense
 from spri_hf import SpriForCausalLM
+from test_training import _dataset
 
 
 # family -> (attention target_modules, expert target_parameters). GPT-2's attention is `Conv1D`, which PEFT adapts
@@ -34,17 +34,6 @@ CASES = {
 }
 IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
 TRAIN_STEPS = 12
-
-
-def _dataset(n=32, length=12, vocab=97):
-    """Arithmetic progressions with a random start: learnable in a few steps."""
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        start = int(torch.randint(3, 20, (1,), generator=generator))
-        seq = [3 + (start + 5 * j) % (vocab - 3) for j in range(length)]
-        rows.append({"input_ids": seq, "labels": seq})
-    return Dataset.from_list(rows)
 
 
 def _train(model, output_dir, steps=TRAIN_STEPS, lr=2e-2):
@@ -62,7 +51,7 @@ def _train(model, output_dir, steps=TRAIN_STEPS, lr=2e-2):
         data_seed=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset())
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(n=32))
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
