@@ -7,6 +7,9 @@ import torch
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the packaged weights are, for model cards (the package ships no card of its own).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_LICENSE = "apache-2.0"
 
 
 def smollm2_folder() -> str:

@@ -112,7 +112,7 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
     from transformers import AutoModelForCausalLM
 
     from . import SpriForCausalLM
-    from .assets import load_smollm2
+    from .assets import SMOLLM2_HUB_ID, SMOLLM2_LICENSE, load_smollm2
     from .utils import atomic_save
 
     torch.manual_seed(0)
@@ -124,7 +124,8 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
 
     t = time.perf_counter()
     model = SpriForCausalLM.from_dense(
-        dense, num_experts=8, num_experts_per_tok=2, moe_layers=list(range(0, 30, 5)), show_progress=False
+        dense, num_experts=8, num_experts_per_tok=2, moe_layers=list(range(0, 30, 5)), show_progress=False,
+        base_model=SMOLLM2_HUB_ID, base_model_license=SMOLLM2_LICENSE,  # the packaged GGUF carries no model card
     )
     timings["upcycle_s"] = time.perf_counter() - t
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
