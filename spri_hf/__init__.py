@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
-from .integrations import install_trainer_model_card_hook
+from .integrations import install_trainer_checkpoint_push_hook, install_trainer_model_card_hook
 from .modeling_spri import SpriForCausalLM, SpriModel, SpriMoeBlock, SpriPreTrainedModel
 
 
@@ -18,6 +18,7 @@ AutoConfig.register("spri", SpriConfig, exist_ok=True)
 AutoModel.register(SpriConfig, SpriModel, exist_ok=True)
 AutoModelForCausalLM.register(SpriConfig, SpriForCausalLM, exist_ok=True)
 install_trainer_model_card_hook()
+install_trainer_checkpoint_push_hook()
 
 __all__ = [
     "FFN_LAYOUTS",

@@ -1,6 +1,9 @@
 """Small hooks into transformers' own tools, installed when `spri_hf` is imported."""
 
 import functools
+import glob
+import os
+import shutil
 
 from transformers import Trainer
 
@@ -31,3 +34,27 @@ def install_trainer_model_card_hook():
 
     create_model_card._spri_hook = True
     Trainer.create_model_card = create_model_card
+
+
+def install_trainer_checkpoint_push_hook():
+    """Make the pushes Trainer makes at every save (`push_to_hub=True`) upload the SPRI code files and card too.
+
+    `Trainer._push_from_checkpoint` copies only the config and weights from the checkpoint folder to the folder it
+    uploads, so a mid-training revision on the Hub would have an `auto_map` naming code files it lacks. For SPRI
+    models the code files and the card are copied along. Other models are untouched. Idempotent.
+    """
+    original = getattr(Trainer, "_push_from_checkpoint", None)
+    if original is None or getattr(original, "_spri_hook", False):
+        return
+
+    @functools.wraps(original)
+    def _push_from_checkpoint(self, checkpoint_folder):
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_world_process_zero() and _is_spri_model(model):
+            for path in glob.glob(os.path.join(checkpoint_folder, "*.py")) + [os.path.join(checkpoint_folder, "README.md")]:
+                if os.path.isfile(path):
+                    shutil.copy(path, os.path.join(self.args.output_dir, os.path.basename(path)))
+        return original(self, checkpoint_folder)
+
+    _push_from_checkpoint._spri_hook = True
+    Trainer._push_from_checkpoint = _push_from_checkpoint

@@ -150,6 +150,9 @@ def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_pat
     with use_local_hub(hub, tmp_path / "cache"):
         trainer = Trainer(model=model, args=args, train_dataset=_dataset())
         trainer.train()
+        # the pushes made at every save already carry the code files that config.json's auto_map names
+        mid_training = hub.files(repo_id)
+        assert {"model.safetensors", "config.json"} | SHIPPED_CODE <= set(mid_training)
         trainer.push_to_hub()
     files = hub.files(repo_id)
     assert {"model.safetensors", "config.json", "README.md"} | SHIPPED_CODE <= set(files)
