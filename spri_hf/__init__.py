@@ -1,15 +1,33 @@
 """spri_hf: upcycle dense Hugging Face models into sparse mixture-of-experts models with SPRI.
 
-Importing the package registers `model_type="spri"` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+Importing the package registers `model_type="spri"` with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+`AutoModelForSeq2SeqLM`, `AutoModelForSpeechSeq2Seq`, `AutoModelForSequenceClassification` and `AutoModelForMaskedLM`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
+)
 
-from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout
+from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
 from .integrations import install_trainer_checkpoint_push_hook, install_trainer_model_card_hook
-from .modeling_spri import SpriForCausalLM, SpriModel, SpriMoeBlock, SpriPreTrainedModel
+from .modeling_spri import (
+    SpriForCausalLM,
+    SpriForMaskedLM,
+    SpriForSeq2SeqLM,
+    SpriForSequenceClassification,
+    SpriForSpeechSeq2Seq,
+    SpriModel,
+    SpriMoeBlock,
+    SpriPreTrainedModel,
+)
 
 
 __version__ = "0.1.0"
@@ -17,6 +35,10 @@ __version__ = "0.1.0"
 AutoConfig.register("spri", SpriConfig, exist_ok=True)
 AutoModel.register(SpriConfig, SpriModel, exist_ok=True)
 AutoModelForCausalLM.register(SpriConfig, SpriForCausalLM, exist_ok=True)
+AutoModelForSeq2SeqLM.register(SpriConfig, SpriForSeq2SeqLM, exist_ok=True)
+AutoModelForSpeechSeq2Seq.register(SpriConfig, SpriForSpeechSeq2Seq, exist_ok=True)
+AutoModelForSequenceClassification.register(SpriConfig, SpriForSequenceClassification, exist_ok=True)
+AutoModelForMaskedLM.register(SpriConfig, SpriForMaskedLM, exist_ok=True)
 install_trainer_model_card_hook()
 install_trainer_checkpoint_push_hook()
 
@@ -25,10 +47,15 @@ __all__ = [
     "FfnLayout",
     "SpriConfig",
     "SpriForCausalLM",
+    "SpriForMaskedLM",
+    "SpriForSeq2SeqLM",
+    "SpriForSequenceClassification",
+    "SpriForSpeechSeq2Seq",
     "SpriModel",
     "SpriMoeBlock",
     "SpriPreTrainedModel",
     "export_native",
     "fold_to_dense",
     "get_ffn_layout",
+    "get_ffn_layouts",
 ]

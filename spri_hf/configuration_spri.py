@@ -2,6 +2,8 @@
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from .architectures import get_ffn_layouts
+
 # `strict` is huggingface_hub's; taken through transformers so the Hub copy of this file imports transformers only.
 from transformers.configuration_utils import SubConfigSpec, strict
 
@@ -10,6 +12,7 @@ _INITS = ("spri", "copy", "noise", "drop", "random")
 _SPRI_MODES = ("balanced", "partition")
 _PARTITIONS = ("interleaved", "contiguous", "random")
 _SHARED_EXPERTS = (None, "dense")
+_UPCYCLE = (None, "decoder", "encoder", "both")
 # The fields that say how the dense model was upcycled (the model card lists them).
 UPCYCLING_SETTINGS = (
     "num_experts",
@@ -23,6 +26,7 @@ UPCYCLING_SETTINGS = (
     "residual_scale",
     "noise_std",
     "drop_ratio",
+    "upcycle",
     "moe_layers",
     "shared_expert",
     "router_aux_loss_coef",
@@ -68,8 +72,12 @@ class SpriConfig(PreTrainedConfig):
             `init="noise"`: noise standard deviation relative to each matrix's own.
         drop_ratio (`float`, defaults to 0.5):
             `init="drop"`: share of intermediate neurons re-initialised per expert.
-        moe_layers (`list[int]`, *optional*):
-            Indices of the FFN layers to upcycle; `None` upcycles all of them.
+        upcycle (`str`, *optional*):
+            Which FFN stacks of an encoder-decoder model become MoE: `"decoder"` (the default for encoder-decoder
+            models), `"encoder"` or `"both"`. Single-stack models (decoder-only, BERT-like encoders) upcycle theirs.
+        moe_layers (`list[int]` or `dict[str, list[int]]`, *optional*):
+            Indices of the FFN layers to upcycle; `None` upcycles all of them. A dict gives them per stack
+            (`{"encoder": [...], "decoder": [...]}`); a list applies to every upcycled stack.
         shared_expert (`str`, *optional*):
             `"dense"` keeps an always-on copy of the dense FFN next to the routed experts (Qwen2-MoE style).
         router_aux_loss_coef (`float`, defaults to 0.01):
@@ -114,7 +122,8 @@ class SpriConfig(PreTrainedConfig):
     residual_scale: float | int = 1.0
     noise_std: float | int = 0.01
     drop_ratio: float | int = 0.5
-    moe_layers: list[int] | None = None
+    upcycle: str | None = None
+    moe_layers: list[int] | dict[str, list[int]] | None = None
     shared_expert: str | None = None
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
@@ -169,27 +178,61 @@ class SpriConfig(PreTrainedConfig):
             )
         if self.residual_rank is not None and self.residual_rank < 1:
             raise ValueError(f"residual_rank={self.residual_rank} must be >= 1.")
-        num_layers = getattr(self.base_config, "num_hidden_layers", None)
-        if self.moe_layers is not None:
-            if len(self.moe_layers) == 0:
+        _check_choice("upcycle", self.upcycle, _UPCYCLE)
+        stacks = get_ffn_layouts(self.base_config)
+        if self.upcycle in ("encoder", "decoder") and self.upcycle not in stacks:
+            raise ValueError(
+                f"upcycle={self.upcycle!r}, but a {self.base_config.model_type} model has only the FFN stack(s) "
+                f"{sorted(stacks)}; pass upcycle=None."
+            )
+        if self.upcycle == "both" and len(stacks) < 2:
+            raise ValueError(f"upcycle='both' needs an encoder-decoder model; {self.base_config.model_type} has one stack.")
+        if isinstance(self.moe_layers, dict):
+            unknown = sorted(set(self.moe_layers) - (set(stacks) if self.upcycle is None else set(self.upcycled_stacks())))
+            if unknown:
+                raise ValueError(
+                    f"moe_layers names the stack(s) {unknown}, which are not upcycled (stacks of this model: "
+                    f"{sorted(stacks)}, upcycle={self.upcycle!r}); fix the keys or upcycle=."
+                )
+        for stack in self.upcycled_stacks():
+            layers = self.moe_layers.get(stack) if isinstance(self.moe_layers, dict) else self.moe_layers
+            if layers is None:
+                continue
+            num_layers = stacks[stack].num_layers(self.base_config)
+            if len(layers) == 0:
                 raise ValueError("moe_layers=[] upcycles nothing; pass None for every FFN layer or a non-empty list.")
-            for idx in self.moe_layers:
-                if num_layers is not None and not 0 <= idx < num_layers:
-                    raise ValueError(
-                        f"moe_layers contains {idx}, outside the dense model's layers 0..{num_layers - 1}."
-                    )
-            if len(set(self.moe_layers)) != len(self.moe_layers):
-                raise ValueError(f"moe_layers={self.moe_layers} lists a layer twice.")
+            for idx in layers:
+                if not 0 <= idx < num_layers:
+                    raise ValueError(f"moe_layers contains {idx}, outside the dense model's {stack} layers 0..{num_layers - 1}.")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"moe_layers={layers} lists a layer twice.")
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         # Generation builds its cache from the text config: that is the wrapped dense model's.
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
 
-    def upcycled_layers(self) -> list[int]:
-        """Indices of the FFN layers that are mixtures of experts."""
-        if self.moe_layers is not None:
-            return sorted(self.moe_layers)
-        return list(range(self.base_config.num_hidden_layers))
+    def upcycled_stacks(self) -> list[str]:
+        """The FFN stacks that are mixtures of experts ("encoder", "decoder")."""
+        stacks = get_ffn_layouts(self.base_config)
+        if self.upcycle == "both":
+            return ["encoder", "decoder"]
+        if self.upcycle is not None:
+            return [self.upcycle]
+        if isinstance(self.moe_layers, dict):  # the stacks it names
+            return [stack for stack in ("encoder", "decoder") if stack in self.moe_layers]
+        return ["decoder"] if "decoder" in stacks else list(stacks)
+
+    def upcycled_layers(self, stack: str | None = None) -> list[int]:
+        """Indices of the FFN layers of `stack` that are mixtures of experts (`None`: the only upcycled stack)."""
+        if stack is None:
+            stacks = self.upcycled_stacks()
+            if len(stacks) != 1:
+                raise ValueError(f"Several stacks are upcycled ({stacks}); pass stack=.")
+            stack = stacks[0]
+        layers = self.moe_layers.get(stack) if isinstance(self.moe_layers, dict) else self.moe_layers
+        if layers is not None:
+            return sorted(layers)
+        return list(range(get_ffn_layouts(self.base_config)[stack].num_layers(self.base_config)))
 
 
 # `save_pretrained` copies this file into every checkpoint and records it in `auto_map` (remote code).

@@ -347,20 +347,23 @@ def fold_to_dense(model: SpriPreTrainedModel) -> PreTrainedModel:
             "routed experts are two FFNs, which no single FFN of the dense width expresses. Use export_native "
             "(a Qwen2 base keeps the shared expert exactly) or share the SPRI checkpoint."
         )
-    layout = model.ffn_layout
     base_config = copy.deepcopy(config.base_config)
     reference = next(model.parameters())
     dense = _build_skeleton(model._dense_class(config), base_config, reference)
 
-    layers_name = _module_name(model.model, model.decoder_layers())
-    ffn_prefixes = tuple(f"{layers_name}.{idx}.{layout.mlp_attr}." for idx in config.upcycled_layers())
-    tensors = {name: value for name, value in _inner_tensors(model).items() if not name.startswith(ffn_prefixes)}
-    dense_layers = getattr(dense.base_model, layout.layers_attr)
-    for idx, block in model.moe_blocks().items():
-        mlp = getattr(dense_layers[idx], layout.mlp_attr)
-        _write_dense_ffn(mlp, layout, _stage2_experts(block), layout.gated)
-        for name, value in list(mlp.named_parameters()) + list(mlp.named_buffers()):
-            tensors[f"{layers_name}.{idx}.{layout.mlp_attr}.{name}"] = value.detach().clone()
+    ffn_prefixes, folded = [], {}
+    for stack, idx, block in model.moe_sites():
+        layout = model.ffn_layouts[stack]
+        layers_name = _module_name(model.model, model.stack_layers(stack))
+        ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
+        layer = dense.base_model.get_submodule(layout.layers_attr)[idx]
+        owner = layer if layout.split else layer.get_submodule(layout.mlp_attr)
+        _write_dense_ffn(owner, layout, _stage2_experts(block), layout.gated)
+        owner_name = f"{layers_name}.{idx}" + ("" if layout.split else f".{layout.mlp_attr}")
+        for name, value in list(owner.named_parameters()) + list(owner.named_buffers()):
+            folded[f"{owner_name}.{name}"] = value.detach().clone()
+    tensors = {name: value for name, value in _inner_tensors(model).items() if not name.startswith(tuple(ffn_prefixes))}
+    tensors.update({name: value for name, value in folded.items() if name not in tensors})
     _fill(dense, tensors, "the folded dense model")
     if getattr(model, "generation_config", None) is not None and dense.can_generate():
         dense.generation_config = copy.deepcopy(model.generation_config)

@@ -56,7 +56,12 @@ def render_section(model, repo_id: str | None = None) -> str:
     base = f"`{config.base_model}`" if config.base_model else "a dense model"
     total, active = parameter_counts(model)
     repo = repo_id or "path/to/this/checkpoint"
-    layers = config.upcycled_layers()
+    from .architectures import get_ffn_layouts  # noqa: PLC0415 (sibling module, shipped too)
+
+    layouts = get_ffn_layouts(config.base_config)
+    stacks = config.upcycled_stacks()
+    upcycled = sum(len(config.upcycled_layers(stack)) for stack in stacks)
+    total_layers = sum(layouts[stack].num_layers(config.base_config) for stack in stacks)
     settings = "\n".join(f"| `{name}` | `{getattr(config, name, None)}` |" for name in UPCYCLING_SETTINGS + ("residual_rank",))
     if config.base_model_license:
         license_text = f"`{config.base_model_license}`, carried over from the base model {base}."
@@ -78,7 +83,7 @@ with SPRI (SVD-Partitioned Residual Initialization, arXiv 2606.16456) using
 [`spri_hf`](https://pypi.org/project/spri_hf/): each FFN matrix's SVD is split into a principal part shared by all
 experts and a residual tail partitioned across the routed experts.
 
-- Upcycled FFN layers: {len(layers)} of {config.base_config.num_hidden_layers}; {config.num_experts} experts each, top-{config.num_experts_per_tok} routing
+- Upcycled FFN layers ({" and ".join(stacks)}): {upcycled} of {total_layers}; {config.num_experts} experts each, top-{config.num_experts_per_tok} routing
 - Training stage: {stage}
 - Parameters: {total:,} total ({_human(total)}), {active:,} active per token ({_human(active)})
 

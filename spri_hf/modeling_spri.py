@@ -22,6 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_MASKED_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING,
     MODEL_MAPPING,
     GenerationMixin,
     PreTrainedModel,
@@ -36,7 +40,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import safe_open
 from transformers.utils.hub import HfHubHTTPError
 
-from .architectures import get_ffn_layout
+from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .model_card import write_model_card
 
@@ -44,9 +48,8 @@ from .model_card import write_model_card
 class SpriRouter(nn.Module):
     """Top-k softmax router. Returns `(router_logits, top_k_weights, top_k_index)`."""
 
-    def __init__(self, config: SpriConfig):
+    def __init__(self, config: SpriConfig, layout: FfnLayout):
         super().__init__()
-        layout = get_ffn_layout(config.base_config.model_type)
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.norm_topk_prob = config.norm_topk_prob
@@ -68,10 +71,9 @@ class SpriExpertsBase(nn.Module):
     `batched_mm` / `grouped_mm` according to `config._experts_implementation`.
     """
 
-    def __init__(self, config: SpriConfig):
+    def __init__(self, config: SpriConfig, layout: FfnLayout):
         super().__init__()
         base = config.base_config
-        layout = get_ffn_layout(base.model_type)
         self.num_experts = config.num_experts
         self.hidden_dim = layout.hidden_size(base)
         self.intermediate_dim = layout.intermediate_size(base)
@@ -133,8 +135,7 @@ class SpriPlainExperts(SpriExpertsBase):
     """Plain `down(act(up(x)))` experts without biases."""
 
 
-def experts_class_for(config: SpriConfig) -> type[SpriExpertsBase]:
-    layout = get_ffn_layout(config.base_config.model_type)
+def experts_class_for(config: SpriConfig, layout: FfnLayout) -> type[SpriExpertsBase]:
     bias = layout.has_bias(config.base_config)
     if layout.gated:
         return SpriExpertsWithBias if bias else SpriExperts
@@ -150,11 +151,11 @@ class SpriResidualExperts(nn.Module):
     the per-expert biases under their stage-2 names.
     """
 
-    def __init__(self, config: SpriConfig):
+    def __init__(self, config: SpriConfig, layout: FfnLayout):
         super().__init__()
         base = config.base_config
-        layout = get_ffn_layout(base.model_type)
         self.config = config
+        self.layout = layout
         self.num_experts = config.num_experts
         self.hidden_dim = layout.hidden_size(base)
         self.intermediate_dim = layout.intermediate_size(base)
@@ -228,7 +229,7 @@ class SpriResidualExperts(nn.Module):
         """The equivalent stage-2 experts module (`W_i = shared + B_i A_i`), on the same device and dtype."""
         reference = self.down_shared
         with torch.device(reference.device):
-            experts = experts_class_for(self.config)(self.config).to(reference.dtype)
+            experts = experts_class_for(self.config, self.layout)(self.config, self.layout).to(reference.dtype)
         parts = 2 if self.has_gate else 1
         num_experts, inter, rank = self.num_experts, self.intermediate_dim, self.rank
         factor_a = getattr(self, f"{self._prefix}_residual_a").view(num_experts, parts, rank, self.hidden_dim)
@@ -245,11 +246,11 @@ class SpriResidualExperts(nn.Module):
 class SpriMoeBlock(nn.Module):
     """Router -> experts, plus an optional always-on shared expert; a drop-in replacement of a dense FFN."""
 
-    def __init__(self, config: SpriConfig, shared_expert: nn.Module | None = None):
+    def __init__(self, config: SpriConfig, layout: FfnLayout, shared_expert: nn.Module | None = None):
         super().__init__()
-        layout = get_ffn_layout(config.base_config.model_type)
-        self.router = SpriRouter(config)
-        self.experts = SpriResidualExperts(config) if config.stage == 1 else experts_class_for(config)(config)
+        self.router = SpriRouter(config, layout)
+        experts_class = SpriResidualExperts if config.stage == 1 else experts_class_for(config, layout)
+        self.experts = experts_class(config, layout)
         self.shared_expert = shared_expert
         self.dropout = nn.Dropout(layout.dropout(config.base_config))
         # Set by `SpriPreTrainedModel.collect_router_logits` for the duration of one forward call.
@@ -273,24 +274,29 @@ def load_balancing_loss(
     """Switch-Transformer load-balancing loss averaged over MoE layers; 1.0 for perfectly uniform routing.
 
     `num_experts * sum_e f_e * P_e`, where `f_e` is the share of routed (token, slot) pairs that chose expert e and
-    `P_e` the mean router probability of e, both over the non-padding tokens.
+    `P_e` the mean router probability of e, both over the non-padding tokens. Layers may see different tokens (the
+    encoder and the decoder of a seq2seq model): the mask applies where its size matches.
     """
-    logits = torch.stack([layer_logits.float() for layer_logits in router_logits])  # (layers, tokens, E)
-    num_experts = logits.shape[-1]
-    probs = logits.softmax(dim=-1)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=-2).float()  # (layers, tokens, E)
-    weights = _token_weights(attention_mask, logits.shape[1], logits.device)
-    share_routed = (chosen * weights[None, :, None]).sum(1) / (top_k * weights.sum())
-    mean_prob = (probs * weights[None, :, None]).sum(1) / weights.sum()
-    return num_experts * (share_routed * mean_prob).sum(-1).mean()
+    losses = []
+    for layer_logits in router_logits:
+        probs = layer_logits.float().softmax(dim=-1)  # (tokens, E)
+        num_experts = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=-2).float()
+        weights = _token_weights(attention_mask, probs.shape[0], probs.device)
+        share_routed = (chosen * weights[:, None]).sum(0) / (top_k * weights.sum())
+        mean_prob = (probs * weights[:, None]).sum(0) / weights.sum()
+        losses.append(num_experts * (share_routed * mean_prob).sum())
+    return torch.stack(losses).mean()
 
 
 def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared log-sum-exp of the router logits (ST-MoE), averaged over MoE layers."""
-    logits = torch.stack([layer_logits.float() for layer_logits in router_logits])
-    weights = _token_weights(attention_mask, logits.shape[1], logits.device)
-    z = torch.logsumexp(logits, dim=-1).square()  # (layers, tokens)
-    return ((z * weights).sum(-1) / weights.sum()).mean()
+    losses = []
+    for layer_logits in router_logits:
+        weights = _token_weights(attention_mask, layer_logits.shape[0], layer_logits.device)
+        z = torch.logsumexp(layer_logits.float(), dim=-1).square()
+        losses.append((z * weights).sum() / weights.sum())
+    return torch.stack(losses).mean()
 
 
 def _token_weights(attention_mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
@@ -318,8 +324,9 @@ class SpriPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["SpriMoeBlock"]
-    # Which auto mapping builds the wrapped dense architecture.
+    # Which auto mapping builds the wrapped dense architecture (and the auto class that loads a dense checkpoint).
     _dense_mapping = MODEL_MAPPING
+    _dense_auto_class = "AutoModel"
 
     def __init__(self, config: SpriConfig):
         super().__init__(config)
@@ -333,29 +340,63 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _dense_class(cls, config: SpriConfig) -> type[PreTrainedModel]:
-        get_ffn_layout(config.base_config.model_type)  # clear error for unsupported families
+        get_ffn_layouts(config.base_config)  # clear error for unsupported families
+        if type(config.base_config) not in cls._dense_mapping:
+            raise ValueError(
+                f"{cls.__name__} wraps {cls._dense_auto_class} models, and a {config.base_config.model_type} model is "
+                "not one; pick the Spri class of its task (SpriForCausalLM, SpriForSeq2SeqLM, SpriForSpeechSeq2Seq, "
+                "SpriForSequenceClassification, SpriForMaskedLM, or SpriModel)."
+            )
         return cls._dense_mapping[type(config.base_config)]
 
     @property
-    def ffn_layout(self):
-        return get_ffn_layout(self.config.base_config.model_type)
+    def ffn_layouts(self) -> dict[str, FfnLayout]:
+        """The FFN layout of every stack of the dense family ("decoder", "encoder")."""
+        return get_ffn_layouts(self.config.base_config)
+
+    @property
+    def ffn_layout(self) -> FfnLayout:
+        """The FFN layout of the upcycled stack (models with one upcycled stack)."""
+        stacks = self.config.upcycled_stacks()
+        if len(stacks) != 1:
+            raise ValueError(f"Several stacks are upcycled ({stacks}); use ffn_layouts[stack].")
+        return self.ffn_layouts[stacks[0]]
+
+    def stack_layers(self, stack: str) -> nn.ModuleList:
+        """The dense architecture's list of blocks of one stack."""
+        return self.model.base_model.get_submodule(self.ffn_layouts[stack].layers_attr)
 
     def decoder_layers(self) -> nn.ModuleList:
-        """The dense architecture's list of decoder blocks."""
-        return getattr(self.model.base_model, self.ffn_layout.layers_attr)
+        """The blocks of the upcycled stack (models with one upcycled stack; the name predates encoders)."""
+        return self.stack_layers(self.ffn_layout.stack)
 
-    def moe_blocks(self) -> dict[int, SpriMoeBlock]:
-        """Upcycled FFN blocks by layer index."""
-        layers = self.decoder_layers()
-        return {idx: getattr(layers[idx], self.ffn_layout.mlp_attr) for idx in self.config.upcycled_layers()}
+    def moe_sites(self) -> list[tuple[str, int, SpriMoeBlock]]:
+        """`(stack, layer index, block)` of every upcycled FFN, encoder first."""
+        sites = []
+        for stack in self.config.upcycled_stacks():
+            layers, layout = self.stack_layers(stack), self.ffn_layouts[stack]
+            sites += [(stack, idx, layers[idx].get_submodule(layout.mlp_attr)) for idx in self.config.upcycled_layers(stack)]
+        return sites
+
+    def moe_blocks(self) -> dict:
+        """Upcycled FFN blocks by layer index; by `"stack.index"` when both stacks of a seq2seq model are upcycled."""
+        sites = self.moe_sites()
+        if len(self.config.upcycled_stacks()) == 1:
+            return {idx: block for _, idx, block in sites}
+        return {f"{stack}.{idx}": block for stack, idx, block in sites}
 
     def _swap_ffn_blocks(self):
-        layout = self.ffn_layout
-        for idx, layer in enumerate(self.decoder_layers()):
-            if idx in self.config.upcycled_layers():
-                dense_ffn = getattr(layer, layout.mlp_attr)
-                shared = dense_ffn if self.config.shared_expert == "dense" else None
-                setattr(layer, layout.mlp_attr, SpriMoeBlock(self.config, shared_expert=shared))
+        for stack in self.config.upcycled_stacks():
+            layout = self.ffn_layouts[stack]
+            layers = self.stack_layers(stack)
+            for idx in self.config.upcycled_layers(stack):
+                layer = layers[idx]
+                shared = layer.get_submodule(layout.mlp_attr) if self.config.shared_expert == "dense" else None
+                _set_submodule(layer, layout.mlp_attr, SpriMoeBlock(self.config, layout, shared_expert=shared))
+                for path in layout.split:  # the MoE block computes the whole FFN
+                    _set_submodule(layer, path, nn.Identity())
+                for name in layout.zero_attrs:
+                    setattr(layer, name, 0.0)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -472,7 +513,7 @@ class SpriPreTrainedModel(PreTrainedModel):
                 f"Cannot go from stage {self.config.stage} to stage {stage}: the only transition is 1 -> 2 "
                 "(materialising the residual factors into full experts)."
             )
-        for block in self.moe_blocks().values():
+        for _, _, block in self.moe_sites():
             block.experts = block.experts.materialize()
         self.config.stage = 2
         self.apply_stage_trainability()
@@ -482,7 +523,7 @@ class SpriPreTrainedModel(PreTrainedModel):
     def collect_router_logits(self):
         """Within the context, every MoE block appends its router logits (tokens, experts) to the yielded list."""
         sink: list[torch.Tensor] = []
-        blocks = list(self.moe_blocks().values())
+        blocks = [block for _, _, block in self.moe_sites()]
         for block in blocks:
             block.router_logits_sink = sink
         try:
@@ -505,6 +546,11 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _first_shape_mismatch(model_class, folder) -> str | None:
@@ -569,6 +615,7 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
     """The upcycled causal LM. With labels, the loss includes the load-balancing and z losses of the routers."""
 
     _dense_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+    _dense_auto_class = "AutoModelForCausalLM"
 
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
@@ -622,8 +669,106 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
         )
 
 
+class _SpriTaskModel(SpriPreTrainedModel):
+    """A task head of the dense family (seq2seq, speech seq2seq, classification, masked LM) with SPRI FFNs.
+
+    The forward is the dense model's own, with the router losses added to `loss` whenever labels are given; the output
+    is the dense model's output class plus `aux_loss`, `z_loss` and, on request, `router_logits`.
+    """
+
+    def forward(self, *args, labels: torch.LongTensor | None = None, output_router_logits: bool | None = None, **kwargs):
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        with self.collect_router_logits() as router_logits:
+            outputs = self.model(*args, labels=labels, **kwargs)
+        if router_logits and (labels is not None or output_router_logits):
+            # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
+            mask = kwargs.get("attention_mask")
+            aux_loss, z_loss = self.router_losses(router_logits, mask)
+            if labels is not None and outputs.get("loss") is not None:
+                loss = outputs["loss"] + self.config.router_aux_loss_coef * aux_loss.to(outputs["loss"].device)
+                if self.config.router_z_loss_coef:
+                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+                outputs["loss"] = loss
+            outputs["aux_loss"], outputs["z_loss"] = aux_loss, z_loss
+        if output_router_logits:
+            outputs["router_logits"] = tuple(router_logits)
+        return outputs
+
+
+class _SpriGenerativeTaskModel(_SpriTaskModel, GenerationMixin):
+    """Seq2seq heads generate through the dense model's own `generate` (Whisper's language / task handling included):
+    the wrapped model holds the SPRI blocks, so its generation runs the experts."""
+
+    def generate(self, *args, **kwargs):
+        self.model.generation_config = self.generation_config
+        return self.model.generate(*args, **kwargs)
+
+    def get_encoder(self, *args, **kwargs):
+        return self.model.get_encoder(*args, **kwargs)
+
+    def get_decoder(self, *args, **kwargs):
+        return self.model.get_decoder(*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.model.set_output_embeddings(new_embeddings)
+
+
+class SpriForSeq2SeqLM(_SpriGenerativeTaskModel):
+    """Text-to-text models (T5, mT5, Marian, M2M100/NLLB, mBART, BART) with SPRI FFNs (decoder stack by default)."""
+
+    _dense_mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    _dense_auto_class = "AutoModelForSeq2SeqLM"
+
+
+class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
+    """Speech-to-text models (Whisper, Speech2Text) with SPRI FFNs (decoder stack by default)."""
+
+    _dense_mapping = MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
+    _dense_auto_class = "AutoModelForSpeechSeq2Seq"
+    main_input_name = "input_features"
+
+
+class SpriForSequenceClassification(_SpriTaskModel):
+    """Encoders (BERT, RoBERTa, XLM-R) with SPRI FFNs and the dense family's classification head."""
+
+    _dense_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    _dense_auto_class = "AutoModelForSequenceClassification"
+
+
+class SpriForMaskedLM(_SpriTaskModel):
+    """Encoders (BERT, RoBERTa, XLM-R) with SPRI FFNs and the dense family's masked-LM head."""
+
+    _dense_mapping = MODEL_FOR_MASKED_LM_MAPPING
+    _dense_auto_class = "AutoModelForMaskedLM"
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.model.set_output_embeddings(new_embeddings)
+
+
 # `save_pretrained` copies this file, its relative imports and an `auto_map` into every checkpoint (remote code).
 SpriModel.register_for_auto_class("AutoModel")
 SpriForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+SpriForSeq2SeqLM.register_for_auto_class("AutoModelForSeq2SeqLM")
+SpriForSpeechSeq2Seq.register_for_auto_class("AutoModelForSpeechSeq2Seq")
+SpriForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+SpriForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
-__all__ = ["SpriPreTrainedModel", "SpriModel", "SpriForCausalLM", "SpriMoeBlock", "SpriRouter", "SpriExperts"]
+__all__ = [
+    "SpriExperts",
+    "SpriForCausalLM",
+    "SpriForMaskedLM",
+    "SpriForSeq2SeqLM",
+    "SpriForSequenceClassification",
+    "SpriForSpeechSeq2Seq",
+    "SpriModel",
+    "SpriMoeBlock",
+    "SpriPreTrainedModel",
+    "SpriRouter",
+]

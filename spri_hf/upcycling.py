@@ -10,19 +10,13 @@ import os
 from contextlib import contextmanager
 
 import torch
+import transformers
 from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    MODEL_FOR_CAUSAL_LM_MAPPING,
-    MODEL_MAPPING,
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    PreTrainedModel,
-)
+from transformers import MODEL_MAPPING, AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
 from . import initializers as spri_init
-from .architectures import FfnLayout, get_ffn_layout
+from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
 
 
@@ -69,27 +63,30 @@ def upcycle(
         show_progress: show a progress bar over layers.
         **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
     """
-    is_causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING is getattr(spri_class, "_dense_mapping", None)
+    auto_class = getattr(transformers, getattr(spri_class, "_dense_auto_class", "AutoModel"))
     if isinstance(dense, (str, os.PathLike)):
         # settings that are not SPRI fields (dtype=, revision=, gguf_file=, ...) are for loading the dense model
         load_kwargs = dict(from_pretrained_kwargs or {})
         load_kwargs.update({key: settings.pop(key) for key in list(settings) if key not in _CONFIG_FIELDS})
         make_config(_dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
-        auto_class = AutoModelForCausalLM if is_causal_lm else AutoModel
         dense = auto_class.from_pretrained(dense, **load_kwargs)
     if not isinstance(dense, PreTrainedModel):
         raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")
-    layout = get_ffn_layout(dense.config.model_type)
-    dense_root = _dense_root(dense, is_causal_lm)
+    layouts = get_ffn_layouts(dense.config)
+    dense_root = _dense_root(spri_class, dense)
 
     settings.setdefault("base_model", dense.name_or_path or None)
     settings.setdefault("base_model_license", _read_license(settings["base_model"]))
     config = make_config(_dequantized_config(dense.config), **settings)
+    stacks = config.upcycled_stacks()
+    if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
+        raise ValueError(
+            f"shared_expert={config.shared_expert!r} needs an FFN that is one module; a {dense.config.model_type} block "
+            "calls its FFN projections itself. Use shared_expert=None."
+        )
     _check_finite(dense_root)
-    upcycled = config.upcycled_layers()
-    hidden, inter = layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config)
     if config.init == "spri":
-        config.residual_rank = _residual_rank(config, dense_root, layout, hidden, inter)
+        config.residual_rank = max(_residual_rank(config, dense_root, layouts[stack], stack) for stack in stacks)
 
     dtype, device = dense.dtype, dense.device
     with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
@@ -97,13 +94,12 @@ def upcycle(
     model.to_empty(device=device)
 
     with torch.no_grad():
-        filled = _copy_dense_tensors(dense_root, model.model, layout, upcycled, config.shared_expert == "dense")
-        layers = _layers(dense_root, layout)
-        blocks = model.moe_blocks()
-        for idx in logging.tqdm(upcycled, desc="Upcycling FFN layers", disable=not show_progress):
-            matrices, biases = dense_ffn_weights(getattr(layers[idx], layout.mlp_attr), layout)
-            tensors = upcycle_layer(config, layout, idx, matrices, biases)
-            block = blocks[idx]
+        filled = _copy_dense_tensors(config, dense_root, model.model, layouts)
+        sites = model.moe_sites()
+        for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
+            layout = layouts[stack]
+            matrices, biases = dense_ffn_weights(_ffn_owner(_layers(dense_root, layout)[idx], layout), layout)
+            tensors = upcycle_layer(config, layout, _generator_key(stack, idx), matrices, biases)
             block_name = _module_name(model.model, block)
             for name, value in tensors.items():
                 block.get_parameter(name).copy_(value)
@@ -118,6 +114,11 @@ def upcycle(
         model.generation_config = copy.deepcopy(dense.generation_config)
     model.apply_stage_trainability()
     return model.eval()
+
+
+def _generator_key(stack: str, idx: int) -> int:
+    """Random streams per layer; the encoder's are offset so that encoder and decoder layer i draw differently."""
+    return idx if stack == "decoder" else 100_000 + idx
 
 
 def _read_license(name_or_path: str | None) -> str | None:
@@ -141,18 +142,29 @@ def _config_kwargs(load_kwargs: dict) -> dict:
     return {key: load_kwargs[key] for key in keys if key in load_kwargs}
 
 
-def _dense_root(dense: PreTrainedModel, is_causal_lm: bool) -> PreTrainedModel:
-    config_class = type(dense.config)
-    if is_causal_lm:
-        expected = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
-        if not isinstance(dense, expected):
-            raise TypeError(
-                f"SpriForCausalLM.from_dense needs a causal LM ({expected.__name__}), got {type(dense).__name__}; "
-                "load it with AutoModelForCausalLM, or use SpriModel.from_dense for a bare backbone."
-            )
+_TASKS = {
+    "AutoModelForCausalLM": "causal LM",
+    "AutoModelForSeq2SeqLM": "seq2seq LM",
+    "AutoModelForSpeechSeq2Seq": "speech seq2seq model",
+    "AutoModelForSequenceClassification": "sequence classifier",
+    "AutoModelForMaskedLM": "masked LM",
+}
+
+
+def _dense_root(spri_class: type, dense: PreTrainedModel) -> PreTrainedModel:
+    """The part of `dense` that `spri_class` wraps: the model itself, or its backbone for `SpriModel`."""
+    mapping = spri_class._dense_mapping
+    expected = mapping[type(dense.config)] if type(dense.config) in mapping else None
+    if expected is not None and isinstance(dense, expected):
         return dense
-    backbone = MODEL_MAPPING[config_class]
-    return dense if isinstance(dense, backbone) else dense.base_model
+    if mapping is MODEL_MAPPING:
+        return dense.base_model
+    task = _TASKS.get(spri_class._dense_auto_class, spri_class._dense_auto_class)
+    raise TypeError(
+        f"{spri_class.__name__}.from_dense needs a {task}"
+        f"{f' ({expected.__name__})' if expected is not None else ''}, got {type(dense).__name__}; load it with "
+        f"{spri_class._dense_auto_class}, or use the Spri class of its task (SpriModel for a bare backbone)."
+    )
 
 
 def _dequantized_config(config):
@@ -193,7 +205,12 @@ def _default_dtype(dtype: torch.dtype):
 
 def _layers(root: torch.nn.Module, layout: FfnLayout) -> torch.nn.ModuleList:
     backbone = root.base_model if isinstance(root, PreTrainedModel) else root
-    return getattr(backbone, layout.layers_attr)
+    return backbone.get_submodule(layout.layers_attr)
+
+
+def _ffn_owner(layer: torch.nn.Module, layout: FfnLayout) -> torch.nn.Module:
+    """What the projection paths of `layout` start from: the FFN module, or the block for split FFNs."""
+    return layer if layout.split else layer.get_submodule(layout.mlp_attr)
 
 
 def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
@@ -203,10 +220,15 @@ def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
     raise RuntimeError("module not found in its model")
 
 
-def _copy_dense_tensors(dense_root, spri_inner, layout: FfnLayout, upcycled: list[int], keep_shared: bool) -> set[str]:
+def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dict) -> set[str]:
     """Copy every non-FFN tensor (and the shared expert) by name; return the names filled in `spri_inner`."""
-    layers_name = _module_name(dense_root, _layers(dense_root, layout))
-    ffn_prefixes = {f"{layers_name}.{idx}.{layout.mlp_attr}.": idx for idx in upcycled}
+    ffn_prefixes = []
+    for stack in config.upcycled_stacks():
+        layout = layouts[stack]
+        layers_name = _module_name(dense_root, _layers(dense_root, layout))
+        for idx in config.upcycled_layers(stack):
+            ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
+    keep_shared = config.shared_expert == "dense"
     targets = dict(spri_inner.named_parameters())
     targets.update(dict(spri_inner.named_buffers()))
     filled = set()
@@ -224,16 +246,19 @@ def _copy_dense_tensors(dense_root, spri_inner, layout: FfnLayout, upcycled: lis
 
 
 def dense_ffn_weights(mlp: torch.nn.Module, layout: FfnLayout) -> tuple[dict, dict]:
-    """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down"."""
+    """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down".
+
+    `mlp` is the FFN module, or the block itself for split FFNs (see `FfnLayout.split`).
+    """
     matrices, biases = {}, {}
     if layout.fused_gate_up is not None:
-        fused = getattr(mlp, layout.fused_gate_up)
+        fused = mlp.get_submodule(layout.fused_gate_up)
         matrices["gate"], matrices["up"] = fused.weight.chunk(2, dim=0)
         if fused.bias is not None:
             biases["gate"], biases["up"] = fused.bias.chunk(2, dim=0)
-        modules = {"down": getattr(mlp, layout.down)}
+        modules = {"down": mlp.get_submodule(layout.down)}
     else:
-        modules = {proj: getattr(mlp, getattr(layout, proj)) for proj in layout.projection_names()}
+        modules = {proj: mlp.get_submodule(getattr(layout, proj)) for proj in layout.projection_names()}
     for proj, module in modules.items():
         matrices[proj] = module.weight.t() if layout.conv1d else module.weight
         if getattr(module, "bias", None) is not None:
@@ -258,27 +283,30 @@ def _check_tail(config: SpriConfig, tail: int, where: str):
         )
 
 
-def _residual_rank(config: SpriConfig, dense_root, layout: FfnLayout, hidden: int, inter: int) -> int:
-    """Rank `k` of each expert's residual factors, checked before any heavy work."""
-    rank = min(hidden, inter)
+def _residual_rank(config: SpriConfig, dense_root, layout: FfnLayout, stack: str) -> int:
+    """Rank `k` of each expert's residual factors in one stack, checked before any heavy work."""
+    rank = min(layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config))
     if config.principal_energy is None:
         tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
         _check_tail(config, tail, "every FFN matrix")
         return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1)
     layers = _layers(dense_root, layout)
     largest = 0
-    for idx in config.upcycled_layers():
-        matrices, _ = dense_ffn_weights(getattr(layers[idx], layout.mlp_attr), layout)
+    for idx in config.upcycled_layers(stack):
+        matrices, _ = dense_ffn_weights(_ffn_owner(layers[idx], layout), layout)
         for proj, weight in matrices.items():
             tail = rank - _principal(config, torch.linalg.svdvals(weight.detach().double()))
-            _check_tail(config, tail, f"layer {idx} {proj}")
+            _check_tail(config, tail, f"{stack} layer {idx} {proj}")
             largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
     return max(largest, 1)
 
 
-def upcycle_layer(config: SpriConfig, layout: FfnLayout, layer_idx: int, matrices: dict, biases: dict) -> dict:
-    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block (float64)."""
-    generator = spri_init.layer_generator(config.seed, layer_idx)
+def upcycle_layer(config: SpriConfig, layout: FfnLayout, layer_key: int, matrices: dict, biases: dict) -> dict:
+    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block (float64).
+
+    `layer_key` seeds the layer's random stream (the layer index; encoder layers are offset).
+    """
+    generator = spri_init.layer_generator(config.seed, layer_key)
     num_experts = config.num_experts
     hidden = matrices["down"].shape[0]
     tensors = {"router.weight": config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)}
