@@ -145,6 +145,11 @@ class SpriConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # The wrapped dense model owns its embeddings: tying is decided by `base_config`.
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+        # Trainers and pipelines read these from the top-level config (Seq2SeqTrainer pads with pad_token_id).
+        self.is_encoder_decoder = bool(getattr(self.base_config, "is_encoder_decoder", False))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            if getattr(self, name, None) is None and getattr(self.base_config, name, None) is not None:
+                setattr(self, name, getattr(self.base_config, name))
 
     def validate_spri_settings(self):
         """Check every SPRI field; raise `ValueError` naming the field, the value and the allowed range."""

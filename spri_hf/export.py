@@ -204,8 +204,8 @@ def _unwrap(model) -> SpriPreTrainedModel:
 
 def _inner_tensors(model: SpriPreTrainedModel) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the wrapped dense architecture, by name (FFN blocks included)."""
-    tensors = dict(model.model.named_parameters())
-    tensors.update(dict(model.model.named_buffers()))
+    tensors = dict(model.model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.model.named_buffers(remove_duplicate=False)))
     return tensors
 
 

@@ -676,15 +676,16 @@ class _SpriTaskModel(SpriPreTrainedModel):
     is the dense model's output class plus `aux_loss`, `z_loss` and, on request, `router_logits`.
     """
 
-    def forward(self, *args, labels: torch.LongTensor | None = None, output_router_logits: bool | None = None, **kwargs):
+    def _forward_with_router_losses(self, labels, output_router_logits, inputs: dict):
+        # explicit forward signatures (below) let Trainer keep the right dataset columns; None means "not given"
+        inputs = {name: value for name, value in inputs.items() if value is not None}
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         with self.collect_router_logits() as router_logits:
-            outputs = self.model(*args, labels=labels, **kwargs)
+            outputs = self.model(labels=labels, **inputs)
         if router_logits and (labels is not None or output_router_logits):
             # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
-            mask = kwargs.get("attention_mask")
-            aux_loss, z_loss = self.router_losses(router_logits, mask)
+            aux_loss, z_loss = self.router_losses(router_logits, inputs.get("attention_mask"))
             if labels is not None and outputs.get("loss") is not None:
                 loss = outputs["loss"] + self.config.router_aux_loss_coef * aux_loss.to(outputs["loss"].device)
                 if self.config.router_z_loss_coef:
@@ -723,6 +724,36 @@ class SpriForSeq2SeqLM(_SpriGenerativeTaskModel):
     _dense_mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
     _dense_auto_class = "AutoModelForSeq2SeqLM"
 
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs=None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ):
+        return self._forward_with_router_losses(
+            labels,
+            output_router_logits,
+            dict(
+                kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                use_cache=use_cache,
+            ),
+        )
+
 
 class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
     """Speech-to-text models (Whisper, Speech2Text) with SPRI FFNs (decoder stack by default)."""
@@ -731,15 +762,69 @@ class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
     _dense_auto_class = "AutoModelForSpeechSeq2Seq"
     main_input_name = "input_features"
 
+    def forward(
+        self,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs=None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ):
+        return self._forward_with_router_losses(
+            labels,
+            output_router_logits,
+            dict(
+                kwargs,
+                input_features=input_features,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                use_cache=use_cache,
+            ),
+        )
 
-class SpriForSequenceClassification(_SpriTaskModel):
+
+class _SpriEncoderTaskModel(_SpriTaskModel):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ):
+        return self._forward_with_router_losses(
+            labels,
+            output_router_logits,
+            dict(
+                kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+            ),
+        )
+
+
+class SpriForSequenceClassification(_SpriEncoderTaskModel):
     """Encoders (BERT, RoBERTa, XLM-R) with SPRI FFNs and the dense family's classification head."""
 
     _dense_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     _dense_auto_class = "AutoModelForSequenceClassification"
 
 
-class SpriForMaskedLM(_SpriTaskModel):
+class SpriForMaskedLM(_SpriEncoderTaskModel):
     """Encoders (BERT, RoBERTa, XLM-R) with SPRI FFNs and the dense family's masked-LM head."""
 
     _dense_mapping = MODEL_FOR_MASKED_LM_MAPPING

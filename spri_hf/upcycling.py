@@ -229,10 +229,12 @@ def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dic
         for idx in config.upcycled_layers(stack):
             ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
     keep_shared = config.shared_expert == "dense"
-    targets = dict(spri_inner.named_parameters())
-    targets.update(dict(spri_inner.named_buffers()))
+    targets = dict(spri_inner.named_parameters(remove_duplicate=False))
+    targets.update(dict(spri_inner.named_buffers(remove_duplicate=False)))
     filled = set()
-    for name, tensor in list(dense_root.named_parameters()) + list(dense_root.named_buffers()):
+    # every name of a tied tensor: which one a deduplicating walk keeps depends on module order (XLM-R's MLM head)
+    dense_tensors = list(dense_root.named_parameters(remove_duplicate=False))
+    for name, tensor in dense_tensors + list(dense_root.named_buffers(remove_duplicate=False)):
         prefix = next((p for p in ffn_prefixes if name.startswith(p)), None)
         if prefix is not None:
             if not keep_shared:

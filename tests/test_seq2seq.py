@@ -1,0 +1,282 @@
+"""Encoder-decoder (text and speech) and encoder-only families: dense equivalence for every stack setting, both
+stages, save/load through the auto classes, generation, Seq2SeqTrainer in both stages, remote code."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+
+from conftest import VOCAB
+from spri_hf import (
+    SpriForMaskedLM,
+    SpriForSeq2SeqLM,
+    SpriForSequenceClassification,
+    SpriForSpeechSeq2Seq,
+)
+from test_export import _without_spri_hf
+
+
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+_BART_LIKE = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=48, decoder_ffn_dim=40, vocab_size=VOCAB, max_position_embeddings=64, **_TOKENS,
+)
+_T5 = dict(d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB, **_TOKENS)
+_BERT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+             max_position_embeddings=64)
+# family -> (config kwargs, dense auto class, Spri class)
+FAMILIES = {
+    "whisper": (
+        dict(_BART_LIKE, num_mel_bins=8, max_source_positions=16, max_target_positions=32, begin_suppress_tokens=None,
+             suppress_tokens=None),
+        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
+    ),
+    "speech_to_text": (
+        dict(_BART_LIKE, input_feat_per_channel=8, max_source_positions=64, max_target_positions=32, conv_channels=16),
+        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
+    ),
+    "marian": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "m2m_100": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "mbart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "bart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "t5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # T5 v1.0: wi / wo
+    "mt5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # gated: wi_0 / wi_1 / wo
+    "bert": (dict(_BERT, pad_token_id=0), AutoModelForSequenceClassification, SpriForSequenceClassification),
+    "roberta": (dict(_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification),
+    "xlm-roberta": (dict(_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification),
+}
+ENCODER_DECODER = [family for family in FAMILIES if not FAMILIES[family][2] is SpriForSequenceClassification]
+ENCODER_ONLY = [family for family in FAMILIES if FAMILIES[family][2] is SpriForSequenceClassification]
+
+
+def tiny(family: str, auto_class=None, seed: int = 0):
+    """A tiny random dense model of `family` with visible biases (so bias handling is tested)."""
+    kwargs, default_auto, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = (auto_class or default_auto).from_config(AutoConfig.for_model(family, **kwargs)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.05)
+    return model
+
+
+def inputs_for(family: str, batch: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if family == "whisper":  # (batch, mel bins, 2 * max_source_positions): the encoder's fixed input length
+        return dict(input_features=torch.randn(batch, 8, 32, generator=generator),
+                    decoder_input_ids=torch.randint(3, VOCAB, (batch, 5), generator=generator))
+    if family == "speech_to_text":
+        return dict(input_features=torch.randn(batch, 20, 8, generator=generator),
+                    decoder_input_ids=torch.randint(3, VOCAB, (batch, 5), generator=generator))
+    inputs = dict(input_ids=torch.randint(3, VOCAB, (batch, 7), generator=generator))
+    if family in ENCODER_DECODER:
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=generator)
+    return inputs
+
+
+def _close(actual, expected, atol=1e-5):
+    # mT5's unscaled logits reach ~100: compare relative to their size
+    torch.testing.assert_close(actual, expected, atol=atol * max(1.0, expected.abs().max().item()), rtol=0)
+
+
+STACK_SETTINGS = {
+    "decoder": dict(upcycle="decoder"),
+    "encoder": dict(upcycle="encoder"),
+    "both": dict(upcycle="both"),
+    "per-stack-layers": dict(moe_layers={"encoder": [1], "decoder": [0]}),
+}
+
+
+@pytest.mark.parametrize("dense_equivalent", [dict(init="copy"), dict(principal_ratio=1.0)], ids=["copy", "ratio1"])
+@pytest.mark.parametrize("stacks", list(STACK_SETTINGS))
+@pytest.mark.parametrize("family", ENCODER_DECODER)
+def test_encoder_decoder_dense_equivalence_for_every_stack_setting(family, stacks, dense_equivalent):
+    dense, spri_class = tiny(family), FAMILIES[family][2]
+    inputs = inputs_for(family)
+    model = spri_class.from_dense(dense, num_experts=4, **STACK_SETTINGS[stacks], **dense_equivalent)
+    expected_stacks = {"decoder": ["decoder"], "encoder": ["encoder"]}.get(stacks, ["encoder", "decoder"])
+    assert model.config.upcycled_stacks() == expected_stacks
+    assert list(dict.fromkeys(stack for stack, _, _ in model.moe_sites())) == expected_stacks
+    _close(model(**inputs).logits, dense(**inputs).logits)
+
+
+@pytest.mark.parametrize("dense_equivalent", [dict(init="copy"), dict(principal_ratio=1.0)], ids=["copy", "ratio1"])
+@pytest.mark.parametrize("family", ENCODER_ONLY)
+def test_encoder_only_dense_equivalence_classification_and_masked_lm(family, dense_equivalent):
+    inputs = inputs_for(family)
+    for auto_class, spri_class in (
+        (AutoModelForSequenceClassification, SpriForSequenceClassification),
+        (AutoModelForMaskedLM, SpriForMaskedLM),
+    ):
+        dense = tiny(family, auto_class)
+        model = spri_class.from_dense(dense, num_experts=4, **dense_equivalent)
+        assert model.config.upcycled_stacks() == ["encoder"]
+        _close(model(**inputs).logits, dense(**inputs).logits)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stages_save_load_and_trainability(family, tmp_path):
+    dense, auto_class, spri_class = tiny(family), FAMILIES[family][1], FAMILIES[family][2]
+    inputs = inputs_for(family)
+    upcycle = dict(upcycle="both") if family in ENCODER_DECODER else {}
+    model = spri_class.from_dense(dense, num_experts=4, diversity=0.5, **upcycle)
+    assert model.config.stage == 1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".router." in n or "_residual_" in n for n in trainable)
+    stage1 = model(**inputs).logits
+    assert (stage1 - dense(**inputs).logits).abs().max() > 1e-5  # SPRI moved the function
+    model.save_pretrained(tmp_path / "stage1")
+    _close(auto_class.from_pretrained(tmp_path / "stage1")(**inputs).logits, stage1, atol=0)
+    model.set_stage(2)
+    stage2 = model(**inputs).logits
+    _close(stage2, stage1)
+    model.save_pretrained(tmp_path / "stage2")
+    reloaded = auto_class.from_pretrained(tmp_path / "stage2")
+    assert type(reloaded) is spri_class and reloaded.config.stage == 2
+    _close(reloaded(**inputs).logits, stage2, atol=0)
+
+
+@pytest.mark.parametrize("family", ["whisper", "marian", "t5"])
+def test_generation_of_copy_upcycled_seq2seq_matches_dense(family):
+    dense, spri_class = tiny(family), FAMILIES[family][2]
+    inputs = inputs_for(family)
+    inputs.pop("decoder_input_ids")
+    model = spri_class.from_dense(dense, num_experts=4, init="copy", upcycle="both")
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(**inputs, **kwargs), dense.generate(**inputs, **kwargs))
+
+
+def test_labels_add_router_losses_and_router_logits_cover_both_stacks():
+    dense, inputs = tiny("marian"), inputs_for("marian")
+    labels = inputs.pop("decoder_input_ids")
+    # copy experts: the language-modelling loss is the dense one, so the rest is exactly the router losses
+    model = SpriForSeq2SeqLM.from_dense(dense, num_experts=4, init="copy", upcycle="both", router_z_loss_coef=0.1)
+    out = model(**inputs, labels=labels, output_router_logits=True)
+    dense_loss = dense(**inputs, labels=labels).loss
+    assert out.aux_loss > 0.5 and out.z_loss > 0
+    expected = dense_loss + 0.01 * out.aux_loss + 0.1 * out.z_loss
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+    # encoder layers route 2x7 source tokens, decoder layers 2x5 target tokens
+    assert [logits.shape for logits in out.router_logits] == [(14, 4)] * 2 + [(10, 4)] * 2
+
+
+@pytest.mark.parametrize(
+    "family, settings, message",
+    [
+        ("marian", dict(upcycle="sideways"), "upcycle='sideways' is not supported"),
+        ("bert", dict(upcycle="decoder"), "has only the FFN stack"),
+        ("marian", dict(moe_layers={"middle": [0]}), "moe_layers names the stack"),
+        ("marian", dict(moe_layers={"encoder": [2]}), "outside the dense model's encoder layers 0..1"),
+        ("marian", dict(shared_expert="dense"), "needs an FFN that is one module"),
+    ],
+)
+def test_stack_settings_are_validated(family, settings, message):
+    spri_class = FAMILIES[family][2]
+    with pytest.raises(ValueError, match=message):
+        spri_class.from_dense(tiny(family), num_experts=4, **settings)
+
+
+def test_t5_shared_expert_and_wrong_task_class():
+    dense, inputs = tiny("t5"), inputs_for("t5")
+    model = SpriForSeq2SeqLM.from_dense(dense, num_experts=4, init="copy", shared_expert="dense")
+    assert model.moe_blocks()[0].shared_expert is not None
+    # copy experts (renormalised top-k) plus the dense FFN: the FFN output is exactly doubled, so not dense-equal
+    assert (model(**inputs).logits - dense(**inputs).logits).abs().max() > 1e-4
+    with pytest.raises(TypeError, match="needs a speech seq2seq model"):
+        SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4)
+
+
+def _speech_dataset(n=16):
+    """Four 'utterances' (fixed random log-mel features) with four fixed transcripts: learnable by a tiny Whisper."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 8, 32, generator=generator)
+    transcripts = [[5 + 7 * k + j for j in range(4)] + [2] for k in range(4)]
+    rows = [dict(input_features=features[i % 4].tolist(), labels=transcripts[i % 4]) for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def _text_dataset(n=16):
+    """Copy task: the target is the source sentence."""
+    rows = []
+    for i in range(n):
+        source = [3 + (11 * i + 5 * j) % (VOCAB - 3) for j in range(6)]
+        rows.append(dict(input_ids=source, attention_mask=[1] * 6, labels=source + [2]))
+    return Dataset.from_list(rows)
+
+
+def _train_and_evaluate(model, dataset, output_dir, steps=8):
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=2e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        predict_with_generate=True,
+        generation_max_length=8,
+    )
+    predictions = {}
+
+    def compute_metrics(eval_pred):
+        predictions["ids"] = eval_pred.predictions
+        return {"generated_len": float(eval_pred.predictions.shape[-1])}
+
+    trainer = Seq2SeqTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(8)),
+        compute_metrics=compute_metrics,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = trainer.evaluate()
+    return losses, metrics, predictions["ids"]
+
+
+@pytest.mark.parametrize("family", ["whisper", "marian"])
+def test_seq2seq_trainer_trains_both_stages_and_evaluates_with_generation(family, tmp_path):
+    dense, spri_class = tiny(family), FAMILIES[family][2]
+    dataset = _speech_dataset() if family == "whisper" else _text_dataset()
+    model = spri_class.from_dense(dense, num_experts=4, diversity=0.3, upcycle="both").train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses1, metrics1, generated = _train_and_evaluate(model, dataset, tmp_path / "stage1")
+    assert losses1[-1] < losses1[0], losses1
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert "eval_loss" in metrics1 and metrics1["eval_generated_len"] >= 2 and generated.shape[0] == 8
+
+    model.set_stage(2)
+    losses2, metrics2, _ = _train_and_evaluate(model, dataset, tmp_path / "stage2")
+    assert losses2[-1] < losses2[0], losses2
+    assert metrics2["eval_loss"] < metrics1["eval_loss"]
+
+
+def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_importable(tmp_path):
+    dense, inputs = tiny("whisper"), inputs_for("whisper")
+    model = SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4, diversity=0.5, upcycle="both")
+    model.save_pretrained(tmp_path / "moe")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = _without_spri_hf(
+        "import torch\n"
+        "from transformers import AutoModelForSpeechSeq2Seq\n"
+        f"model = AutoModelForSpeechSeq2Seq.from_pretrained({str(tmp_path / 'moe')!r}, trust_remote_code=True)\n"
+        f"torch.save(model(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(torch.load(tmp_path / "out.pt"), model(**inputs).logits, atol=0)
