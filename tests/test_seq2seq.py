@@ -24,6 +24,7 @@ from spri_hf import (
     SpriForSeq2SeqLM,
     SpriForSequenceClassification,
     SpriForSpeechSeq2Seq,
+    fold_to_dense,
 )
 from test_export import _without_spri_hf
 
@@ -280,3 +281,50 @@ def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_im
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _close(torch.load(tmp_path / "out.pt"), model(**inputs).logits, atol=0)
+
+
+@pytest.mark.parametrize("init", ["noise", "drop", "random", "spri"])
+@pytest.mark.parametrize("family", ["whisper", "t5", "mt5", "bert"])
+def test_every_initialiser_upcycles_every_stack(family, init):
+    dense, spri_class = tiny(family), FAMILIES[family][2]
+    inputs = inputs_for(family)
+    upcycle = dict(upcycle="both") if family in ENCODER_DECODER else {}
+    model = spri_class.from_dense(dense, num_experts=4, init=init, diversity=0.5, seed=3, **upcycle)
+    logits = model(**inputs).logits
+    assert torch.isfinite(logits).all() and (logits - dense(**inputs).logits).abs().max() > 1e-6
+    again = spri_class.from_dense(dense, num_experts=4, init=init, diversity=0.5, seed=3, **upcycle)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    if init != "spri":
+        return
+    # experts of balanced SPRI average to the dense FFN in every stack
+    blocks = model.set_stage(2).moe_sites()
+    assert {stack for stack, _, _ in blocks} == set(model.config.upcycled_stacks())
+    folded = fold_to_dense(model)
+    _close(folded(**inputs).logits, dense(**inputs).logits)
+
+
+def test_lora_on_a_stage2_seq2seq_model_trains_and_merges(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    dense, inputs = tiny("marian"), inputs_for("marian")
+    model = SpriForSeq2SeqLM.from_dense(dense, num_experts=4, diversity=0.3, upcycle="both", stage=2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["experts.up_proj", "experts.down_proj"])
+    peft_model = get_peft_model(model, config)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    labels = inputs.pop("decoder_input_ids")
+    losses = []
+    for _ in range(6):
+        loss = peft_model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        expected = peft_model(**inputs, labels=labels).logits
+        merged = peft_model.merge_and_unload()
+        assert type(merged) is SpriForSeq2SeqLM
+        _close(merged(**inputs, labels=labels).logits, expected)
