@@ -56,6 +56,7 @@ def render_section(model, repo_id: str | None = None) -> str:
     base = f"`{config.base_model}`" if config.base_model else "a dense model"
     total, active = parameter_counts(model)
     repo = repo_id or "path/to/this/checkpoint"
+    auto = getattr(type(model), "_dense_auto_class", "AutoModelForCausalLM")
     from .architectures import get_ffn_layouts  # noqa: PLC0415 (sibling module, shipped too)
 
     layouts = get_ffn_layouts(config.base_config)
@@ -99,17 +100,17 @@ With `spri_hf` installed (no flag needed):
 
 ```python
 import spri_hf
-from transformers import AutoModelForCausalLM
+from transformers import {auto}
 
-model = AutoModelForCausalLM.from_pretrained("{repo}")
+model = {auto}.from_pretrained("{repo}")
 ```
 
 Without `spri_hf` (the modeling code in this repository imports only torch and transformers):
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import {auto}
 
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+model = {auto}.from_pretrained("{repo}", trust_remote_code=True)
 ```
 
 `spri_hf.export_native(model, out_dir)` turns Llama/Mistral, Qwen2 and Qwen3 based checkpoints into plain Mixtral,

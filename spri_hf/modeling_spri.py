@@ -701,6 +701,39 @@ class _SpriGenerativeTaskModel(_SpriTaskModel, GenerationMixin):
     """Seq2seq heads generate through the dense model's own `generate` (Whisper's language / task handling included):
     the wrapped model holds the SPRI blocks, so its generation runs the experts."""
 
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs=None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ):
+        # text models take input_ids, speech models input_features: whichever is given is passed on
+        return self._forward_with_router_losses(
+            labels,
+            output_router_logits,
+            dict(
+                kwargs,
+                input_ids=input_ids,
+                input_features=input_features,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                use_cache=use_cache,
+            ),
+        )
+
     def generate(self, *args, **kwargs):
         self.model.generation_config = self.generation_config
         return self.model.generate(*args, **kwargs)
@@ -724,36 +757,6 @@ class SpriForSeq2SeqLM(_SpriGenerativeTaskModel):
     _dense_mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
     _dense_auto_class = "AutoModelForSeq2SeqLM"
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.LongTensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        encoder_outputs=None,
-        inputs_embeds: torch.Tensor | None = None,
-        decoder_inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
-    ):
-        return self._forward_with_router_losses(
-            labels,
-            output_router_logits,
-            dict(
-                kwargs,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                encoder_outputs=encoder_outputs,
-                inputs_embeds=inputs_embeds,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                use_cache=use_cache,
-            ),
-        )
-
 
 class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
     """Speech-to-text models (Whisper, Speech2Text) with SPRI FFNs (decoder stack by default)."""
@@ -761,34 +764,6 @@ class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
     _dense_mapping = MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
     _dense_auto_class = "AutoModelForSpeechSeq2Seq"
     main_input_name = "input_features"
-
-    def forward(
-        self,
-        input_features: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.LongTensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        encoder_outputs=None,
-        decoder_inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
-    ):
-        return self._forward_with_router_losses(
-            labels,
-            output_router_logits,
-            dict(
-                kwargs,
-                input_features=input_features,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                encoder_outputs=encoder_outputs,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                use_cache=use_cache,
-            ),
-        )
 
 
 class _SpriEncoderTaskModel(_SpriTaskModel):

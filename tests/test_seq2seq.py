@@ -328,3 +328,11 @@ def test_lora_on_a_stage2_seq2seq_model_trains_and_merges(tmp_path):
         merged = peft_model.merge_and_unload()
         assert type(merged) is SpriForSeq2SeqLM
         _close(merged(**inputs, labels=labels).logits, expected)
+
+
+def test_model_card_of_a_speech_model_names_its_auto_class_and_stacks(tmp_path):
+    model = SpriForSpeechSeq2Seq.from_dense(tiny("whisper"), num_experts=4, upcycle="both")
+    model.save_pretrained(tmp_path / "moe")
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert 'AutoModelForSpeechSeq2Seq.from_pretrained("path/to/this/checkpoint", trust_remote_code=True)' in card
+    assert "Upcycled FFN layers (encoder and decoder): 4 of 4" in card
