@@ -64,6 +64,8 @@ def upcycle(
         **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
     """
     auto_class = getattr(transformers, getattr(spri_class, "_dense_auto_class", "AutoModel"))
+    # a Hub id given here is being downloaded anyway: its card may be fetched too; otherwise only local files are read
+    may_fetch_card = isinstance(dense, str) and not os.path.exists(dense)
     if isinstance(dense, (str, os.PathLike)):
         # settings that are not SPRI fields (dtype=, revision=, gguf_file=, ...) are for loading the dense model
         load_kwargs = dict(from_pretrained_kwargs or {})
@@ -76,7 +78,8 @@ def upcycle(
     dense_root = _dense_root(spri_class, dense)
 
     settings.setdefault("base_model", dense.name_or_path or None)
-    settings.setdefault("base_model_license", _read_license(settings["base_model"]))
+    if "base_model_license" not in settings:
+        settings["base_model_license"] = _read_license(settings["base_model"], may_fetch_card)
     config = make_config(_dequantized_config(dense.config), **settings)
     stacks = config.upcycled_stacks()
     if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
@@ -121,18 +124,26 @@ def _generator_key(stack: str, idx: int) -> int:
     return idx if stack == "decoder" else 100_000 + idx
 
 
-def _read_license(name_or_path: str | None) -> str | None:
-    """The `license` of a model card (local folder, or Hub repo when online); `None` when there is none to read."""
+def _read_license(name_or_path: str | None, may_fetch: bool = False) -> str | None:
+    """The `license` of the dense model's card: a local folder's README.md, a Hub repo's cached README.md, or (only
+    when `may_fetch`) the Hub's. `None` when there is none to read: the model card then says it is unknown."""
     if not name_or_path:
         return None
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, try_to_load_from_cache
 
-    card = os.path.join(name_or_path, "README.md")
-    if os.path.isdir(name_or_path) and not os.path.isfile(card):
+    if os.path.isdir(name_or_path):
+        card = os.path.join(name_or_path, "README.md")
+    else:
+        try:
+            cached = try_to_load_from_cache(name_or_path, "README.md")
+        except Exception:  # not a repo id
+            return None
+        card = cached if isinstance(cached, str) else (name_or_path if may_fetch else None)
+    if card is None or (os.path.isabs(card) and not os.path.isfile(card)):
         return None
     try:
-        return ModelCard.load(card if os.path.isdir(name_or_path) else name_or_path).data.get("license")
-    except Exception:  # offline, no card, unreadable card: the model card then says the license is unknown
+        return ModelCard.load(card).data.get("license")
+    except Exception:  # offline, no card, unreadable card
         return None
 
 
