@@ -53,6 +53,8 @@ def upcycle(
     dense: PreTrainedModel | str | os.PathLike,
     *,
     show_progress: bool = False,
+    svd_method: str = "auto",
+    svd_device: torch.device | str | None = None,
     from_pretrained_kwargs: dict | None = None,
     **settings,
 ) -> PreTrainedModel:
@@ -61,8 +63,13 @@ def upcycle(
     Args:
         dense: a `PreTrainedModel`, or a local folder / Hub id loaded with `from_pretrained(**from_pretrained_kwargs)`.
         show_progress: show a progress bar over layers.
+        svd_method: "auto" / "gram" (eigh of the smaller Gram matrix, float64) or "full" (`torch.linalg.svd`); see
+            `initializers.thin_svd`. Both are exact; "gram" is several times faster on CPU.
+        svd_device: compute the SVDs there (e.g. "cuda" when the weights are on the CPU); `None`: where they live.
         **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
     """
+    if svd_method not in spri_init.SVD_METHODS:
+        raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
     auto_class = getattr(transformers, getattr(spri_class, "_dense_auto_class", "AutoModel"))
     # a Hub id given here is being downloaded anyway: its card may be fetched too; otherwise only local files are read
     may_fetch_card = isinstance(dense, str) and not os.path.exists(dense)
@@ -102,7 +109,9 @@ def upcycle(
         for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
             layout = layouts[stack]
             matrices, biases = dense_ffn_weights(_ffn_owner(_layers(dense_root, layout)[idx], layout), layout)
-            tensors = upcycle_layer(config, layout, _generator_key(stack, idx), matrices, biases)
+            tensors = upcycle_layer(
+                config, layout, _generator_key(stack, idx), matrices, biases, svd_method=svd_method, svd_device=svd_device
+            )
             block_name = _module_name(model.model, block)
             for name, value in tensors.items():
                 block.get_parameter(name).copy_(value)
@@ -308,13 +317,22 @@ def _residual_rank(config: SpriConfig, dense_root, layout: FfnLayout, stack: str
     for idx in config.upcycled_layers(stack):
         matrices, _ = dense_ffn_weights(_ffn_owner(layers[idx], layout), layout)
         for proj, weight in matrices.items():
-            tail = rank - _principal(config, torch.linalg.svdvals(weight.detach().double()))
+            tail = rank - _principal(config, spri_init.thin_svd(weight)[1])
             _check_tail(config, tail, f"{stack} layer {idx} {proj}")
             largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
     return max(largest, 1)
 
 
-def upcycle_layer(config: SpriConfig, layout: FfnLayout, layer_key: int, matrices: dict, biases: dict) -> dict:
+def upcycle_layer(
+    config: SpriConfig,
+    layout: FfnLayout,
+    layer_key: int,
+    matrices: dict,
+    biases: dict,
+    *,
+    svd_method: str = "auto",
+    svd_device: torch.device | str | None = None,
+) -> dict:
     """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block (float64).
 
     `layer_key` seeds the layer's random stream (the layer index; encoder layers are offset).
@@ -332,7 +350,7 @@ def upcycle_layer(config: SpriConfig, layout: FfnLayout, layer_key: int, matrice
         )
         factors = {}
         for proj, weight in matrices.items():
-            svd = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            svd = spri_init.thin_svd(weight, svd_method, svd_device)
             factors[proj] = spri_init.spri_residual_factors(
                 weight,
                 num_experts,

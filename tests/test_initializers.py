@@ -103,3 +103,65 @@ def test_baselines():
     assert torch.equal(experts[0, kept], weight[kept]) and not torch.equal(experts[0, dropped[0]], weight[dropped[0]])
     random = spri_init.random_experts((24, 40), 3, 0.02, gen)
     assert abs(random.std().item() - 0.02) < 0.003
+
+
+def _matrix_with_spectrum(m, n, singular_values, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(m, len(singular_values), generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, len(singular_values), generator=generator, dtype=torch.float64))
+    return (left * singular_values) @ right.T
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (64, 64), (96, 384), (384, 96)])
+@pytest.mark.parametrize(
+    "spectrum", ["random", "ill-conditioned", "rank-deficient"],
+)
+def test_fast_svd_matches_torch_linalg_svd(shape, spectrum):
+    from spri_hf.initializers import thin_svd
+
+    m, n = shape
+    q = min(m, n)
+    if spectrum == "random":
+        weight = torch.randn(m, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    elif spectrum == "ill-conditioned":  # singular values from 1 down to 1e-14
+        weight = _matrix_with_spectrum(m, n, torch.logspace(0, -14, q, dtype=torch.float64))
+    else:  # half of the singular values are exactly zero
+        weight = _matrix_with_spectrum(m, n, torch.linspace(1, 0.1, q // 2, dtype=torch.float64))
+    u, s, vh = thin_svd(weight, "gram")
+    reference = torch.linalg.svd(weight, full_matrices=False)
+    # exact reconstruction (float64 rounding; the bar is 1e-5 relative in float32)
+    assert ((u * s) @ vh - weight).norm() / weight.norm() < 1e-12
+    assert (s[:-1] >= s[1:]).all() and s.shape == (q,)
+    # singular values agree where the Gram matrix resolves them (its rounding is eps * s_max**2)
+    resolved = reference.S > 1e-5 * reference.S[0]
+    torch.testing.assert_close(s[resolved], reference.S[resolved], atol=1e-12 * float(reference.S[0]), rtol=1e-5)
+    # the principal part and every residual group agree with the reference SVD's (sign-free products)
+    r = int(resolved.sum()) // 2
+    principal = (u[:, :r] * s[:r]) @ vh[:r]
+    expected = (reference.U[:, :r] * reference.S[:r]) @ reference.Vh[:r]
+    assert (principal - expected).norm() / weight.norm() < 1e-9
+    # the float32 path the upcycler takes meets the 1e-5 relative bar too
+    u32, s32, vh32 = thin_svd(weight.float())
+    assert ((u32 * s32) @ vh32 - weight).norm() / weight.norm() < 1e-5
+
+
+def test_fast_svd_refuses_unknown_methods():
+    from spri_hf.initializers import thin_svd
+
+    with pytest.raises(ValueError, match="svd_method='lanczos' is not supported"):
+        thin_svd(torch.ones(2, 3), "lanczos")
+
+
+def test_upcycling_with_either_svd_method_gives_the_same_model():
+    from conftest import tiny_dense
+    from spri_hf import SpriForCausalLM
+
+    dense = tiny_dense("llama")
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    gram = SpriForCausalLM.from_dense(dense, num_experts=4, diversity=0.5, stage=2, svd_method="gram")
+    full = SpriForCausalLM.from_dense(dense, num_experts=4, diversity=0.5, stage=2, svd_method="full")
+    for (name, a), b in zip(gram.state_dict().items(), full.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(gram(ids).logits, full(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="svd_method='qr'"):
+        SpriForCausalLM.from_dense(dense, num_experts=4, svd_method="qr")
