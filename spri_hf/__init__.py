@@ -28,6 +28,7 @@ from .modeling_spri import (
     SpriMoeBlock,
     SpriPreTrainedModel,
 )
+from .streaming import upcycle_checkpoint
 
 
 __version__ = "0.1.0"
@@ -58,4 +59,5 @@ __all__ = [
     "fold_to_dense",
     "get_ffn_layout",
     "get_ffn_layouts",
+    "upcycle_checkpoint",
 ]

@@ -51,12 +51,11 @@ def cmd_upcycle(args) -> int:
 
     from . import SpriForCausalLM
     from .architectures import get_ffn_layout
+    from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .upcycling import _dequantized_config, make_config
 
     settings = {name: getattr(args, name) for name in _SETTING_NAMES}
-    load_kwargs = {"dtype": getattr(torch, args.dtype)}
-    if args.gguf_file:
-        load_kwargs["gguf_file"] = args.gguf_file
+    svd = {"svd_method": args.svd_method, "svd_device": args.svd_device}
     out_dir = os.path.abspath(args.out)
     if os.path.exists(out_dir) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
@@ -66,12 +65,30 @@ def cmd_upcycle(args) -> int:
     make_config(_dequantized_config(base_config), **settings)
 
     start = time.perf_counter()
-    dense = AutoModelForCausalLM.from_pretrained(args.src, **load_kwargs)
+    src = args.src if args.gguf_file else resolve_dense_folder(args.src)
+    if not args.gguf_file and can_stream(src):
+        # safetensors: streamed tensor by tensor and layer by layer, written shard by shard
+        upcycle_checkpoint(
+            src, out_dir, spri_class=SpriForCausalLM, dtype=args.dtype, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, show_progress=True, **svd, **settings,
+        )
+        config = SpriForCausalLM.config_class.from_pretrained(out_dir)
+        print(
+            f"Upcycled {args.src} -> {out_dir} (streamed): {len(config.upcycled_layers())} MoE layers x "
+            f"{config.num_experts} experts (top-{config.num_experts_per_tok}), init={config.init}, stage {config.stage}, "
+            f"{config.dtype}; {time.perf_counter() - start:.1f}s."
+        )
+        return 0
+
+    load_kwargs = {"dtype": getattr(torch, args.dtype or "float32")}
+    if args.gguf_file:
+        load_kwargs["gguf_file"] = args.gguf_file
+    dense = AutoModelForCausalLM.from_pretrained(src, **load_kwargs)
     loaded = time.perf_counter()
-    model = SpriForCausalLM.from_dense(dense, show_progress=True, **settings)
+    model = SpriForCausalLM.from_dense(dense, show_progress=True, **svd, **settings)
     upcycled = time.perf_counter()
     del dense
-    atomic_save(model, out_dir, overwrite=args.overwrite)
+    atomic_save(model, out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(
         f"Upcycled {args.src} -> {out_dir}: {len(model.config.upcycled_layers())} MoE layers x "
         f"{model.config.num_experts} experts (top-{model.config.num_experts_per_tok}), init={model.config.init}, "
@@ -134,9 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle = sub.add_parser("upcycle", help="dense checkpoint (folder or Hub id) in, SPRI checkpoint out")
     upcycle.add_argument("src", help="local dense checkpoint folder or Hub id")
     upcycle.add_argument("out", help="folder to write the SPRI checkpoint to")
-    upcycle.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    upcycle.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+        help="of the written weights (default: the checkpoint's; float32 for GGUF)",
+    )
     upcycle.add_argument("--gguf-file", default=None, help="load SRC from this GGUF file inside it")
     upcycle.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    upcycle.add_argument("--max-shard-size", default="2GB", help="largest weights file (default 2GB)")
+    upcycle.add_argument(
+        "--svd-method", default="auto", choices=["auto", "gram", "full"],
+        help="auto/gram: eigh of the smaller Gram matrix in float64 (fast, exact); full: torch.linalg.svd",
+    )
+    upcycle.add_argument("--svd-device", default=None, help="run the SVDs there, e.g. cuda (default: cpu)")
     _add_settings(upcycle)
     upcycle.set_defaults(func=cmd_upcycle)
 

@@ -77,6 +77,18 @@ def upcycle(
         # settings that are not SPRI fields (dtype=, revision=, gguf_file=, ...) are for loading the dense model
         load_kwargs = dict(from_pretrained_kwargs or {})
         load_kwargs.update({key: settings.pop(key) for key in list(settings) if key not in _CONFIG_FIELDS})
+        from . import streaming
+
+        dtype = load_kwargs.get("dtype")
+        if streaming.can_stream(dense) and set(load_kwargs) <= {"dtype"} and (dtype in (None, "auto") or isinstance(dtype, torch.dtype)):
+            # a local safetensors folder: read it tensor by tensor instead of loading the dense model whole
+            try:
+                return streaming.upcycle_in_memory(
+                    spri_class, os.fspath(dense), None if dtype == "auto" else dtype, dict(settings),
+                    show_progress=show_progress, svd_method=svd_method, svd_device=svd_device,
+                )
+            except streaming.NotStreamable as reason:
+                logger.info(f"Loading {dense} whole: {reason}.")
         make_config(_dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
         dense = auto_class.from_pretrained(dense, **load_kwargs)
     if not isinstance(dense, PreTrainedModel):
@@ -96,7 +108,9 @@ def upcycle(
         )
     _check_finite(dense_root)
     if config.init == "spri":
-        config.residual_rank = max(_residual_rank(config, dense_root, layouts[stack], stack) for stack in stacks)
+        config.residual_rank = max(
+            _residual_rank(config, layouts[stack], stack, _layer_matrices(dense_root, layouts[stack])) for stack in stacks
+        )
 
     dtype, device = dense.dtype, dense.device
     with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
@@ -126,6 +140,11 @@ def upcycle(
         model.generation_config = copy.deepcopy(dense.generation_config)
     model.apply_stage_trainability()
     return model.eval()
+
+
+def _layer_matrices(dense_root, layout: FfnLayout):
+    layers = _layers(dense_root, layout)
+    return lambda idx: dense_ffn_weights(_ffn_owner(layers[idx], layout), layout)[0]
 
 
 def _generator_key(stack: str, idx: int) -> int:
@@ -240,8 +259,12 @@ def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
     raise RuntimeError("module not found in its model")
 
 
-def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dict) -> set[str]:
-    """Copy every non-FFN tensor (and the shared expert) by name; return the names filled in `spri_inner`."""
+def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, sources) -> dict[str, str]:
+    """Where each tensor named in `sources` (names in `dense_root`) goes in the SPRI inner model (names in `targets`):
+    every non-FFN tensor, and the FFN kept as shared expert.
+
+    Give every name of a tied tensor: which one a deduplicating walk keeps depends on module order (XLM-R's MLM head).
+    """
     ffn_prefixes = []
     for stack in config.upcycled_stacks():
         layout = layouts[stack]
@@ -249,21 +272,30 @@ def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dic
         for idx in config.upcycled_layers(stack):
             ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
     keep_shared = config.shared_expert == "dense"
-    targets = dict(spri_inner.named_parameters(remove_duplicate=False))
-    targets.update(dict(spri_inner.named_buffers(remove_duplicate=False)))
-    filled = set()
-    # every name of a tied tensor: which one a deduplicating walk keeps depends on module order (XLM-R's MLM head)
-    dense_tensors = list(dense_root.named_parameters(remove_duplicate=False))
-    for name, tensor in dense_tensors + list(dense_root.named_buffers(remove_duplicate=False)):
+    names = {}
+    for name in sources:
+        target = name
         prefix = next((p for p in ffn_prefixes if name.startswith(p)), None)
         if prefix is not None:
             if not keep_shared:
                 continue
-            name = f"{prefix}shared_expert.{name[len(prefix):]}"
-        if name not in targets:
+            target = f"{prefix}shared_expert.{name[len(prefix):]}"
+        if target not in targets:
             raise RuntimeError(f"Internal error: dense tensor {name!r} has no counterpart in the SPRI model.")
-        targets[name].copy_(tensor)
-        filled.add(name)
+        names[name] = target
+    return names
+
+
+def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dict) -> set[str]:
+    """Copy every non-FFN tensor (and the shared expert) by name; return the names filled in `spri_inner`."""
+    targets = dict(spri_inner.named_parameters(remove_duplicate=False))
+    targets.update(spri_inner.named_buffers(remove_duplicate=False))
+    sources = dict(dense_root.named_parameters(remove_duplicate=False))
+    sources.update(dense_root.named_buffers(remove_duplicate=False))
+    filled = set()
+    for name, target in dense_to_spri_names(config, dense_root, layouts, targets, sources).items():
+        targets[target].copy_(sources[name])
+        filled.add(target)
     return filled
 
 
@@ -305,18 +337,19 @@ def _check_tail(config: SpriConfig, tail: int, where: str):
         )
 
 
-def _residual_rank(config: SpriConfig, dense_root, layout: FfnLayout, stack: str) -> int:
-    """Rank `k` of each expert's residual factors in one stack, checked before any heavy work."""
+def _residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrices) -> int:
+    """Rank `k` of each expert's residual factors in one stack, checked before any heavy work.
+
+    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` (only read when `principal_energy` is set).
+    """
     rank = min(layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config))
     if config.principal_energy is None:
         tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
         _check_tail(config, tail, "every FFN matrix")
         return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1)
-    layers = _layers(dense_root, layout)
     largest = 0
     for idx in config.upcycled_layers(stack):
-        matrices, _ = dense_ffn_weights(_ffn_owner(layers[idx], layout), layout)
-        for proj, weight in matrices.items():
+        for proj, weight in ffn_matrices(idx).items():
             tail = rank - _principal(config, spri_init.thin_svd(weight)[1])
             _check_tail(config, tail, f"{stack} layer {idx} {proj}")
             largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
@@ -332,11 +365,18 @@ def upcycle_layer(
     *,
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block (float64).
+    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block.
 
-    `layer_key` seeds the layer's random stream (the layer index; encoder layers are offset).
+    Computed in float64; with `out_dtype` each projection's experts are cast as soon as they are made (the streaming
+    upcycler keeps one layer's float64 work at a time this way). `layer_key` seeds the layer's random stream (the
+    layer index; encoder layers are offset).
     """
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if out_dtype is None else tensor.to(out_dtype)
+
     generator = spri_init.layer_generator(config.seed, layer_key)
     num_experts = config.num_experts
     hidden = matrices["down"].shape[0]
@@ -370,24 +410,25 @@ def upcycle_layer(
             tensors["experts.down_shared"], tensors["experts.down_residual_b"] = shared, factor_b
             tensors["experts.down_residual_a"] = factor_a
         else:
-            experts = {proj: spri_init.materialize_experts(*factors[proj]) for proj in matrices}
+            experts = {proj: cast(spri_init.materialize_experts(*factors.pop(proj))) for proj in list(matrices)}
             _add_full_experts(tensors, experts, up_names, prefix)
     else:
         if config.init == "copy":
-            experts = {proj: spri_init.copy_experts(w, num_experts) for proj, w in matrices.items()}
+            experts = {proj: cast(spri_init.copy_experts(w, num_experts)) for proj, w in matrices.items()}
         elif config.init == "noise":
             experts = {
-                proj: spri_init.noise_experts(w, num_experts, config.noise_std, generator) for proj, w in matrices.items()
+                proj: cast(spri_init.noise_experts(w, num_experts, config.noise_std, generator))
+                for proj, w in matrices.items()
             }
         elif config.init == "drop":
             dropped = spri_init.drop_neurons(num_experts, matrices["down"].shape[1], config.drop_ratio, generator)
             experts = {
-                proj: spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator)
+                proj: cast(spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator))
                 for proj, w in matrices.items()
             }
         else:  # random
             experts = {
-                proj: spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator)
+                proj: cast(spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator))
                 for proj, w in matrices.items()
             }
         _add_full_experts(tensors, experts, up_names, prefix)
@@ -398,7 +439,7 @@ def upcycle_layer(
         down_bias = biases["down"].detach().double()
         tensors[f"experts.{prefix}_proj_bias"] = (up_bias * (not zero)).expand(num_experts, -1)
         tensors["experts.down_proj_bias"] = (down_bias * (not zero)).expand(num_experts, -1)
-    return tensors
+    return {name: cast(tensor) for name, tensor in tensors.items()}
 
 
 def _add_full_experts(tensors: dict, experts: dict, up_names: tuple, prefix: str):

@@ -1,0 +1,639 @@
+"""Build a small CoVoST2-shaped English speech -> XX translation set from Debian's LibreOffice catalogs.
+
+One command, cached and idempotent::
+
+    python -m benchmarks.data.build                       # default: 300 train / 40 dev / 60 test sources x 15 langs
+    python -m benchmarks.data.build --tiny                # 3 languages, 4 / 2 / 2 sources (seconds; used by the tests)
+
+Text: Debian's ``libreoffice-l10n-<lang>`` packages (MPL-2.0) ship gettext ``.mo`` catalogs of LibreOffice's UI
+and help strings; the msgids are English, the msgstrs human translations. For the 15 CoVoST2 En->XX targets the
+package suffix is the CoVoST2 code lower-cased (``zh-CN`` -> ``libreoffice-l10n-zh-cn``); inside the package the
+catalogs live under ``usr/lib/libreoffice/program/resource/<dir>/LC_MESSAGES/`` where ``<dir>`` is the code, except
+``zh_CN`` for zh-cn (the Catalan package also ships ``ca@valencia``, which is ignored). The .deb files are fetched
+with ``apt-get download`` into a cache folder (``~/.cache/spri_hf/debs`` by default) and read in Python (ar + tar);
+``--debs DIR`` points at pre-downloaded ones.
+
+Speech: every selected English source sentence is spoken once with espeak-ng and stored as a 16 kHz mono 16-bit
+WAV (``audio/<source_id>.wav``), using ``examples/real_models.py``'s ``espeak_clip``.
+
+Output (``<out>/``): ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (one pair per line: ``id``, ``source_id``,
+``lang``, ``en``, ``target``, ``audio``), ``audio/*.wav`` and ``manifest.json`` (counts, settings, licenses,
+package versions and hashes). Splits are made by English source sentence: no source is in two splits.
+
+The dataset is built in a hidden sibling folder and renamed into place only when complete; a build whose
+``manifest.json`` has the requested settings and verifying hashes is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import fcntl
+import gettext
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import unicodedata
+import wave
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+MANIFEST_VERSION = 1
+# bump whenever the filtering/selection/synthesis changes, so cached builds are rebuilt
+BUILDER_VERSION = 1
+
+# CoVoST2 En->XX target languages (zh-CN written zh-cn)
+LANGS = ("de", "ca", "zh-cn", "fa", "et", "mn", "tr", "ar", "sv", "lv", "sl", "ta", "ja", "id", "cy")
+# languages whose targets must be mostly in a non-Latin script (catches untranslated copies of the English)
+NON_LATIN = {"zh-cn", "fa", "mn", "ar", "ta", "ja"}
+RESOURCE_DIRS = {"zh-cn": "zh_CN"}
+
+DATA_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = DATA_DIR / "covost_mini"
+TINY_OUT = DATA_DIR / "covost_tiny"
+TINY = dict(train_sources=4, dev_sources=2, test_sources=2, langs=("de", "ja", "ar"))
+
+SAMPLING_RATE = 16000
+VOICE = "en"
+MIN_WORDS, MAX_WORDS = 4, 25
+WORKERS = 2  # espeak-ng processes at once (shared 2-core machines)
+
+LICENSES = {
+    "text": "MPL-2.0 (LibreOffice translations, Debian libreoffice-l10n-*)",
+    "speech": "synthesised with espeak-ng (GPL-3.0 program; output not covered)",
+}
+SPLITS = ("train", "dev", "test")
+
+
+class MissingPackagesError(RuntimeError):
+    """A Debian package the builder needs could neither be found in the deb folder nor downloaded."""
+
+
+def log(message: str) -> None:
+    print(f"[benchmarks.data] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# languages and packages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalise_lang(code: str) -> str:
+    lang = code.strip().lower().replace("_", "-")
+    if lang not in LANGS:
+        raise ValueError(f"unknown language {code!r}; choose from {', '.join(LANGS)}")
+    return lang
+
+
+def package_name(lang: str) -> str:
+    return f"libreoffice-l10n-{normalise_lang(lang)}"
+
+
+def default_debs_dir() -> Path:
+    if os.environ.get("SPRI_HF_DEBS"):
+        return Path(os.environ["SPRI_HF_DEBS"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "spri_hf" / "debs"
+
+
+def _find_deb(folder: Path, package: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob(f"{package}_*.deb"), key=lambda p: (p.stat().st_mtime, p.name))
+    return found[-1] if found else None  # the newest download when several versions are there
+
+
+def _apt_download(packages: list[str], folder: Path) -> str:
+    """``apt-get download`` into ``folder`` via a scratch folder (no partial .deb is left); returns the error text."""
+    if shutil.which("apt-get") is None:
+        return "apt-get is not available"
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = ""
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
+            os.chmod(scratch, 0o755)
+            command = ["apt-get", "download", "-q", *packages]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                command[1:1] = ["-o", "APT::Sandbox::User=root"]  # no "_apt cannot access" warning as root
+            result = subprocess.run(command, cwd=scratch, capture_output=True, text=True)
+            for deb in Path(scratch).glob("*.deb"):
+                os.replace(deb, folder / deb.name)
+            if result.returncode == 0:
+                return ""
+            errors = (result.stderr or result.stdout).strip()
+        # the package lists may be missing or stale: refresh them once when we are allowed to
+        if attempt == 0 and os.geteuid() == 0 and "Unable to locate" in errors:
+            log("apt-get could not locate the packages; running apt-get update once")
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            continue
+        break
+    return errors
+
+
+def fetch_debs(langs, debs_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The ``libreoffice-l10n-*`` .deb of each language: found in ``debs_dir`` (default: the cache) or downloaded."""
+    folder = Path(debs_dir) if debs_dir is not None else default_debs_dir()
+    langs = [normalise_lang(lang) for lang in langs]
+    missing = [package_name(lang) for lang in langs if _find_deb(folder, package_name(lang)) is None]
+    if missing:
+        log(f"downloading {len(missing)} package(s) into {folder}: {' '.join(missing)}")
+        error = _apt_download(missing, folder)
+        still = [name for name in missing if _find_deb(folder, name) is None]
+        if still:
+            raise MissingPackagesError(
+                f"missing Debian package(s): {' '.join(still)}\n"
+                f"  apt-get download failed: {error or 'no .deb was written'}\n"
+                f"  fetch them on a Debian/Ubuntu machine with\n"
+                f"    apt-get update && apt-get download {' '.join(still)}\n"
+                f"  and pass the folder holding the .deb files with --debs DIR (looked in {folder})"
+            )
+    return {lang: _find_deb(folder, package_name(lang)) for lang in langs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading .deb files (ar archive of control.tar.* and data.tar.*)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ar_members(path: Path) -> dict[str, bytes]:
+    blob = path.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise ValueError(f"{path} is not a .deb (ar) archive")
+    members, pos = {}, 8
+    while pos + 60 <= len(blob):
+        header = blob[pos : pos + 60]
+        name = header[:16].decode("ascii").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        members[name] = blob[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size % 2)
+    return members
+
+
+def _member_tar(path: Path, prefix: str) -> tarfile.TarFile:
+    members = _ar_members(path)
+    name = next((key for key in members if key.startswith(prefix)), None)
+    if name is None:
+        raise ValueError(f"{path}: no {prefix}* member")
+    if name.endswith((".tar", ".gz", ".xz", ".bz2")):
+        return tarfile.open(fileobj=io.BytesIO(members[name]), mode="r:*")
+    # e.g. zstd-compressed members (Ubuntu): let dpkg-deb decompress
+    if shutil.which("dpkg-deb") is None:
+        raise MissingPackagesError(f"{path}: {name} needs dpkg-deb to decompress (apt-get install -y dpkg)")
+    flag = "--ctrl-tarfile" if prefix == "control" else "--fsys-tarfile"
+    raw = subprocess.run(["dpkg-deb", flag, str(path)], check=True, capture_output=True).stdout
+    return tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+
+
+def deb_control(path: Path) -> dict[str, str]:
+    with _member_tar(path, "control.tar") as tar:
+        for member in tar:
+            if member.name.lstrip("./") == "control":
+                text = tar.extractfile(member).read().decode("utf-8")
+                return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line and line[0] != " ")
+    raise ValueError(f"{path}: no control file")
+
+
+def read_catalogs(path: Path, lang: str):
+    """Yield ``(catalog, context, msgid, msgstr)`` for every singular entry of the language's ``.mo`` files."""
+    folder = f"usr/lib/libreoffice/program/resource/{RESOURCE_DIRS.get(lang, lang)}/LC_MESSAGES/"
+    with _member_tar(path, "data.tar") as tar:
+        files = {}
+        for member in tar:
+            name = member.name.lstrip("./")
+            if member.isfile() and name.startswith(folder) and name.endswith(".mo"):
+                files[name[len(folder) :]] = tar.extractfile(member).read()
+    if not files:
+        raise ValueError(f"{path}: no catalogs under {folder}")
+    for catalog in sorted(files):
+        entries = gettext.GNUTranslations(io.BytesIO(files[catalog]))._catalog
+        for key in sorted(entries, key=str):
+            if not isinstance(key, str) or not key:  # plural forms and the header
+                continue
+            context, _, msgid = key.rpartition("\x04")
+            yield catalog[:-3], context, msgid, entries[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# filtering
+# ----------------------------------------------------------------------------------------------------------------
+
+# printf/LibreOffice/ICU style placeholders: %s %1 %PRODUCTNAME %% $(ARG1) ${x} $1 {0} {name} #1 @x@
+PLACEHOLDER = re.compile(r"%\w|%%|\$[\w({]|\{\w*\}|#\d|@\w+@|\bX{2,}\b")
+# accelerators and entities: ~File, _File, (&F), &amp;
+ACCELERATOR = re.compile(r"[~_]|&\w")
+MARKUP = re.compile(r"<[^>]*>|[<>]")
+# characters that are placeholders here ('#') or read badly aloud (menu-path arrows and other symbols)
+SOURCE_FORBIDDEN = set("{}[]|\\*=^`#▸→")
+
+
+def _clean(text: str) -> str:
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _has_control(text: str) -> bool:
+    """Control, surrogate or private-use characters (format characters such as the Persian ZWNJ are fine)."""
+    return any(unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") for c in text)
+
+
+def is_source_sentence(en: str) -> bool:
+    """Sentence-like English: 4-25 words, capitalised, ends in . ? or !, no placeholders/markup/accelerators."""
+    if not en or en != en.strip() or _has_control(en):
+        return False
+    if not MIN_WORDS <= len(en.split()) <= MAX_WORDS:
+        return False
+    if not en[0].isupper() or en[-1] not in ".?!" or en.endswith("..") or "…" in en:
+        return False
+    if PLACEHOLDER.search(en) or ACCELERATOR.search(en) or MARKUP.search(en) or SOURCE_FORBIDDEN & set(en):
+        return False
+    if "://" in en or "www." in en.lower() or "%" in en or "$" in en:
+        return False
+    if any(unicodedata.category(c) in ("So", "Sk") for c in en):
+        return False
+    return True
+
+
+def clean_target(target: str, en: str, lang: str) -> str | None:
+    """The usable translation of ``en`` in ``lang``, or None."""
+    target = _clean(target)  # a stray leading/trailing newline is dropped; inner ones reject the pair
+    if not target or target.casefold() == en.casefold() or _has_control(target):
+        return None
+    if PLACEHOLDER.search(target) or ACCELERATOR.search(target) or MARKUP.search(target):
+        return None
+    if lang in NON_LATIN:
+        letters = [c for c in target if c.isalpha()]
+        if not letters or sum(c.isascii() for c in letters) > 0.5 * len(letters):
+            return None
+    return target
+
+
+def near_duplicate_key(en: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", en.lower()).strip()
+
+
+def language_pairs(deb: Path, lang: str) -> tuple[dict[str, str], dict[str, int]]:
+    """English source -> chosen translation for one language, plus counts for the report.
+
+    When one English string has several translations (different contexts), the most frequent wins, ties going to
+    the first in (catalog, context) order.
+    """
+    options: dict[str, Counter] = {}
+    stats = Counter()
+    for _catalog, _context, msgid, msgstr in read_catalogs(deb, lang):
+        stats["entries"] += 1
+        en = _clean(msgid)
+        if not is_source_sentence(en):
+            continue
+        stats["sentence_like"] += 1
+        target = clean_target(msgstr, en, lang)
+        if target is not None:
+            options.setdefault(en, Counter())[target] += 1
+    pairs = {en: counts.most_common(1)[0][0] for en, counts in options.items()}
+    stats["candidates"] = len(pairs)
+    return pairs, dict(stats)
+
+
+def select_pool(per_lang: dict[str, dict[str, str]], needed: int) -> tuple[list[str], dict]:
+    """English sources to split: those translated in every language, else the ones covering the most languages.
+
+    Near-duplicate English strings (equal up to case and punctuation) count as one source, so no near-copy of a
+    test sentence can sit in train; the variant with the widest coverage (then the smallest string) is kept.
+    """
+    langs = list(per_lang)
+    coverage = Counter(en for pairs in per_lang.values() for en in pairs)
+    groups: dict[str, list[str]] = {}
+    for en in coverage:
+        groups.setdefault(near_duplicate_key(en), []).append(en)
+    distinct = [min(group, key=lambda s: (-coverage[s], s)) for group in groups.values()]
+    complete = sorted(en for en in distinct if coverage[en] == len(langs))
+    info = {
+        "candidate_sources_any_lang": len(distinct),
+        "near_duplicates_merged": len(coverage) - len(distinct),
+        "candidate_sources_all_langs": len(complete),
+        "coverage_histogram": {str(k): v for k, v in sorted(Counter(coverage[en] for en in distinct).items())},
+    }
+    if len(complete) >= needed:
+        info["pool"] = "all languages"
+        return complete, info
+    if len(distinct) < needed:
+        raise ValueError(
+            f"only {len(distinct)} candidate English sources (any language), {len(complete)} with all "
+            f"{len(langs)} languages; {needed} requested: lower --train-sources/--dev-sources/--test-sources"
+        )
+    ranked = sorted(distinct, key=lambda s: (-coverage[s], s))[:needed]
+    info["pool"] = f"most languages: {len(complete)} complete + {needed - len(complete)} partial"
+    info["min_langs_per_source"] = min(coverage[en] for en in ranked)
+    log(
+        f"only {len(complete)} sources are translated in all {len(langs)} languages (< {needed} needed): using "
+        f"the {needed} sources covering the most languages (at least {info['min_langs_per_source']})"
+    )
+    return sorted(ranked), info
+
+
+def split_sources(sources, train: int, dev: int, test: int, seed: int) -> dict[str, list]:
+    """Seeded shuffle of the sources, then test, dev and train slices (disjoint by construction).
+
+    The test slice is taken first, so with a fixed pool and seed it does not depend on the train size.
+    """
+    if train + dev + test > len(sources):
+        raise ValueError(f"{train + dev + test} sources requested, {len(sources)} available")
+    order = sorted(sources)
+    random.Random(seed).shuffle(order)
+    return {"test": order[:test], "dev": order[test : test + dev], "train": order[test + dev : test + dev + train]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# speech
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _espeak_clip():
+    if shutil.which("espeak-ng") is None:
+        raise MissingPackagesError("espeak-ng is not installed: apt-get update && apt-get install -y espeak-ng")
+    root = str(DATA_DIR.parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from examples.real_models import espeak_clip  # noqa: PLC0415  (imports torch: only when synthesising)
+
+    return espeak_clip
+
+
+def espeak_version() -> str:
+    if shutil.which("espeak-ng") is None:
+        return "missing"
+    text = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"text-to-speech:\s*(\S+)", text)
+    return match.group(1) if match else text.strip()
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLING_RATE) -> None:
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(pcm.tobytes())
+
+
+def synthesise(texts: dict[str, str], audio_dir: Path, voice: str = VOICE, workers: int = WORKERS) -> dict[str, float]:
+    """Speak every ``{source_id: text}`` into ``audio_dir/<source_id>.wav``; returns the durations in seconds.
+
+    espeak-ng runs as a subprocess, so a small thread pool keeps ``workers`` of them busy.
+    """
+    espeak_clip = _espeak_clip()
+    audio_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(item):
+        source_id, text = item
+        audio = espeak_clip(text, voice=voice)
+        if len(audio) < SAMPLING_RATE // 10:
+            raise RuntimeError(f"espeak-ng produced {len(audio)} samples for {text!r}")
+        write_wav(audio_dir / f"{source_id}.wav", audio)
+        return source_id, len(audio) / SAMPLING_RATE
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(one, sorted(texts.items())))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hashes, manifest, cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_hashes(folder: Path) -> dict[str, str]:
+    hashes = {f"{split}.jsonl": sha256_file(folder / f"{split}.jsonl") for split in SPLITS}
+    digest = hashlib.sha256()
+    for wav in sorted((folder / "audio").iterdir(), key=lambda p: p.name):
+        digest.update(f"{wav.name}\t{sha256_file(wav)}\n".encode())
+    hashes["audio"] = digest.hexdigest()
+    return hashes
+
+
+def requested_settings(train_sources, dev_sources, test_sources, langs, seed) -> dict:
+    return {
+        "builder_version": BUILDER_VERSION,
+        "train_sources": int(train_sources),
+        "dev_sources": int(dev_sources),
+        "test_sources": int(test_sources),
+        "langs": list(langs),
+        "seed": int(seed),
+        "voice": VOICE,
+        "sampling_rate": SAMPLING_RATE,
+        "min_words": MIN_WORDS,
+        "max_words": MAX_WORDS,
+    }
+
+
+def is_up_to_date(out: Path, settings: dict) -> tuple[bool, str]:
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return False, "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        return False, f"unreadable manifest ({error})"
+    if manifest.get("version") != MANIFEST_VERSION or manifest.get("settings") != settings:
+        return False, "different settings"
+    try:
+        hashes = dataset_hashes(out)
+    except OSError as error:
+        return False, f"missing files ({error})"
+    if hashes != manifest.get("hashes"):
+        return False, "hash mismatch"
+    return True, "up to date"
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One builder per output folder at a time (another process waits)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the builder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
+    langs, needed = settings["langs"], settings["train_sources"] + settings["dev_sources"] + settings["test_sources"]
+    per_lang, lang_stats, packages = {}, {}, {}
+    for lang in langs:
+        control = deb_control(debs[lang])
+        packages[control.get("Package", package_name(lang))] = control.get("Version", "unknown")
+        per_lang[lang], lang_stats[lang] = language_pairs(debs[lang], lang)
+    log("candidates per language: " + ", ".join(f"{lang} {lang_stats[lang]['candidates']}" for lang in langs))
+    pool, pool_info = select_pool(per_lang, needed)
+    log(
+        f"{pool_info['candidate_sources_any_lang']} candidate sources, "
+        f"{pool_info['candidate_sources_all_langs']} with all {len(langs)} languages"
+    )
+    source_ids = {en: f"s{index:05d}" for index, en in enumerate(sorted(pool))}
+    splits = split_sources(
+        pool, settings["train_sources"], settings["dev_sources"], settings["test_sources"], settings["seed"]
+    )
+
+    selected = {source_ids[en]: en for split in SPLITS for en in splits[split]}
+    log(f"synthesising {len(selected)} English sources with espeak-ng ({WORKERS} at a time)")
+    started = time.time()
+    durations = synthesise(selected, folder / "audio")
+    log(f"speech done in {time.time() - started:.1f}s ({sum(durations.values()) / 60:.1f} min of audio)")
+
+    counts = {}
+    for split in SPLITS:
+        rows = []
+        for en in sorted(splits[split], key=source_ids.get):
+            sid = source_ids[en]
+            for lang in langs:
+                if en in per_lang[lang]:
+                    rows.append(
+                        {
+                            "id": f"{sid}-{lang}",
+                            "source_id": sid,
+                            "lang": lang,
+                            "en": en,
+                            "target": per_lang[lang][en],
+                            "audio": f"audio/{sid}.wav",
+                        }
+                    )
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        counts[split] = {
+            "sources": len(splits[split]),
+            "pairs": len(rows),
+            "per_lang": {lang: sum(row["lang"] == lang for row in rows) for lang in langs},
+            "audio_seconds": round(sum(durations[source_ids[en]] for en in splits[split]), 2),
+        }
+
+    return {
+        "version": MANIFEST_VERSION,
+        "langs": list(langs),
+        "counts": counts,
+        "seed": settings["seed"],
+        "settings": settings,
+        "licenses": LICENSES,
+        "packages": packages,
+        "hashes": dataset_hashes(folder),
+        "espeak_ng_version": espeak_version(),
+        "stats": {"per_lang": lang_stats, **pool_info},
+        "format": {
+            "splits": [f"{split}.jsonl" for split in SPLITS],
+            "row": ["id", "source_id", "lang", "en", "target", "audio"],
+            "audio": f"audio/<source_id>.wav, {SAMPLING_RATE} Hz mono 16-bit PCM, espeak-ng voice {VOICE!r}",
+        },
+    }
+
+
+def build(
+    out_dir: str | os.PathLike = DEFAULT_OUT,
+    train_sources: int = 300,
+    dev_sources: int = 40,
+    test_sources: int = 60,
+    langs=LANGS,
+    seed: int = 0,
+    debs_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Build (or verify the cached) dataset in ``out_dir`` and return its path."""
+    out = Path(out_dir).resolve()
+    langs = list(dict.fromkeys(normalise_lang(lang) for lang in langs))
+    if min(train_sources, dev_sources, test_sources) < 0 or train_sources + dev_sources + test_sources == 0:
+        raise ValueError("source counts must be >= 0 and not all zero")
+    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed)
+    with _locked(out):
+        fresh, reason = is_up_to_date(out, settings)
+        if fresh:
+            log(f"{out} is up to date (same settings, hashes verified): nothing to do")
+            return out
+        if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a dataset built by this tool; remove it or pick --out")
+        log(f"building {out} ({reason})")
+        started = time.time()
+        debs = fetch_debs(langs, debs_dir)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        work.mkdir()
+        try:
+            manifest = _write_dataset(work, settings, debs)
+            manifest["build_seconds"] = round(time.time() - started, 1)
+            # the manifest is written last: a folder without one is never taken for a finished dataset
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            if out.exists():
+                os.rename(out, old)
+            os.rename(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        counts = manifest["counts"]
+        log(
+            f"wrote {out} in {time.time() - started:.1f}s: "
+            + ", ".join(f"{name} {counts[name]['sources']} sources / {counts[name]['pairs']} pairs" for name in SPLITS)
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}; --tiny: {TINY_OUT})"
+    )
+    parser.add_argument("--train-sources", type=int, default=None, help="English sources in train (default 300)")
+    parser.add_argument("--dev-sources", type=int, default=None, help="English sources in dev (default 40)")
+    parser.add_argument("--test-sources", type=int, default=None, help="English sources in test (default 60)")
+    parser.add_argument("--langs", default=None, help=f"comma-separated target languages (default {','.join(LANGS)})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--debs",
+        type=Path,
+        default=None,
+        help=f"folder of .deb files and download cache (default {default_debs_dir()})",
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny preset: 3 languages, 4/2/2 sources (seconds)")
+    args = parser.parse_args(argv)
+
+    preset = dict(TINY) if args.tiny else dict(train_sources=300, dev_sources=40, test_sources=60, langs=LANGS)
+    for key in ("train_sources", "dev_sources", "test_sources"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.langs:
+        preset["langs"] = [lang for lang in args.langs.split(",") if lang.strip()]
+    out = args.out or (TINY_OUT if args.tiny else DEFAULT_OUT)
+    try:
+        path = build(out, seed=args.seed, debs_dir=args.debs, **preset)
+    except (MissingPackagesError, ValueError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,586 @@
+"""Streaming upcycling: from a dense safetensors checkpoint to an SPRI one, one tensor and one FFN layer at a time.
+
+Neither the dense model nor the MoE model is ever whole in memory. Both architectures are built on the meta device
+(names and shapes only); dense tensors are read from the safetensors files with plain reads (no memory map, so pages
+do not stay resident), and each output tensor is written to its shard as soon as it is made. Peak memory is about one
+FFN layer's worth of float64 work, whatever the model size.
+
+The output is exactly what `from_dense` + `save_pretrained` would give (same tensors, same config, code files and
+model card); `tests/test_streaming.py` checks that bit for bit.
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from transformers import AutoConfig, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import logging
+
+from . import initializers as spri_init
+from .architectures import get_ffn_layouts
+from .model_card import write_model_card
+from .upcycling import (
+    _config_kwargs,
+    _default_dtype,
+    _dense_root,
+    _dequantized_config,
+    _ffn_owner,
+    _generator_key,
+    _layers,
+    _module_name,
+    _read_license,
+    _residual_rank,
+    dense_ffn_weights,
+    dense_to_spri_names,
+    make_config,
+    upcycle_layer,
+)
+
+
+logger = logging.get_logger(__name__)
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# Files of the dense folder that describe how to use the model rather than its weights: carried over as they are.
+_CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+    "target.spm",
+    "vocab.txt",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsReader:
+    """Read single tensors of a safetensors checkpoint (one file or an index of shards) with plain file reads."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as handle:
+                weight_map = json.load(handle)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            pickled = [name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            hint = (
+                f" It holds only pickle files ({', '.join(sorted(pickled))}), which can run code when read; spri_hf "
+                "reads safetensors only. Convert it first (load it yourself with from_pretrained(..., "
+                "use_safetensors=False) if you trust it, then save_pretrained)."
+                if pickled
+                else ""
+            )
+            raise OSError(f"No safetensors weights (model.safetensors or model.safetensors.index.json) in {folder}.{hint}")
+        self.entries = {}
+        for file in files:
+            for name, entry in self._header(os.path.join(folder, file)).items():
+                self.entries[name] = (file, *entry)
+
+    @staticmethod
+    def _header(path: str) -> dict:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            header = handle.read(size) if 0 < size <= _MAX_HEADER else b""
+            length = handle.seek(0, os.SEEK_END)
+        try:
+            meta = json.loads(header)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise OSError(f"{path} is not a readable safetensors file (corrupt or truncated header).")
+        entries = {}
+        for name, info in meta.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise OSError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which spri_hf cannot upcycle.")
+            if 8 + size + end > length:
+                raise OSError(f"{path} is truncated: tensor {name!r} ends past the end of the file. Download or save it again.")
+            entries[name] = (tuple(info["shape"]), dtype, 8 + size + begin, end - begin)
+        return entries
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def get(self, name: str) -> torch.Tensor:
+        file, shape, dtype, offset, nbytes = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        with open(os.path.join(self.folder, file), "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(buffer) != nbytes:
+                raise OSError(f"{os.path.join(self.folder, file)} is truncated at tensor {name!r}.")
+        return tensor
+
+
+class ShardWriter:
+    """Write tensors, in a fixed plan's order, straight into safetensors shards (header first, then the data)."""
+
+    def __init__(self, folder: str, plan: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int):
+        self.folder = folder
+        shards, current, size = [], [], 0
+        for name, shape, dtype in plan:
+            nbytes = _numel(shape) * dtype.itemsize
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append((name, shape, dtype, nbytes))
+            size += nbytes
+        shards.append(current)
+        count = len(shards)
+        self.files = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self.shards = shards
+        self.order = [entry[0] for shard in shards for entry in shard]
+        self.position = 0
+        self.shard = -1
+        self.handle = None
+        self.total_size = sum(entry[3] for shard in shards for entry in shard)
+
+    def _open_next(self):
+        if self.handle is not None:
+            self.handle.close()
+        self.shard += 1
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, nbytes in self.shards[self.shard]:
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(os.path.join(self.folder, self.files[self.shard]), "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.in_shard = 0
+
+    def write(self, name: str, tensor: torch.Tensor):
+        expected = self.order[self.position]
+        if name != expected:
+            raise RuntimeError(f"Internal error: wrote {name!r} where the plan has {expected!r}; please report it.")
+        if self.handle is None or self.in_shard == len(self.shards[self.shard]):
+            self._open_next()
+        _, shape, dtype, _ = self.shards[self.shard][self.in_shard]
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"Internal error: {name!r} has shape {tuple(tensor.shape)}, planned {shape}.")
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        self.handle.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self.in_shard += 1
+        self.position += 1
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+        if self.position != len(self.order):
+            raise RuntimeError(f"Internal error: {len(self.order) - self.position} planned tensors were not written.")
+        if len(self.files) > 1:
+            weight_map = {entry[0]: self.files[i] for i, shard in enumerate(self.shards) for entry in shard}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as handle:
+                json.dump(index, handle, indent=2, sort_keys=True)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = str(size).strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def resolve_dense_folder(src: str | os.PathLike) -> str:
+    """A local folder, or a Hub id downloaded (config, safetensors and tokenizer files only)."""
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        return src
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.spm"])
+
+
+def can_stream(src: str | os.PathLike) -> bool:
+    """Whether `src` is a local folder with a safetensors checkpoint the streaming upcycler reads."""
+    src = os.fspath(src)
+    return os.path.isfile(os.path.join(src, "config.json")) and (
+        os.path.isfile(os.path.join(src, "model.safetensors"))
+        or os.path.isfile(os.path.join(src, "model.safetensors.index.json"))
+    )
+
+
+class NotStreamable(ValueError):
+    """The checkpoint's tensors need more than renaming to fit the model (merged or split on load)."""
+
+
+def _checkpoint_names(dense, checkpoint_keys) -> dict[str, str]:
+    """Model state-dict name -> checkpoint key, through transformers' own load-time renamings (legacy names such as
+    GPT-NeoX's `embed_out`, the base-model prefix). Raises `NotStreamable` when a key needs a tensor conversion."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(dense)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta_state = dense.state_dict()
+    names = {}
+    for key in checkpoint_keys:
+        name, converted = rename_source_key(key, renamings, converters, dense.base_model_prefix, meta_state)
+        if converted is not None:
+            raise NotStreamable(f"checkpoint tensor {key!r} is converted on load ({converted})")
+        names.setdefault(name, key)
+    return names
+
+
+class _StreamingSource:
+    """The dense model's architecture on the meta device, with its tensors read from disk on demand."""
+
+    def __init__(self, spri_class: type, folder: str, config):
+        self.reader = SafetensorsReader(folder)
+        auto_class = getattr(transformers, spri_class._dense_auto_class)
+        with init_empty_weights(include_buffers=False):
+            dense = auto_class.from_config(config)
+        self.dense = dense
+        self.root = _dense_root(spri_class, dense)
+        self.root_prefix = "" if self.root is dense else _module_name(dense, self.root)
+        self.names = _checkpoint_names(dense, self.reader.entries)
+
+    def key(self, root_name: str) -> str | None:
+        """The checkpoint key of a tensor of the dense root, `None` when the checkpoint lacks it."""
+        return self.names.get(f"{self.root_prefix}.{root_name}" if self.root_prefix else root_name)
+
+    def _computed(self, root_name: str) -> torch.Tensor | None:
+        """A tensor the dense class leaves out of its checkpoints and computes on load (sinusoidal positions)."""
+        name = f"{self.root_prefix}.{root_name}" if self.root_prefix else root_name
+        patterns = getattr(self.dense, "_keys_to_ignore_on_load_missing", None) or []
+        if not any(re.search(pattern, name) for pattern in patterns):
+            return None
+        owner_name, _, attr = name.rpartition(".")
+        owner = self.dense.get_submodule(owner_name)
+        owner.to_empty(device="cpu", recurse=False)
+        try:
+            self.dense._init_weights(owner)
+            return getattr(owner, attr).detach().clone()
+        finally:
+            owner.to("meta")
+
+    def read(self, root_name: str, expected: torch.Tensor) -> torch.Tensor:
+        key = self.key(root_name)
+        if key is None:
+            computed = self._computed(root_name)
+            if computed is not None:
+                return computed
+            raise ValueError(
+                f"The dense checkpoint {self.reader.folder} has no tensor for {root_name!r}, which its config.json "
+                "requires: the weights do not belong to this config (or use names spri_hf does not know). Load the "
+                "model with from_pretrained and pass the model object to from_dense instead."
+            )
+        tensor = self.reader.get(key)
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"The dense tensor {key!r} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected.shape)}: the weights and the config do not belong together."
+            )
+        return tensor
+
+    def load_module(self, module: torch.nn.Module, prefix: str, dtype: torch.dtype | None):
+        """Give `module` (a meta submodule of the root at `prefix`) its real tensors from the checkpoint."""
+        for name, param in list(module.named_parameters()):
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            tensor = self.read(f"{prefix}.{name}", param)
+            tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+
+    @staticmethod
+    def unload_module(module: torch.nn.Module):
+        module.to("meta")
+
+
+def _dense_groups(model, source: "_StreamingSource", layouts: dict) -> list[tuple[list[str], list[str]]]:
+    """`(dense names, SPRI names)` per dense tensor (tied tensors have several names), in the model's order."""
+    dense_state = source.root.state_dict(keep_vars=True)
+    names = dense_to_spri_names(model.config, source.root, layouts, model.model.state_dict(keep_vars=True), dense_state)
+    # tied names (`lm_head.weight` -> `model.embed_tokens.weight`) share one group, keyed by the tie's source
+    prefix = f"{source.root_prefix}." if source.root_prefix else ""
+    ties = {
+        target.removeprefix(prefix): origin.removeprefix(prefix)
+        for target, origin in (getattr(source.dense, "all_tied_weights_keys", None) or {}).items()
+    }
+    groups = {}
+    for dense_name, spri_name in names.items():
+        dense_names, spri_names = groups.setdefault(ties.get(dense_name, dense_name), ([], []))
+        dense_names.append(dense_name)
+        spri_names.append(spri_name)
+    return list(groups.values())
+
+
+def _block_names(model) -> list[tuple[str, list[str]]]:
+    inner = model.model
+    return [
+        (_module_name(inner, block), [name for name, _ in block.named_parameters() if not name.startswith("shared_expert.")])
+        for _, _, block in model.moe_sites()
+    ]
+
+
+def stream_tensors(
+    spri_model,
+    source: "_StreamingSource",
+    layouts: dict,
+    dtype: torch.dtype | None,
+    *,
+    show_progress: bool = False,
+    svd_method: str = "auto",
+    svd_device=None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name in spri_model.model, tensor)` for every tensor of the SPRI inner model: non-FFN first, then the
+    MoE blocks layer by layer. A tied tensor is read once (from whichever of its names the checkpoint has) and
+    yielded under each of its SPRI names."""
+    config = spri_model.config
+    targets = spri_model.model.state_dict(keep_vars=True)
+    for dense_names, spri_names in _dense_groups(spri_model, source, layouts):
+        present = next((name for name in dense_names if source.key(name) is not None), dense_names[0])
+        tensor = source.read(present, targets[spri_names[0]])
+        tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        for spri_name in spri_names:
+            yield spri_name, tensor
+        del tensor
+
+    blocks = dict(_block_names(spri_model))
+    sites = spri_model.moe_sites()
+    for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
+        layout = layouts[stack]
+        owner = _ffn_owner(_layers(source.root, layout)[idx], layout)
+        source.load_module(owner, _module_name(source.root, owner), None)
+        try:
+            tensors = upcycle_layer(
+                config, layout, _generator_key(stack, idx), *dense_ffn_weights(owner, layout),
+                svd_method=svd_method, svd_device=svd_device, out_dtype=dtype,
+            )
+        finally:
+            source.unload_module(owner)
+        block_name = _module_name(spri_model.model, block)
+        for name in blocks[block_name]:
+            yield f"{block_name}.{name}", tensors.pop(name)
+        del tensors
+
+
+def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
+    def get(stack: str, idx: int):
+        layout = layouts[stack]
+        owner = _ffn_owner(_layers(source.root, layout)[idx], layout)
+        source.load_module(owner, _module_name(source.root, owner), None)
+        try:
+            matrices, _ = dense_ffn_weights(owner, layout)
+            return {proj: weight.detach().clone() for proj, weight in matrices.items()}
+        finally:
+            source.unload_module(owner)
+
+    return get
+
+
+def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: dict):
+    """`(spri_model on meta, source, layouts, output dtype)`, every setting validated before any weight is read."""
+    dense_config = _dequantized_config(AutoConfig.from_pretrained(folder))
+    layouts = get_ffn_layouts(dense_config)
+    settings.setdefault("base_model", folder)
+    if "base_model_license" not in settings:
+        settings["base_model_license"] = _read_license(folder)
+    config = make_config(dense_config, **settings)
+    stacks = config.upcycled_stacks()
+    if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
+        raise ValueError(
+            f"shared_expert={config.shared_expert!r} needs an FFN that is one module; a {dense_config.model_type} "
+            "block calls its FFN projections itself. Use shared_expert=None."
+        )
+    source = _StreamingSource(spri_class, folder, dense_config)
+    if dtype is None and isinstance(getattr(dense_config, "dtype", None), torch.dtype):
+        dtype = dense_config.dtype
+    if dtype is None:
+        floating = [entry[1] for entry in source.reader.entries.values() if entry[1].is_floating_point]
+        dtype = max(set(floating), key=floating.count) if floating else torch.float32
+    if config.init == "spri":
+        getter = _ffn_getter(source, layouts)
+        config.residual_rank = max(
+            _residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx)) for stack in stacks
+        )
+    # parameters on the meta device; buffers (rotary tables, ...) real: the non-persistent ones are not in any file
+    with torch.no_grad(), _default_dtype(dtype), init_empty_weights(include_buffers=False):
+        model = spri_class(config)
+    model.tie_weights()
+    return model, source, layouts, dtype
+
+
+def upcycle_checkpoint(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    spri_class: type | None = None,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    show_progress: bool = False,
+    svd_method: str = "auto",
+    svd_device: torch.device | str | None = None,
+    **settings,
+) -> str:
+    """Upcycle the dense safetensors checkpoint `src` into an SPRI checkpoint folder `out_dir`, streaming.
+
+    Peak memory stays near one FFN layer's worth. The folder is written next to `out_dir` and renamed into place, so
+    an interrupted run never leaves a half checkpoint at `out_dir` nor damages one already there. Tokenizer and
+    processor files of `src` are carried over. Returns `out_dir`.
+
+    Args:
+        spri_class: the SPRI class to build (default `SpriForCausalLM`; `SpriForSeq2SeqLM`, ... for other heads).
+        dtype: of the written tensors (default: the dense checkpoint's); the SVD itself runs in float64.
+        max_shard_size: largest weights file, e.g. "2GB" (an index file is written when there are several).
+        **settings: any `SpriConfig` field, as for `from_dense`.
+    """
+    if spri_class is None:
+        from .modeling_spri import SpriForCausalLM as spri_class
+    if svd_method not in spri_init.SVD_METHODS:
+        raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use float32, bfloat16 or float16.")
+        dtype = getattr(torch, dtype)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder.")
+    max_bytes = _parse_size(max_shard_size)
+    folder = resolve_dense_folder(src)
+    try:
+        model, source, layouts, dtype = prepare(spri_class, folder, dtype, dict(settings))
+    except NotStreamable as reason:
+        logger.warning(f"{folder} cannot be streamed ({reason}); loading the dense model whole instead.")
+        from .utils import atomic_save
+
+        svd = {"svd_method": svd_method, "svd_device": svd_device, "show_progress": show_progress}
+        dense = getattr(transformers, spri_class._dense_auto_class).from_pretrained(folder, dtype=dtype or "auto")
+        model = spri_class.from_dense(dense, **svd, **settings)
+        atomic_save(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
+        return out_dir
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        with torch.no_grad():
+            tied = {name.removeprefix("model.") for name in model.all_tied_weights_keys}
+            inner_params = model.model.state_dict(keep_vars=True)
+            produced = stream_tensors(
+                model, source, layouts, dtype, show_progress=show_progress, svd_method=svd_method, svd_device=svd_device
+            )
+            first = _plan_order(model, source, layouts, tied)
+            plan = [(f"model.{name}", tuple(inner_params[name].shape), _out_dtype(inner_params[name], dtype)) for name in first]
+            writer = ShardWriter(staging, plan, max_bytes)
+            for name, tensor in produced:
+                if name in tied:
+                    continue
+                writer.write(f"model.{name}", tensor)
+            writer.close()
+        _write_metadata(model, folder, staging, dtype)
+        _commit(staging, out_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _out_dtype(param: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    return dtype if param.dtype.is_floating_point else param.dtype
+
+
+def _plan_order(model, source, layouts, tied: set) -> list[str]:
+    """The names `stream_tensors` yields, in its order, without computing anything."""
+    order = [name for _, spri_names in _dense_groups(model, source, layouts) for name in spri_names]
+    order += [f"{block}.{name}" for block, names in _block_names(model) for name in names]
+    return [name for name in order if name not in tied]
+
+
+def _write_metadata(model, folder: str, staging: str, dtype: torch.dtype):
+    """config.json (with auto_map), the code files, generation config, tokenizer files and the model card."""
+    config = model.config
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, staging, config=config)
+    config.save_pretrained(staging)
+    if model.can_generate() and os.path.isfile(os.path.join(folder, "generation_config.json")):
+        GenerationConfig.from_pretrained(folder).save_pretrained(staging)
+    for name in _CARRIED_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy2(os.path.join(folder, name), os.path.join(staging, name))
+    write_model_card(model, staging)
+
+
+def _commit(staging: str, out_dir: str):
+    parent = os.path.dirname(out_dir)
+    if os.path.exists(out_dir):
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        os.rename(out_dir, os.path.join(backup, "old"))
+        os.rename(staging, out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
+
+
+def upcycle_in_memory(spri_class: type, src: str, dtype: torch.dtype | None, settings: dict, **kwargs):
+    """`from_dense` on a local safetensors folder without loading the dense model: the SPRI model is filled in place,
+    so peak memory is the SPRI model plus one FFN layer's work."""
+    model, source, layouts, dtype = prepare(spri_class, src, dtype, settings)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device="cpu")
+    for name, buffer in buffers.items():
+        model.get_buffer(name).copy_(buffer)
+    targets = model.model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in stream_tensors(model, source, layouts, dtype, **kwargs):
+            targets[name].copy_(tensor)
+    model.tie_weights()
+    if model.can_generate() and os.path.isfile(os.path.join(src, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    model.apply_stage_trainability()
+    return model.eval()
