@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
+from .callbacks import SpriMonitorCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
 from .integrations import install_trainer_checkpoint_push_hook, install_trainer_model_card_hook
@@ -54,7 +55,9 @@ __all__ = [
     "SpriForSpeechSeq2Seq",
     "SpriModel",
     "SpriMoeBlock",
+    "SpriMonitorCallback",
     "SpriPreTrainedModel",
+    "add_spri_monitor",
     "export_native",
     "fold_to_dense",
     "get_ffn_layout",

@@ -14,6 +14,9 @@ This file is shipped to the Hub as remote code: it imports only torch, transform
 
 import glob
 import os
+import re
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -421,6 +424,19 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed
+        (pickle files can run code when read), with clear errors for corrupt files and config/weights mismatches."""
+        if kwargs.get("gguf_file") is None:
+            kwargs.setdefault("use_safetensors", True)
+        folder = str(pretrained_model_name_or_path)
+        if kwargs.get("use_safetensors") and os.path.isdir(folder) and not glob.glob(os.path.join(folder, "*.safetensors")):
+            pickled = sorted(name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickled:
+                raise OSError(
+                    f"{folder} holds only pickle weights ({', '.join(pickled)}); spri_hf reads safetensors only, since "
+                    "unpickling can run arbitrary code. If you trust the files, pass use_safetensors=False, then "
+                    "save_pretrained() to convert them."
+                )
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:
@@ -460,9 +476,28 @@ class SpriPreTrainedModel(PreTrainedModel):
         The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
         folder loads with `trust_remote_code=True` where spri_hf is not installed.
         """
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.create_or_update_model_card(save_directory)
+        if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub", False):
+            super().save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                self.create_or_update_model_card(save_directory)
+            return
+        # Atomic: everything is written into a sibling folder, which then replaces `save_directory` by renames. An
+        # interrupted save leaves either no folder or the previous one there, never a half checkpoint.
+        save_directory = os.path.abspath(os.fspath(save_directory))
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory={save_directory!r} is a file; save_pretrained needs a folder path.")
+        parent, name = os.path.split(save_directory)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+        try:
+            if os.path.isdir(save_directory):
+                _carry_other_files(save_directory, staging)  # tokenizer, training state, the card's own text
+            super().save_pretrained(staging, *args, **kwargs)
+            self.create_or_update_model_card(staging)
+            _replace_folder(staging, save_directory)
+        finally:
+            if os.path.exists(staging):
+                shutil.rmtree(staging, ignore_errors=True)
 
     def create_or_update_model_card(self, output_dir, repo_id: str | None = None) -> str:
         """Write this model's card into `output_dir/README.md`, keeping any text already there."""
@@ -546,6 +581,41 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
+
+
+# Weights files of any earlier save: never carried into a new one (stale shards would be read as current).
+_WEIGHTS_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _carry_other_files(folder: str, staging: str):
+    """Link (or copy) into `staging` what `folder` holds besides weights, so a save keeps the folder's other files."""
+    for entry in os.listdir(folder):
+        if _WEIGHTS_FILE.match(entry):
+            continue
+        source, target = os.path.join(folder, entry), os.path.join(staging, entry)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target)
+
+
+def _link_or_copy(source: str, target: str):
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _replace_folder(staging: str, destination: str):
+    """Move `staging` to `destination`; an existing `destination` is moved aside first and deleted last."""
+    if not os.path.exists(destination):
+        os.rename(staging, destination)
+        return
+    parent, name = os.path.split(destination)
+    aside = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+    os.rename(destination, os.path.join(aside, name))
+    os.rename(staging, destination)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module):
