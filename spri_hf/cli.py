@@ -1,6 +1,7 @@
 """`spri-hf`: upcycle, inspect and demo from the command line."""
 
 import argparse
+import logging as logging_module
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ def cmd_upcycle(args) -> int:
     from .upcycling import _dequantized_config, make_config
 
     settings = {name: getattr(args, name) for name in _SETTING_NAMES}
-    svd = {"svd_method": args.svd_method, "svd_device": args.svd_device}
+    svd = {"svd_method": args.svd_method, "svd_device": args.svd_device, "check_resources": not args.no_resource_check}
     out_dir = os.path.abspath(args.out)
     if os.path.exists(out_dir) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
@@ -76,7 +77,7 @@ def cmd_upcycle(args) -> int:
         print(
             f"Upcycled {args.src} -> {out_dir} (streamed): {len(config.upcycled_layers())} MoE layers x "
             f"{config.num_experts} experts (top-{config.num_experts_per_tok}), init={config.init}, stage {config.stage}, "
-            f"{config.dtype}; {time.perf_counter() - start:.1f}s."
+            f"{str(config.dtype).removeprefix('torch.')}; {time.perf_counter() - start:.1f}s."
         )
         return 0
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto/gram: eigh of the smaller Gram matrix in float64 (fast, exact); full: torch.linalg.svd",
     )
     upcycle.add_argument("--svd-device", default=None, help="run the SVDs there, e.g. cuda (default: cpu)")
+    upcycle.add_argument(
+        "--no-resource-check", action="store_true",
+        help="upcycle even when the memory / disk estimate says it will not fit",
+    )
     _add_settings(upcycle)
     upcycle.set_defaults(func=cmd_upcycle)
 
@@ -189,11 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # spri_hf's INFO messages (the memory / disk estimate before upcycling) go to stderr on the command line
+    package_logger = logging_module.getLogger("spri_hf")
+    handler, level = _StderrHandler(), package_logger.level
+    handler.setFormatter(logging_module.Formatter("spri-hf: %(message)s"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging_module.INFO)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError) as err:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:
         print(f"spri-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
+class _StderrHandler(logging_module.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the message (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 if __name__ == "__main__":

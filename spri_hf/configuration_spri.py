@@ -212,6 +212,20 @@ class SpriConfig(PreTrainedConfig):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"moe_layers={layers} lists a layer twice.")
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`; a field that fails validation raises its `ValueError` / `TypeError` (naming
+        field, value and range) instead of huggingface_hub's wrapper, before any model is built."""
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except Exception as err:  # huggingface_hub's StrictDataclass*Error: matched by name (no hub import here)
+            cause = err.__cause__
+            if type(err).__name__.startswith("StrictDataclass") and isinstance(cause, (ValueError, TypeError)):
+                raise type(cause)(f"Invalid SPRI config: {cause}") from None
+            if type(err).__name__.startswith("StrictDataclass"):
+                raise ValueError(f"Invalid SPRI config: {err}") from None
+            raise
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         # Generation builds its cache from the text config: that is the wrapped dense model's.
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)

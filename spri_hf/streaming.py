@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 import transformers
-from accelerate import init_empty_weights
 from transformers import AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
@@ -27,6 +26,7 @@ from transformers.utils import logging
 from . import initializers as spri_init
 from .architectures import get_ffn_layouts
 from .model_card import write_model_card
+from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 from .upcycling import (
     _config_kwargs,
     _default_dtype,
@@ -281,7 +281,7 @@ class _StreamingSource:
     def __init__(self, spri_class: type, folder: str, config):
         self.reader = SafetensorsReader(folder)
         auto_class = getattr(transformers, spri_class._dense_auto_class)
-        with init_empty_weights(include_buffers=False):
+        with torch.device("meta"):
             dense = auto_class.from_config(config)
         self.dense = dense
         self.root = _dense_root(spri_class, dense)
@@ -447,8 +447,8 @@ def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: 
         config.residual_rank = max(
             _residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx)) for stack in stacks
         )
-    # parameters on the meta device; buffers (rotary tables, ...) real: the non-persistent ones are not in any file
-    with torch.no_grad(), _default_dtype(dtype), init_empty_weights(include_buffers=False):
+    # on the meta device: nothing is allocated, whatever the size (non-persistent buffers are computed when needed)
+    with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
     model.tie_weights()
     return model, source, layouts, dtype
@@ -465,6 +465,7 @@ def upcycle_checkpoint(
     show_progress: bool = False,
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
+    check_resources: bool = True,
     **settings,
 ) -> str:
     """Upcycle the dense safetensors checkpoint `src` into an SPRI checkpoint folder `out_dir`, streaming.
@@ -477,6 +478,8 @@ def upcycle_checkpoint(
         spri_class: the SPRI class to build (default `SpriForCausalLM`; `SpriForSeq2SeqLM`, ... for other heads).
         dtype: of the written tensors (default: the dense checkpoint's); the SVD itself runs in float64.
         max_shard_size: largest weights file, e.g. "2GB" (an index file is written when there are several).
+        check_resources: print (log at INFO) the memory and disk the run needs and raise `MemoryError` / `OSError`
+            before writing anything when they are not available; `False` tries anyway.
         **settings: any `SpriConfig` field, as for `from_dense`.
     """
     if spri_class is None:
@@ -500,7 +503,7 @@ def upcycle_checkpoint(
 
         svd = {"svd_method": svd_method, "svd_device": svd_device, "show_progress": show_progress}
         dense = getattr(transformers, spri_class._dense_auto_class).from_pretrained(folder, dtype=dtype or "auto")
-        model = spri_class.from_dense(dense, **svd, **settings)
+        model = spri_class.from_dense(dense, check_resources=check_resources, **svd, **settings)
         atomic_save(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
         return out_dir
 
@@ -517,6 +520,9 @@ def upcycle_checkpoint(
             first = _plan_order(model, source, layouts, tied)
             plan = [(f"model.{name}", tuple(inner_params[name].shape), _out_dtype(inner_params[name], dtype)) for name in first]
             writer = ShardWriter(staging, plan, max_bytes)
+            largest = max((_numel(shape) * dtype_.itemsize for _, shape, dtype_ in plan), default=0)
+            work = layer_work_bytes(model)
+            check_fits(Estimate(tensor_bytes(model, dtype), work, work + largest, writer.total_size), out_dir, check_resources)
             for name, tensor in produced:
                 if name in tied:
                     continue
@@ -567,14 +573,19 @@ def _commit(staging: str, out_dir: str):
         os.rename(staging, out_dir)
 
 
-def upcycle_in_memory(spri_class: type, src: str, dtype: torch.dtype | None, settings: dict, **kwargs):
+def upcycle_in_memory(
+    spri_class: type, src: str, dtype: torch.dtype | None, settings: dict, check_resources: bool = True, **kwargs
+):
     """`from_dense` on a local safetensors folder without loading the dense model: the SPRI model is filled in place,
     so peak memory is the SPRI model plus one FFN layer's work."""
     model, source, layouts, dtype = prepare(spri_class, src, dtype, settings)
-    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    weights, work = tensor_bytes(model, dtype), layer_work_bytes(model)
+    check_fits(Estimate(weights, work, weights + work, 0), check=check_resources)
     model.to_empty(device="cpu")
-    for name, buffer in buffers.items():
-        model.get_buffer(name).copy_(buffer)
+    with torch.no_grad():  # non-persistent buffers (rotary tables, position ids) are in no file: computed as
+        for module in model.model.modules():  # transformers' from_pretrained does, by the dense class's init
+            if getattr(module, "_non_persistent_buffers_set", None):
+                model.model._init_weights(module)
     targets = model.model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in stream_tensors(model, source, layouts, dtype, **kwargs):

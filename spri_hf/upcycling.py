@@ -18,6 +18,7 @@ from transformers.utils import logging
 from . import initializers as spri_init
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
+from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 
 
 logger = logging.get_logger(__name__)
@@ -56,6 +57,7 @@ def upcycle(
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
     from_pretrained_kwargs: dict | None = None,
+    check_resources: bool = True,
     **settings,
 ) -> PreTrainedModel:
     """Upcycle `dense` into `spri_class` (`SpriForCausalLM` or `SpriModel`).
@@ -66,6 +68,8 @@ def upcycle(
         svd_method: "auto" / "gram" (eigh of the smaller Gram matrix, float64) or "full" (`torch.linalg.svd`); see
             `initializers.thin_svd`. Both are exact; "gram" is several times faster on CPU.
         svd_device: compute the SVDs there (e.g. "cuda" when the weights are on the CPU); `None`: where they live.
+        check_resources: estimate the memory the SPRI model and the largest layer's work need (logged at INFO) and
+            raise `MemoryError` before allocating when it is not available; `False` tries anyway.
         **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
     """
     if svd_method not in spri_init.SVD_METHODS:
@@ -85,7 +89,8 @@ def upcycle(
             try:
                 return streaming.upcycle_in_memory(
                     spri_class, os.fspath(dense), None if dtype == "auto" else dtype, dict(settings),
-                    show_progress=show_progress, svd_method=svd_method, svd_device=svd_device,
+                    check_resources=check_resources, show_progress=show_progress, svd_method=svd_method,
+                    svd_device=svd_device,
                 )
             except streaming.NotStreamable as reason:
                 logger.info(f"Loading {dense} whole: {reason}.")
@@ -115,6 +120,10 @@ def upcycle(
     dtype, device = dense.dtype, dense.device
     with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
+    model.tie_weights()
+    weights = tensor_bytes(model)
+    work = layer_work_bytes(model)
+    check_fits(Estimate(weights, work, weights + work, 0), check=check_resources and device.type == "cpu")
     model.to_empty(device=device)
 
     with torch.no_grad():
