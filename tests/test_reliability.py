@@ -89,7 +89,7 @@ def _principal(weight, ratio):
     return (u[:, :r] * s[:r]) @ vh[:r]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=VALID)
 def test_valid_settings_upcycle_and_keep_the_invariants(case, dense_folder, tmp_path_factory):
     case = dict(case)
@@ -150,7 +150,7 @@ INVALID = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=INVALID)
 def test_invalid_settings_raise_and_write_nothing(case, dense_folder, tmp_path_factory):
     parent = tmp_path_factory.mktemp("invalid")
