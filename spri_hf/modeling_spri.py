@@ -555,9 +555,15 @@ class SpriPreTrainedModel(PreTrainedModel):
         return self
 
     @contextmanager
-    def collect_router_logits(self):
-        """Within the context, every MoE block appends its router logits (tokens, experts) to the yielded list."""
+    def collect_router_logits(self, enabled: bool = True):
+        """Within the context, every MoE block appends its router logits (tokens, experts) to the yielded list.
+
+        `enabled=False` yields an empty list and touches nothing (generation steps pay no overhead).
+        """
         sink: list[torch.Tensor] = []
+        if not enabled:
+            yield sink
+            return
         blocks = [block for _, _, block in self.moe_sites()]
         for block in blocks:
             block.router_logits_sink = sink
@@ -662,7 +668,7 @@ class SpriModel(SpriPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits() as router_logits:
+        with self.collect_router_logits(enabled=output_router_logits) as router_logits:
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -708,7 +714,7 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
     ) -> SpriCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits() as router_logits:
+        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -751,7 +757,7 @@ class _SpriTaskModel(SpriPreTrainedModel):
         inputs = {name: value for name, value in inputs.items() if value is not None}
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits() as router_logits:
+        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
             outputs = self.model(labels=labels, **inputs)
         if router_logits and (labels is not None or output_router_logits):
             # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
