@@ -6,6 +6,7 @@ All arithmetic is done in float64 and the results are returned in float64; calle
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -13,6 +14,18 @@ import torch
 SPRI_MODES = ("balanced", "partition")
 PARTITIONS = ("interleaved", "contiguous", "random")
 SVD_METHODS = ("auto", "gram", "full")
+
+
+@contextmanager
+def _single_thread(enabled: bool):
+    previous = torch.get_num_threads()
+    if enabled and previous > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def thin_svd(
@@ -38,7 +51,11 @@ def thin_svd(
     else:
         transpose = w.shape[0] > w.shape[1]
         a = w.T if transpose else w  # (p, q), p <= q
-        _, eigenvectors = torch.linalg.eigh(a @ a.T)
+        gram = a @ a.T
+        # LAPACK's threaded symmetric eigensolver spins badly when cores are shared (10x slower on 2 busy cores);
+        # one thread solves an FFN-sized problem (p <= 2048) in tens of milliseconds anyway
+        with _single_thread(gram.device.type == "cpu" and gram.shape[0] <= 2048):
+            _, eigenvectors = torch.linalg.eigh(gram)
         scaled = eigenvectors.T @ a  # diag(s) V_a^T, exact as a product
         # singular values as the norms of those rows: exact even where the Gram eigenvalues are rounding noise
         s, order = scaled.norm(dim=1).sort(descending=True)
