@@ -47,7 +47,8 @@ def thin_svd(
         raise ValueError(f"svd_method={method!r} is not supported; choose one of {SVD_METHODS}.")
     w = weight.detach().to(device=device or weight.device, dtype=torch.float64)
     if method == "full":
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        with _single_thread(w.device.type == "cpu" and min(w.shape) <= 2048):
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
     else:
         transpose = w.shape[0] > w.shape[1]
         a = w.T if transpose else w  # (p, q), p <= q

@@ -255,7 +255,8 @@ class SpriMoeBlock(nn.Module):
         experts_class = SpriResidualExperts if config.stage == 1 else experts_class_for(config, layout)
         self.experts = experts_class(config, layout)
         self.shared_expert = shared_expert
-        self.dropout = nn.Dropout(layout.dropout(config.base_config))
+        dropout = layout.dropout(config.base_config)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         # Set by `SpriPreTrainedModel.collect_router_logits` for the duration of one forward call.
         self.router_logits_sink: list | None = None
 
