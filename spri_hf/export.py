@@ -17,7 +17,6 @@ import os
 import torch
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
-    AutoModelForCausalLM,
     MixtralConfig,
     PreTrainedConfig,
     PreTrainedModel,

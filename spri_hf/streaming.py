@@ -28,7 +28,6 @@ from .architectures import get_ffn_layouts
 from .model_card import write_model_card
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 from .upcycling import (
-    _config_kwargs,
     _default_dtype,
     _dense_root,
     _dequantized_config,

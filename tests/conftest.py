@@ -51,6 +51,22 @@ def tiny_dense(family: str, seed: int = 0):
     return model.eval()
 
 
+def assert_same_state(actual, expected):
+    """The two models' state dicts have the same names, dtypes and bits."""
+    a, b = actual.state_dict(), expected.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_reloaded_logits(actual, expected, rel=1e-6):
+    """Logits of a reloaded model: its weights are bit-identical (checked separately), but a float32 product over
+    differently aligned memory (mmap'd safetensors, another process) may round its last bits differently (seen up
+    to 7e-7 on tiny configs). Compared relative to the logits' size, so a real difference (>= 1e-4) still fails."""
+    torch.testing.assert_close(actual, expected, atol=rel * max(1.0, expected.abs().max().item()), rtol=0)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

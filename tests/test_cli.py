@@ -7,7 +7,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_dense
+from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriForCausalLM
 from spri_hf.cli import main as cli_main
 
@@ -24,7 +24,8 @@ def test_upcycle_writes_a_checkpoint_that_automodel_loads(tmp_path, capsys, inpu
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert isinstance(loaded, SpriForCausalLM) and loaded.config.moe_layers == [1] and loaded.config.seed == 3
     direct = SpriForCausalLM.from_dense(dense, num_experts=4, diversity=0.2, moe_layers=[1], seed=3)
-    torch.testing.assert_close(loaded(input_ids).logits, direct(input_ids).logits, atol=0, rtol=0)
+    assert_same_state(loaded, direct)
+    assert_reloaded_logits(loaded(input_ids).logits, direct(input_ids).logits)
 
 
 def test_inspect_reports_every_layer(tmp_path, capsys):

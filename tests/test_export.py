@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_dense
+from conftest import FAMILIES, assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriForCausalLM, SpriModel, export_native, fold_to_dense
 from spri_hf.cli import main as cli_main
 from spri_hf.export import native_format_for
@@ -173,7 +173,8 @@ def test_fold_to_dense_averages_trained_experts(family, tmp_path, input_ids):
     folded.save_pretrained(tmp_path / "dense")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert type(reloaded) is type(folded)
-    torch.testing.assert_close(reloaded(input_ids).logits, folded(input_ids).logits, atol=0, rtol=0)
+    assert_same_state(reloaded, folded)
+    assert_reloaded_logits(reloaded(input_ids).logits, folded(input_ids).logits)
 
 
 def test_fold_to_dense_of_a_backbone_and_its_refusals(input_ids):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_dense
+from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriConfig, SpriForCausalLM, SpriModel
 
 
@@ -136,7 +136,8 @@ def test_save_load_and_automodel_round_trip(family, input_ids, tmp_path, stage):
     for loader in (SpriForCausalLM, AutoModelForCausalLM):
         loaded = loader.from_pretrained(tmp_path)
         assert isinstance(loaded, SpriForCausalLM) and loaded.config.stage == stage
-        torch.testing.assert_close(loaded(input_ids).logits, reference, atol=0, rtol=0)
+        assert_same_state(loaded, model)
+        assert_reloaded_logits(loaded(input_ids).logits, reference)
         assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
             n for n, p in model.named_parameters() if p.requires_grad
         }

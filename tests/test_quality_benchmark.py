@@ -90,7 +90,9 @@ def tiny_data(tmp_path_factory):
 def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     preset = quality.PRESETS["tiny"]
     out = tmp_path / "results"
-    summary = quality.run_benchmark(preset, tiny_data, out, cache=tmp_path / "cache", log=lambda message: None)
+    summary = quality.run_benchmark(
+        preset, tiny_data, out, cache=tmp_path / "cache", check_context=True, log=lambda message: None
+    )
 
     langs = sorted({json.loads(line)["lang"] for line in (tiny_data / "test.jsonl").read_text().splitlines()})
     assert summary["languages"] == langs
@@ -128,6 +130,9 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     assert max(distances_before("copy")) == 0 and min(distances_before("random")) > 0.1
     two_stage = json.loads((out / "runs" / "spri-seed0.json").read_text())["history"]
     assert [step["stage"] for step in two_stage] == [1, 2]
+    margins = summary["context_check"]["chrf_vs_source_by_margin_s"]
+    assert set(margins) == {str(m) for m in quality.CONTEXT_CHECK_MARGINS}
+    assert all(math.isfinite(value) for value in margins.values())
     for plot in ("bleu-per-language.png", "routing-summary.png", "training-loss.png"):
         assert (out / "plots" / plot).stat().st_size > 0
 

@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import assert_reloaded_logits, assert_same_state
+
 from spri_hf import SpriConfig, SpriForCausalLM, upcycle_checkpoint
 from spri_hf import initializers as spri_init
 from spri_hf.cli import main as cli_main
@@ -235,6 +237,8 @@ _SAVE_SCRIPT = """
 import sys, time, torch
 import spri_hf
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import assert_reloaded_logits, assert_same_state
 torch.manual_seed(int(sys.argv[2]))
 config = LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=1)
@@ -299,7 +303,8 @@ def test_pickle_only_spri_checkpoint_is_refused_unless_opted_in(tmp_path):
         SpriForCausalLM.from_pretrained(tmp_path / "spri")
     trusted = SpriForCausalLM.from_pretrained(tmp_path / "spri", use_safetensors=False)
     ids = torch.arange(6)[None]
-    torch.testing.assert_close(trusted(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_same_state(trusted, model)
+    assert_reloaded_logits(trusted(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from conftest import VOCAB
+from conftest import VOCAB, assert_reloaded_logits, assert_same_state
 from spri_hf import (
     SpriForMaskedLM,
     SpriForSeq2SeqLM,
@@ -140,14 +140,17 @@ def test_stages_save_load_and_trainability(family, tmp_path):
     stage1 = model(**inputs).logits
     assert (stage1 - dense(**inputs).logits).abs().max() > 1e-5  # SPRI moved the function
     model.save_pretrained(tmp_path / "stage1")
-    _close(auto_class.from_pretrained(tmp_path / "stage1")(**inputs).logits, stage1, atol=0)
+    reloaded = auto_class.from_pretrained(tmp_path / "stage1")
+    assert_same_state(reloaded, model)
+    assert_reloaded_logits(reloaded(**inputs).logits, stage1)
     model.set_stage(2)
     stage2 = model(**inputs).logits
     _close(stage2, stage1)
     model.save_pretrained(tmp_path / "stage2")
     reloaded = auto_class.from_pretrained(tmp_path / "stage2")
     assert type(reloaded) is spri_class and reloaded.config.stage == 2
-    _close(reloaded(**inputs).logits, stage2, atol=0)
+    assert_same_state(reloaded, model)
+    assert_reloaded_logits(reloaded(**inputs).logits, stage2)
 
 
 @pytest.mark.parametrize("family", ["whisper", "marian", "t5"])
@@ -280,7 +283,7 @@ def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_im
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    _close(torch.load(tmp_path / "out.pt"), model(**inputs).logits, atol=0)
+    assert_reloaded_logits(torch.load(tmp_path / "out.pt"), model(**inputs).logits)
 
 
 @pytest.mark.parametrize("init", ["noise", "drop", "random", "spri"])

@@ -11,21 +11,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES as CAUSAL_FAMILIES
-from conftest import tiny_dense
+from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriForCausalLM, SpriForMaskedLM, SpriModel, upcycle_checkpoint
 from spri_hf.cli import main as cli_main
 from spri_hf.streaming import SafetensorsReader, ShardWriter
 from test_seq2seq import FAMILIES as SEQ2SEQ_FAMILIES
 from test_seq2seq import tiny
-
-
-def _assert_same_state(actual, expected):
-    a, b = actual.state_dict(), expected.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), key
 
 
 def _same_files(streamed, saved):
@@ -44,13 +35,13 @@ def test_streamed_checkpoint_equals_from_dense_for_every_causal_family(family, s
     reference.save_pretrained(tmp_path / "saved")
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(loaded, SpriForCausalLM)
-    _assert_same_state(loaded, reference)
+    assert_same_state(loaded, reference)
     _same_files(out, tmp_path / "saved")
     # from_dense on the folder takes the same streaming path, in memory (buffers computed: same logits)
     from_folder = SpriForCausalLM.from_dense(str(tmp_path / "dense"), **settings)
-    _assert_same_state(from_folder, reference)
+    assert_same_state(from_folder, reference)
     ids = torch.arange(10)[None] % 90
-    torch.testing.assert_close(from_folder(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    assert_reloaded_logits(from_folder(ids).logits, reference(ids).logits)
 
 
 @pytest.mark.parametrize("family", ["whisper", "marian", "t5", "mt5", "bert"])
@@ -64,7 +55,7 @@ def test_streamed_checkpoint_equals_from_dense_for_seq2seq_and_encoder_heads(fam
     settings = dict(num_experts=4, upcycle=upcycle, seed=1)
     out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "spri", spri_class=spri_class, **settings)
     reference = spri_class.from_dense(dense, **settings)
-    _assert_same_state(spri_class.from_pretrained(out), reference)
+    assert_same_state(spri_class.from_pretrained(out), reference)
 
 
 def test_streamed_masked_lm_ties_and_bare_backbone(tmp_path):
@@ -76,13 +67,13 @@ def test_streamed_masked_lm_ties_and_bare_backbone(tmp_path):
     dense = AutoModelForMaskedLM.from_config(AutoConfig.for_model("xlm-roberta", **_BERT, pad_token_id=1)).eval()
     dense.save_pretrained(tmp_path / "mlm")
     out = upcycle_checkpoint(tmp_path / "mlm", tmp_path / "spri", spri_class=SpriForMaskedLM, num_experts=4)
-    _assert_same_state(SpriForMaskedLM.from_pretrained(out), SpriForMaskedLM.from_dense(dense, num_experts=4))
+    assert_same_state(SpriForMaskedLM.from_pretrained(out), SpriForMaskedLM.from_dense(dense, num_experts=4))
     # a bare backbone (with its pooler), upcycled as SpriModel
     torch.manual_seed(1)
     backbone = AutoModel.from_config(AutoConfig.for_model("xlm-roberta", **_BERT, pad_token_id=1)).eval()
     backbone.save_pretrained(tmp_path / "backbone")
     out = upcycle_checkpoint(tmp_path / "backbone", tmp_path / "spri-backbone", spri_class=SpriModel, num_experts=4)
-    _assert_same_state(SpriModel.from_pretrained(out), SpriModel.from_dense(backbone, num_experts=4))
+    assert_same_state(SpriModel.from_pretrained(out), SpriModel.from_dense(backbone, num_experts=4))
 
 
 def test_dtype_conversion_and_tokenizer_files_carried(tmp_path):
@@ -169,8 +160,9 @@ def test_cli_streams_a_safetensors_folder(tmp_path, capsys, input_ids):
     assert code == 0 and "(streamed)" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     assert loaded.dtype == torch.bfloat16 and os.path.isfile(tmp_path / "moe" / "model.safetensors.index.json")
-    direct = SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4, dtype=torch.bfloat16)
-    torch.testing.assert_close(loaded(input_ids).logits, direct(input_ids).logits, atol=0, rtol=0)
+    direct = SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4, dtype=torch.bfloat16, svd_method="full")
+    assert_same_state(loaded, direct)
+    assert_reloaded_logits(loaded(input_ids).logits, direct(input_ids).logits)
     dense_logits = dense(input_ids).logits
     assert (loaded(input_ids).logits.float() - dense_logits).abs().max() < 0.05 * dense_logits.abs().max()
 
