@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .utils import atomic_save
+from .utils import atomic_save, refuse_pickle_only
 
 
 def _layers_arg(text: str) -> list[int]:
@@ -47,10 +47,56 @@ _SETTING_NAMES = (
 ).split()
 
 
-def cmd_upcycle(args) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+# --task: which SPRI class wraps the dense checkpoint
+TASKS = {
+    "causal-lm": "SpriForCausalLM",
+    "seq2seq-lm": "SpriForSeq2SeqLM",
+    "speech-seq2seq": "SpriForSpeechSeq2Seq",
+    "sequence-classification": "SpriForSequenceClassification",
+    "masked-lm": "SpriForMaskedLM",
+    "base": "SpriModel",
+}
+_HEAD_SUFFIXES = (
+    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "sequence-classification"),
+    ("ForMaskedLM", "masked-lm"), ("Model", "base"),
+)
 
-    from . import SpriForCausalLM
+
+def task_for(config) -> str:
+    """The `--task` of a dense config: speech and text encoder-decoders by model type, otherwise the head its
+    `architectures` name (an encoder without one: masked LM; a decoder: causal LM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+        return "speech-seq2seq"
+    if config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "seq2seq-lm"
+    for architecture in getattr(config, "architectures", None) or []:
+        for suffix, task in _HEAD_SUFFIXES:
+            if architecture.endswith(suffix):
+                return task
+    return "masked-lm" if config.model_type in ("bert", "roberta", "xlm-roberta") else "causal-lm"
+
+
+def _spri_checkpoint_class(path):
+    """The SPRI class a saved checkpoint was written by (its config's `architectures`)."""
+    from . import modeling_spri
+    from .configuration_spri import SpriConfig
+
+    names = SpriConfig.from_pretrained(path).architectures or ["SpriForCausalLM"]
+    spri_class = getattr(modeling_spri, names[0], None)
+    if spri_class is None or not names[0].startswith("Spri"):
+        raise ValueError(f"{path} holds a {names[0]} checkpoint, not an SPRI model (model_type 'spri').")
+    return spri_class
+
+
+def cmd_upcycle(args) -> int:
+    from transformers import AutoConfig
+
+    from . import modeling_spri
     from .architectures import get_ffn_layout
     from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .upcycling import _dequantized_config, make_config
@@ -64,18 +110,21 @@ def cmd_upcycle(args) -> int:
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     get_ffn_layout(base_config.model_type)
     make_config(_dequantized_config(base_config), **settings)
+    task = args.task if args.task != "auto" else task_for(base_config)
+    spri_class = getattr(modeling_spri, TASKS[task])
+    dense_class = getattr(__import__("transformers"), spri_class._dense_auto_class)
 
     start = time.perf_counter()
     src = args.src if args.gguf_file else resolve_dense_folder(args.src)
     if not args.gguf_file and can_stream(src):
         # safetensors: streamed tensor by tensor and layer by layer, written shard by shard
         upcycle_checkpoint(
-            src, out_dir, spri_class=SpriForCausalLM, dtype=args.dtype, overwrite=args.overwrite,
+            src, out_dir, spri_class=spri_class, dtype=args.dtype, overwrite=args.overwrite,
             max_shard_size=args.max_shard_size, show_progress=True, **svd, **settings,
         )
-        config = SpriForCausalLM.config_class.from_pretrained(out_dir)
+        config = spri_class.config_class.from_pretrained(out_dir)
         print(
-            f"Upcycled {args.src} -> {out_dir} (streamed): {len(config.upcycled_layers())} MoE layers x "
+            f"Upcycled {args.src} -> {out_dir} (streamed, {spri_class.__name__}): {len(config.upcycled_layers())} MoE layers x "
             f"{config.num_experts} experts (top-{config.num_experts_per_tok}), init={config.init}, stage {config.stage}, "
             f"{str(config.dtype).removeprefix('torch.')}; {time.perf_counter() - start:.1f}s."
         )
@@ -84,14 +133,17 @@ def cmd_upcycle(args) -> int:
     load_kwargs = {"dtype": getattr(torch, args.dtype or "float32")}
     if args.gguf_file:
         load_kwargs["gguf_file"] = args.gguf_file
-    dense = AutoModelForCausalLM.from_pretrained(src, **load_kwargs)
+    else:
+        load_kwargs["use_safetensors"] = not args.allow_pickle
+        refuse_pickle_only(src, load_kwargs["use_safetensors"], fix="pass --allow-pickle")
+    dense = dense_class.from_pretrained(src, **load_kwargs)
     loaded = time.perf_counter()
-    model = SpriForCausalLM.from_dense(dense, show_progress=True, **svd, **settings)
+    model = spri_class.from_dense(dense, show_progress=True, **svd, **settings)
     upcycled = time.perf_counter()
     del dense
     atomic_save(model, out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(
-        f"Upcycled {args.src} -> {out_dir}: {len(model.config.upcycled_layers())} MoE layers x "
+        f"Upcycled {args.src} -> {out_dir} ({spri_class.__name__}): {len(model.config.upcycled_layers())} MoE layers x "
         f"{model.config.num_experts} experts (top-{model.config.num_experts_per_tok}), init={model.config.init}, "
         f"stage {model.config.stage}; load {loaded - start:.1f}s, upcycle {upcycled - loaded:.1f}s, "
         f"save {time.perf_counter() - upcycled:.1f}s."
@@ -127,13 +179,8 @@ def cmd_export_native(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .inspection import inspect_model, format_report
-    from transformers import AutoModelForCausalLM
 
-    from . import SpriForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.path)
-    if not isinstance(model, SpriForCausalLM):
-        raise ValueError(f"{args.path} holds a {type(model).__name__}, not an SPRI model (model_type 'spri').")
+    model = _spri_checkpoint_class(args.path).from_pretrained(args.path)
     print(format_report(model.config, inspect_model(model)))
     return 0
 
@@ -157,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="of the written weights (default: the checkpoint's; float32 for GGUF)",
     )
     upcycle.add_argument("--gguf-file", default=None, help="load SRC from this GGUF file inside it")
+    upcycle.add_argument(
+        "--task", default="auto", choices=("auto", *TASKS),
+        help="which SPRI class wraps SRC (default: from its config: speech/text encoder-decoders, the head its "
+        "architectures name, else causal LM)",
+    )
+    upcycle.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read pickle weights (pytorch_model.bin) when SRC has no safetensors; only for files you trust",
+    )
     upcycle.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     upcycle.add_argument("--max-shard-size", default="2GB", help="largest weights file (default 2GB)")
     upcycle.add_argument(

@@ -36,6 +36,8 @@ UPCYCLING_SETTINGS = (
 )
 # Far beyond any released MoE; refuses absurd configs before anything is allocated.
 _MAX_EXPERTS = 4096
+# upcycling seeds are mixed with layer indices into one 64-bit generator seed
+_MAX_SEED = 2**32 - 1
 
 
 @strict
@@ -183,6 +185,8 @@ class SpriConfig(PreTrainedConfig):
             )
         if self.residual_rank is not None and self.residual_rank < 1:
             raise ValueError(f"residual_rank={self.residual_rank} must be >= 1.")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be between 0 and {_MAX_SEED} (2**32 - 1).")
         _check_choice("upcycle", self.upcycle, _UPCYCLE)
         stacks = get_ffn_layouts(self.base_config)
         if self.upcycle in ("encoder", "decoder") and self.upcycle not in stacks:

@@ -19,6 +19,7 @@ from . import initializers as spri_init
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
+from .utils import refuse_pickle_only
 
 
 logger = logging.get_logger(__name__)
@@ -95,6 +96,10 @@ def upcycle(
             except streaming.NotStreamable as reason:
                 logger.info(f"Loading {dense} whole: {reason}.")
         make_config(_dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
+        if load_kwargs.get("gguf_file") is None:
+            # safetensors only (from a folder or the Hub) unless the caller opts in: unpickling can run code
+            load_kwargs.setdefault("use_safetensors", True)
+            refuse_pickle_only(dense, load_kwargs["use_safetensors"], fix="pass use_safetensors=False to from_dense")
         dense = auto_class.from_pretrained(dense, **load_kwargs)
     if not isinstance(dense, PreTrainedModel):
         raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -56,3 +57,56 @@ def test_from_dense_accepts_a_local_path_with_loading_kwargs(tmp_path, input_ids
     from_model = SpriForCausalLM.from_dense(dense.to(torch.bfloat16), num_experts=4, init="copy")
     a, b = from_path.state_dict(), from_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_upcycle_picks_the_spri_class_from_the_dense_config_and_inspect_reads_it(tmp_path, capsys):
+    """A Whisper checkpoint becomes an SpriForSpeechSeq2Seq (streamed), a BERT classifier an
+    SpriForSequenceClassification (--task overrides), both loadable with their own auto class."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForSpeechSeq2Seq
+
+    from spri_hf import SpriForSequenceClassification, SpriForSpeechSeq2Seq
+    from spri_hf.cli import task_for
+
+    whisper = AutoModelForSpeechSeq2Seq.from_config(AutoConfig.for_model(
+        "whisper", d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=40, vocab_size=97, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    ))
+    whisper.save_pretrained(tmp_path / "whisper")
+    assert cli_main(["upcycle", str(tmp_path / "whisper"), str(tmp_path / "moe"), "--num-experts", "4"]) == 0
+    assert "SpriForSpeechSeq2Seq" in capsys.readouterr().out
+    loaded = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "moe")
+    assert isinstance(loaded, SpriForSpeechSeq2Seq) and loaded.config.upcycled_stacks() == ["decoder"]
+    assert cli_main(["inspect", str(tmp_path / "moe")]) == 0
+    assert capsys.readouterr().out.count("\n") > 2  # one row per MoE layer
+
+    bert_config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, vocab_size=97, max_position_embeddings=64)
+    bert = AutoModelForSequenceClassification.from_config(bert_config)
+    bert.save_pretrained(tmp_path / "bert")
+    assert task_for(AutoConfig.from_pretrained(tmp_path / "bert")) == "sequence-classification"
+    assert task_for(AutoConfig.for_model("bert")) == "masked-lm"  # no architectures recorded: its pretraining head
+    assert cli_main(["upcycle", str(tmp_path / "bert"), str(tmp_path / "bert-moe"), "--num-experts", "4"]) == 0
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert-moe"),
+                      SpriForSequenceClassification)
+
+
+def test_pickle_only_dense_checkpoints_are_refused_unless_allowed(tmp_path, capsys, input_ids):
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")  # then swap its weights for a pickle file
+    os.remove(tmp_path / "dense" / "model.safetensors")
+    torch.save(dense.state_dict(), tmp_path / "dense" / "pytorch_model.bin")
+    pickled = sorted(os.listdir(tmp_path / "dense"))
+    assert "pytorch_model.bin" in pickled and not any(name.endswith(".safetensors") for name in pickled)
+
+    assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4"]) == 2
+    message = capsys.readouterr().err
+    assert "only pickle weights (pytorch_model.bin)" in message and "--allow-pickle" in message
+    assert not os.path.exists(tmp_path / "moe") and sorted(os.listdir(tmp_path)) == ["dense"]
+    with pytest.raises(OSError, match="only pickle weights.*use_safetensors=False"):
+        SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4)
+
+    assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4",
+                     "--allow-pickle"]) == 0
+    trusted = SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4, use_safetensors=False)
+    assert_same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), trusted)

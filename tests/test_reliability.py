@@ -104,6 +104,8 @@ def test_valid_settings_upcycle_and_keep_the_invariants(case, dense_folder, tmp_
             with pytest.raises(ValueError, match="residual rank"):
                 upcycle_checkpoint(dense_folder, tmp_path_factory.mktemp("x") / "out", **case)
             return
+    if stage_two:  # full experts straight away (every init has a stage 2)
+        case["stage"] = 2
     out = tmp_path_factory.mktemp("spri") / "out"
     upcycle_checkpoint(dense_folder, out, **case)
     model = SpriForCausalLM.from_pretrained(out)
@@ -113,11 +115,10 @@ def test_valid_settings_upcycle_and_keep_the_invariants(case, dense_folder, tmp_
     assert torch.isfinite(logits).all()
     stored = SpriConfig.from_pretrained(out)
     assert stored.num_experts == num_experts and stored.seed == case["seed"] and stored.init == case["init"]
+    assert stored.stage == (1 if case["init"] == "spri" and not stage_two else 2)  # stage 1 is SPRI's default
     if stored.stage == 1:  # stage 1 and the materialised stage 2 are the same function
         model.set_stage(2)
         torch.testing.assert_close(model(ids).logits, logits, atol=2e-5, rtol=1e-5)
-    elif stage_two:
-        pass
     copies = case["init"] == "copy" or (
         case["init"] == "spri" and (case["principal_ratio"] == 1.0 or (case["spri_mode"] == "balanced" and case["diversity"] == 0))
     )
@@ -149,6 +150,7 @@ INVALID = st.one_of(
     st.fixed_dictionaries({"noise_std": st.sampled_from([-0.1, float("inf")]), "init": st.just("noise")}),
     st.fixed_dictionaries({"residual_rank": st.integers(-100, 0)}),
     st.fixed_dictionaries({"bogus_setting": st.integers()}),
+    st.fixed_dictionaries({"seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32))}),
 )
 
 
@@ -215,30 +217,32 @@ def test_kill_9_during_cli_upcycle_never_leaves_a_half_checkpoint(medium_folder,
     assert new != previous and len(previous) > 10  # several shards, index, config, code files, card
     shutil.copytree(dest, tmp_path / "backup")
     rng = random.Random(7)
-    outcomes = []
+    outcomes, mid_write = [], 0
     for _ in range(6):
-        # kill once the run has started writing (its staging folder exists), at a random moment of the write
+        # kill once this run has started writing (a staging folder of its own exists: earlier kills leave theirs
+        # behind), at a random moment of the write
+        before = set(_leftovers(tmp_path, "moe"))
         process = subprocess.Popen(command(1), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(lambda: _leftovers(tmp_path, "moe") or process.poll() is not None)
+        _wait_for(lambda: set(_leftovers(tmp_path, "moe")) - before or process.poll() is not None)
         time.sleep(rng.uniform(0.0, 0.4))
+        mid_write += process.poll() is None and bool(set(_leftovers(tmp_path, "moe")) - before)
         process.send_signal(signal.SIGKILL)
         process.wait()
         outcome = _check_destination(dest, [previous, new])
         outcomes.append(outcome)
         if outcome != "previous":
             _restore(tmp_path / "backup", dest)
+    assert mid_write >= 3, f"only {mid_write} of 6 kills landed while the checkpoint was being written"
     # the next run succeeds, over whatever the kills left beside the destination
     assert subprocess.run(command(1), env=ENV, capture_output=True).returncode == 0
     assert _hashes(dest) == new
-    print("kill outcomes:", outcomes)
+    print("kill outcomes:", outcomes, "mid-write:", mid_write)
 
 
 _SAVE_SCRIPT = """
 import sys, time, torch
 import spri_hf
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from conftest import assert_reloaded_logits, assert_same_state
 torch.manual_seed(int(sys.argv[2]))
 config = LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=1)
