@@ -64,8 +64,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import spri_hf  # noqa: E402  (registers model_type "spri")
-from spri_hf import SpriForCausalLM, export_native  # noqa: E402
-from spri_hf.initializers import thin_svd  # noqa: E402
+from spri_hf import SpriForCausalLM, export_native, thin_svd  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -555,12 +554,44 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
 
         setting = f"{implementation}, {tokens} tokens"
         log(f"  block: {setting}")
+        floor = flop_floor(spec, tokens, device, dtype, generator)
         for metric, step in (("forward", forward), ("forward+backward", forward_backward)):
-            seconds = time_side_by_side({name: (lambda b=block: step(b)) for name, block in blocks.items()},
-                                        warmup=spec["warmup"], repeats=repeats, device=device)
+            calls = {name: (lambda b=block: step(b)) for name, block in blocks.items()}
+            calls["floor"] = floor[metric]
+            seconds = time_side_by_side(calls, warmup=spec["warmup"], repeats=repeats, device=device)
             figure.add(setting, metric, "tokens/s", ("spri", tokens / seconds["spri"]),
                        ("native", tokens / seconds["native"]), target=(">=", 0.95))
+            figure.add(setting, f"{metric} vs FLOP floor", "tokens/s", ("spri", tokens / seconds["spri"]),
+                       ("active-FLOP GEMMs", tokens / seconds["floor"]),
+                       note="two dense GEMMs with exactly the routed experts' FLOPs (no routing, gather or scatter)")
     return figure
+
+
+def flop_floor(spec: dict, tokens: int, device, dtype, generator) -> dict:
+    """The physical floor of a top-k MoE block on this device: the active expert FLOPs as two dense GEMMs,
+    (T x H) @ (H x k*2I) and (T x k*I) @ (k*I x H), i.e. 2 * T * k * 3 * H * I multiply-adds forward, with the
+    same activation; forward+backward also computes the input and weight gradients, as the blocks do."""
+    hidden, inner, k = spec["hidden"], spec["intermediate"], spec["top_k"]
+    make = lambda *shape: (torch.randn(*shape, generator=generator) * 0.02).to(device=device, dtype=dtype)  # noqa: E731
+    x, w_in, w_out = make(tokens, hidden), make(hidden, 2 * k * inner), make(k * inner, hidden)
+    w_in.requires_grad_(True)
+    w_out.requires_grad_(True)
+    grad_output = make(tokens, hidden)
+
+    def run(inputs):
+        gate, up = (inputs @ w_in).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ w_out
+
+    def forward():
+        with torch.no_grad():
+            run(x)
+
+    def forward_backward():
+        inputs = x.detach().requires_grad_(True)
+        run(inputs).backward(grad_output)
+        w_in.grad = w_out.grad = None
+
+    return {"forward": forward, "forward+backward": forward_backward}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

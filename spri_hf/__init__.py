@@ -18,6 +18,7 @@ from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layou
 from .callbacks import SpriMonitorCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
+from .initializers import thin_svd
 from .integrations import install_trainer_checkpoint_push_hook, install_trainer_model_card_hook
 from .modeling_spri import (
     SpriForCausalLM,
@@ -62,5 +63,6 @@ __all__ = [
     "fold_to_dense",
     "get_ffn_layout",
     "get_ffn_layouts",
+    "thin_svd",
     "upcycle_checkpoint",
 ]

@@ -165,3 +165,16 @@ def test_upcycling_with_either_svd_method_gives_the_same_model():
     torch.testing.assert_close(gram(ids).logits, full(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="svd_method='qr'"):
         SpriForCausalLM.from_dense(dense, num_experts=4, svd_method="qr")
+
+
+def test_svd_device_gives_the_same_upcycle():
+    """`svd_device` moves only the SVDs: on the device the weights are on it changes nothing, and an unknown device
+    is an error naming it."""
+    from conftest import assert_same_state, tiny_dense
+    from spri_hf import SpriForCausalLM
+
+    dense = tiny_dense("qwen3")
+    reference = SpriForCausalLM.from_dense(dense, num_experts=4)
+    assert_same_state(SpriForCausalLM.from_dense(dense, num_experts=4, svd_device="cpu"), reference)
+    with pytest.raises((RuntimeError, ValueError), match="tpu-9|device"):
+        SpriForCausalLM.from_dense(dense, num_experts=4, svd_device="tpu-9")

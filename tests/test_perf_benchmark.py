@@ -53,8 +53,10 @@ def test_tiny_preset_measures_every_figure(tmp_path):
     measured = {row["setting"].split(",")[0] for row in block["rows"]}
     skipped = {skip["setting"] for skip in block["skipped"] if skip["reason"]}
     assert measured | skipped == {"eager", "batched_mm", "grouped_mm"}
-    assert {row["metric"] for row in block["rows"]} == {"forward", "forward+backward"}
-    assert {row["reference_name"] for row in block["rows"]} == {"native"}
+    assert {row["metric"] for row in block["rows"]} == {
+        "forward", "forward+backward", "forward vs FLOP floor", "forward+backward vs FLOP floor"
+    }
+    assert {row["reference_name"] for row in block["rows"]} == {"native", "active-FLOP GEMMs"}
     # (e) batch 1 and batch 8
     assert [row["setting"].split(",")[0] for row in figures["generate"]["rows"]] == ["batch 1", "batch 8"]
     # the readable table went to stdout
