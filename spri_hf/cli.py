@@ -124,7 +124,7 @@ def cmd_upcycle(args) -> int:
         )
         config = spri_class.config_class.from_pretrained(out_dir)
         print(
-            f"Upcycled {args.src} -> {out_dir} (streamed, {spri_class.__name__}): {len(config.upcycled_layers())} MoE layers x "
+            f"Upcycled {args.src} -> {out_dir} (streamed) as {spri_class.__name__}: {len(config.upcycled_layers())} MoE layers x "
             f"{config.num_experts} experts (top-{config.num_experts_per_tok}), init={config.init}, stage {config.stage}, "
             f"{str(config.dtype).removeprefix('torch.')}; {time.perf_counter() - start:.1f}s."
         )
@@ -143,7 +143,7 @@ def cmd_upcycle(args) -> int:
     del dense
     atomic_save(model, out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(
-        f"Upcycled {args.src} -> {out_dir} ({spri_class.__name__}): {len(model.config.upcycled_layers())} MoE layers x "
+        f"Upcycled {args.src} -> {out_dir} as {spri_class.__name__}: {len(model.config.upcycled_layers())} MoE layers x "
         f"{model.config.num_experts} experts (top-{model.config.num_experts_per_tok}), init={model.config.init}, "
         f"stage {model.config.stage}; load {loaded - start:.1f}s, upcycle {upcycled - loaded:.1f}s, "
         f"save {time.perf_counter() - upcycled:.1f}s."
