@@ -94,6 +94,7 @@ def _spri_checkpoint_class(path):
 
 
 def cmd_upcycle(args) -> int:
+    import transformers
     from transformers import AutoConfig
 
     from . import modeling_spri
@@ -112,7 +113,7 @@ def cmd_upcycle(args) -> int:
     make_config(_dequantized_config(base_config), **settings)
     task = args.task if args.task != "auto" else task_for(base_config)
     spri_class = getattr(modeling_spri, TASKS[task])
-    dense_class = getattr(__import__("transformers"), spri_class._dense_auto_class)
+    dense_class = getattr(transformers, spri_class._dense_auto_class)
 
     start = time.perf_counter()
     src = args.src if args.gguf_file else resolve_dense_folder(args.src)

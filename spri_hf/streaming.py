@@ -42,6 +42,7 @@ from .upcycling import (
     make_config,
     upcycle_layer,
 )
+from .utils import PICKLE_SUFFIXES
 
 
 logger = logging.get_logger(__name__)
@@ -93,7 +94,7 @@ class SafetensorsReader:
         elif os.path.isfile(os.path.join(folder, "model.safetensors")):
             files = ["model.safetensors"]
         else:
-            pickled = [name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            pickled = [name for name in os.listdir(folder) if name.endswith(PICKLE_SUFFIXES)]
             hint = (
                 f" It holds only pickle files ({', '.join(sorted(pickled))}), which can run code when read; spri_hf "
                 "reads safetensors only. Convert it first (load it yourself with from_pretrained(..., "
