@@ -31,6 +31,12 @@ from .modeling_spri import (
     SpriPreTrainedModel,
 )
 from .streaming import upcycle_checkpoint
+from .trainer import (
+    SpriSeq2SeqTrainer,
+    SpriSeq2SeqTrainingArguments,
+    SpriTrainer,
+    SpriTrainingArguments,
+)
 
 
 __version__ = "0.1.0"
@@ -58,6 +64,10 @@ __all__ = [
     "SpriMoeBlock",
     "SpriMonitorCallback",
     "SpriPreTrainedModel",
+    "SpriSeq2SeqTrainer",
+    "SpriSeq2SeqTrainingArguments",
+    "SpriTrainer",
+    "SpriTrainingArguments",
     "add_spri_monitor",
     "export_native",
     "fold_to_dense",
