@@ -16,25 +16,26 @@ the script sets `use_cpu=True`, which makes accelerate pick `MULTI_CPU` with the
 process would silently train on its own (`DistributedType.NO`).
 
 What it does: build a tiny random dense Llama (same seed on every rank) or load `--dense PATH`, upcycle it with
-`init="spri"`, train stage 1 (routers + residual factors) for `--steps` steps, call `model.set_stage(2)`, build a new
-`Trainer` and train stage 2 (everything) for `--steps` steps. Every rank then writes `{output_dir}/rank{RANK}.json`
-with a sha256 of its final state_dict, the per-expert token counts its routers saw in every training forward pass,
-and the logged losses of both stages.
+`init="spri"`, and run one `SpriTrainer.train()`: stage 1 (routers + residual factors) for `--steps` steps at
+`--lr-stage1`, the switch (`set_stage(2)`, a checkpoint, the DDP wrapper and optimizer rebuilt over the new expert
+parameters), and stage 2 (everything) for `--steps` steps at `--lr-stage2` after a re-warm-up. Every rank then writes
+`{output_dir}/rank{RANK}.json` with a sha256 of its final state_dict, the per-expert token counts its routers saw in
+every training forward pass and the logged losses of both stages, and `rank{RANK}.safetensors` with its weights.
 """
 
 import argparse
-import gc
 import hashlib
 import json
 import os
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging
 
 import spri_hf  # noqa: F401  (registers model_type="spri" with the auto classes)
-from spri_hf import SpriForCausalLM
+from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
 
 
 VOCAB = 97
@@ -69,7 +70,7 @@ class ExpertTokenCounter:
     def __init__(self, model: SpriForCausalLM):
         self.num_experts = model.config.num_experts
         self.layers = sorted(model.moe_blocks())
-        self.stage = None  # set by the caller before each stage
+        self.model = model
         self.steps: dict[str, list[list[list[int]]]] = {}  # stage -> [forward][layer][expert]
         self._pending: list[list[int]] = []
         self._handles = [
@@ -83,7 +84,7 @@ class ExpertTokenCounter:
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
         self._pending.append(counts.tolist())
         if len(self._pending) == len(self.layers):  # one full forward pass seen: record it as one step
-            self.steps.setdefault(self.stage, []).append(self._pending)
+            self.steps.setdefault(str(self.model.config.stage), []).append(self._pending)
             self._pending = []
 
     def remove(self):
@@ -118,38 +119,29 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def training_args(output_dir: str, steps: int, lr: float, batch_size: int, seed: int) -> TrainingArguments:
-    """Arguments shared by both stages."""
-    return TrainingArguments(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
+def training_args(args, world_size: int) -> SpriTrainingArguments:
+    """Both stages in one run: stage 1 for `--steps`, then stage 2 for `--steps` after a re-warm-up."""
+    return SpriTrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=2 * args.steps,
+        stage1_steps=args.steps,
+        stage1_learning_rate=args.lr_stage1,
+        learning_rate=args.lr_stage2,
+        stage2_warmup_steps=args.stage2_warmup_steps,
+        per_device_train_batch_size=args.batch_size,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="no",  # SpriTrainer still writes the checkpoint at the switch: stage 2 starts from it
         report_to=[],
         # Without a GPU, use_cpu=True is what makes accelerate choose MULTI_CPU (gloo) under a multi-process launch.
         use_cpu=not torch.cuda.is_available(),
         # Every trainable tensor gets a gradient each step, even with idle experts: experts are fused (E, ...)
         # parameters indexed per expert, so idle rows get zeros and the reducer never waits on an unused parameter.
         ddp_find_unused_parameters=False,
-        seed=seed,
-        data_seed=seed,
+        seed=args.seed,
+        data_seed=args.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-
-
-def train_stage(model, dataset, args: TrainingArguments) -> list[float]:
-    """Run one `Trainer` over `model` and return its logged losses (averaged over ranks by `Trainer`)."""
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    # Drop the DDP wrapper (and its autograd hooks) before the stage switch replaces the expert parameters.
-    del trainer
-    gc.collect()
-    return losses
 
 
 def parse_args(argv=None):
@@ -163,6 +155,11 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=8)
     parser.add_argument("--lr-stage1", type=float, default=3e-2)
     parser.add_argument("--lr-stage2", type=float, default=3e-3)
+    parser.add_argument("--stage2-warmup-steps", type=float, default=1)
+    parser.add_argument(
+        "--router-aux-loss-coef", type=float, default=0.01,
+        help="0 makes the loss a plain token mean, so N processes equal one process with the same global batch",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -181,41 +178,45 @@ def main(argv=None):
         dense = AutoModelForCausalLM.from_pretrained(args.dense)
         vocab = dense.config.vocab_size
     model = SpriForCausalLM.from_dense(
-        dense, init="spri", num_experts=args.num_experts, num_experts_per_tok=args.top_k, diversity=0.3, seed=args.seed
+        dense, init="spri", num_experts=args.num_experts, num_experts_per_tok=args.top_k, diversity=0.3, seed=args.seed,
+        router_aux_loss_coef=args.router_aux_loss_coef,
     ).train()
     del dense
     dataset = ProgressionDataset(size=64, length=args.seq_len, vocab=vocab, seed=args.seed)
     counter = ExpertTokenCounter(model)
 
-    counter.stage = "1"
-    stage1_args = training_args(os.path.join(args.output_dir, "stage1"), args.steps, args.lr_stage1, args.batch_size, args.seed)
-    if stage1_args.world_size != world_size:  # fail loudly instead of training N independent copies
-        raise RuntimeError(f"launched {world_size} processes but Trainer sees world_size={stage1_args.world_size}")
-    stage1_losses = train_stage(model, dataset, stage1_args)
-
-    model.set_stage(2)  # materialises W_i = S + B_i A_i: new expert parameters, hence a new Trainer (and optimizer)
-    counter.stage = "2"
-    stage2_args = training_args(os.path.join(args.output_dir, "stage2"), args.steps, args.lr_stage2, args.batch_size, args.seed)
-    stage2_losses = train_stage(model, dataset, stage2_args)
+    train_args = training_args(args, world_size)
+    if train_args.world_size != world_size:  # fail loudly instead of training N independent copies
+        raise RuntimeError(f"launched {world_size} processes but Trainer sees world_size={train_args.world_size}")
+    # One train(): stage 1, set_stage(2) with the stage-2 optimizer (and DDP wrapper) rebuilt, stage 2.
+    trainer = SpriTrainer(model=model, args=train_args, train_dataset=dataset)
+    trainer.train()
     counter.remove()
+    losses = {"1": [], "2": []}
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            losses[str(entry["stage"])].append(entry["loss"])
 
     idle = sum(count == 0 for steps in counter.steps.values() for step in steps for layer in step for count in layer)
     report = {
         "rank": rank,
         "world_size": world_size,
-        "distributed_type": str(stage2_args.distributed_state.distributed_type),
-        "backend": stage2_args.distributed_state.backend,
+        "distributed_type": str(train_args.distributed_state.distributed_type),
+        "backend": train_args.distributed_state.backend,
         "final_stage": model.config.stage,
+        "switch_step": trainer.switch_step,
         "num_experts": args.num_experts,
         "top_k": args.top_k,
         "moe_layers": counter.layers,
         "state_dict_sha256": state_dict_sha256(model),
-        "losses": {"1": stage1_losses, "2": stage2_losses},
+        "losses": losses,
         "expert_token_counts": counter.steps,  # stage -> [step][layer][expert]
         "idle_expert_slots": int(idle),  # (step, layer, expert) triples that received no token on this rank
     }
     with open(os.path.join(args.output_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(args.output_dir, f"rank{rank}.safetensors"))  # fmt: skip
     print(f"rank {rank}/{world_size}: sha256={report['state_dict_sha256'][:16]} idle_expert_slots={idle}")
 
 
