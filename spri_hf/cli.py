@@ -8,77 +8,27 @@ import time
 
 import torch
 
+from .training_cli import TASKS, UPCYCLING_FLAGS, parse_layers, task_for, upcycling_fields
 from .utils import atomic_save, refuse_pickle_only
 
 
 def _layers_arg(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--moe-layers {text!r} must be comma-separated layer indices, e.g. 0,2,4")
+        return parse_layers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--moe_layers", "--moe-layers"))
 
 
 def _add_settings(parser: argparse.ArgumentParser):
+    """The upcycling flags, with SpriConfig's defaults and help (the same ones `spri-hf train` generates)."""
     group = parser.add_argument_group("SPRI settings (see SpriConfig)")
-    group.add_argument("--num-experts", type=int, default=8)
-    group.add_argument("--num-experts-per-tok", type=int, default=2)
-    group.add_argument("--init", default="spri", help="spri | copy | noise | drop | random")
-    group.add_argument("--principal-ratio", type=float, default=0.5)
-    group.add_argument("--principal-energy", type=float, default=None)
-    group.add_argument("--partition", default="interleaved", help="interleaved | contiguous | random")
-    group.add_argument("--spri-mode", default="balanced", help="balanced | partition")
-    group.add_argument("--diversity", type=float, default=0.1)
-    group.add_argument("--residual-scale", type=float, default=1.0)
-    group.add_argument("--noise-std", type=float, default=0.01)
-    group.add_argument("--drop-ratio", type=float, default=0.5)
-    group.add_argument("--moe-layers", type=_layers_arg, default=None, help="e.g. 0,2,4 (default: every layer)")
-    group.add_argument("--shared-expert", default=None, help="dense: keep an always-on copy of the dense FFN")
-    group.add_argument("--router-aux-loss-coef", type=float, default=0.01)
-    group.add_argument("--router-z-loss-coef", type=float, default=0.0)
-    group.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
-    group.add_argument("--stage", type=int, default=None, help="1 (residual factors) or 2 (full experts)")
-    group.add_argument("--seed", type=int, default=0)
-
-
-_SETTING_NAMES = (
-    "num_experts num_experts_per_tok init principal_ratio principal_energy partition spri_mode diversity "
-    "residual_scale noise_std drop_ratio moe_layers shared_expert router_aux_loss_coef router_z_loss_coef "
-    "norm_topk_prob stage seed"
-).split()
-
-
-# --task: which SPRI class wraps the dense checkpoint
-TASKS = {
-    "causal-lm": "SpriForCausalLM",
-    "seq2seq-lm": "SpriForSeq2SeqLM",
-    "speech-seq2seq": "SpriForSpeechSeq2Seq",
-    "sequence-classification": "SpriForSequenceClassification",
-    "masked-lm": "SpriForMaskedLM",
-    "base": "SpriModel",
-}
-_HEAD_SUFFIXES = (
-    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "sequence-classification"),
-    ("ForMaskedLM", "masked-lm"), ("Model", "base"),
-)
-
-
-def task_for(config) -> str:
-    """The `--task` of a dense config: speech and text encoder-decoders by model type, otherwise the head its
-    `architectures` name (an encoder without one: masked LM; a decoder: causal LM)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
-    )
-
-    if config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
-        return "speech-seq2seq"
-    if config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-        return "seq2seq-lm"
-    for architecture in getattr(config, "architectures", None) or []:
-        for suffix, task in _HEAD_SUFFIXES:
-            if architecture.endswith(suffix):
-                return task
-    return "masked-lm" if config.model_type in ("bert", "roberta", "xlm-roberta") else "causal-lm"
+    for name, flag_type, spec in upcycling_fields():
+        flag = "--" + name.replace("_", "-")
+        if name == "norm_topk_prob":
+            group.add_argument("--no-norm-topk-prob", dest=name, action="store_false", help="do not " + spec.metadata["help"])
+            continue
+        parse = _layers_arg if name == "moe_layers" else getattr(flag_type, "__args__", (flag_type,))[0]
+        group.add_argument(flag, type=parse, default=spec.default, help=spec.metadata["help"])
 
 
 def _spri_checkpoint_class(path):
@@ -102,7 +52,7 @@ def cmd_upcycle(args) -> int:
     from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .upcycling import _dequantized_config, make_config
 
-    settings = {name: getattr(args, name) for name in _SETTING_NAMES}
+    settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {"svd_method": args.svd_method, "svd_device": args.svd_device, "check_resources": not args.no_resource_check}
     out_dir = os.path.abspath(args.out)
     if os.path.exists(out_dir) and not args.overwrite:
@@ -186,6 +136,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .training_cli import run
+
+    return run(args.train_args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -240,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per layer: experts, principal rank, residual share, expert distance")
     inspect.add_argument("path")
     inspect.set_defaults(func=cmd_inspect)
+
+    train = sub.add_parser(
+        "train", add_help=False, prefix_chars="\0",
+        help="dense model (or SPRI checkpoint) + dataset -> upcycle -> both stages with SpriTrainer -> checkpoint; "
+        "spri-hf train --help lists its flags",
+    )
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="upcycle SmolLM2-135M, fine-tune on En->XX pairs, save, reload, generate")
     demo.add_argument("--output-dir", default="spri-demo-output")

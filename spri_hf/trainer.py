@@ -118,6 +118,15 @@ def resolve_steps(value: float, total: int) -> int:
     return int(value) if value >= 1 or value == 0 else max(1, round(value * total))
 
 
+def total_optimizer_steps(args: TrainingArguments, batches_per_epoch: int) -> int:
+    """`max_steps`, or epochs x optimizer steps per epoch of `batches_per_epoch` batches per process."""
+    if args.max_steps > 0:
+        return args.max_steps
+    accumulation = args.gradient_accumulation_steps
+    per_epoch = max(batches_per_epoch // accumulation + int(batches_per_epoch % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
 class SpriStageRecord(TrainerCallback, ExportableState):
     """Keeps the switch step in every checkpoint's `trainer_state.json` (a resumed run needs it for its schedule)."""
 
@@ -253,13 +262,9 @@ class SpriTrainerMixin:
         return switch
 
     def planned_total_steps(self) -> int:
-        """The run's optimizer steps: `max_steps`, or epochs x update steps per epoch (as `Trainer` counts them)."""
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        batches = len(self.get_train_dataloader())
-        accumulation = self.args.gradient_accumulation_steps
-        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
-        return math.ceil(self.args.num_train_epochs * per_epoch)
+        """The run's optimizer steps (as `Trainer` counts them)."""
+        batches = len(self.get_train_dataloader()) if self.args.max_steps <= 0 else 0
+        return total_optimizer_steps(self.args, batches)
 
     @torch.no_grad()
     def switch_to_stage2(self):
