@@ -23,7 +23,7 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 from transformers.optimization import get_scheduler
 from transformers.trainer_callback import ExportableState, TrainerState
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -239,16 +239,24 @@ class SpriTrainerMixin:
             self.add_callback(switch)
             load_best = self.args.load_best_model_at_end
             self.args.load_best_model_at_end = False  # a stage-1 best checkpoint does not load into stage 2
+            start_step = _checkpoint_global_step(resume_from_checkpoint) if resume_from_checkpoint else 0
             try:
-                output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+                stage1 = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
             finally:
                 self.remove_callback(switch)
                 self.args.load_best_model_at_end = load_best
             if model.config.stage == 1:  # stopped before the switch (e.g. by another callback)
-                return output
+                return stage1
             self.accelerator.wait_for_everyone()  # rank 0 has written the switch checkpoint
             self.model_wrapped = self.model  # so that stage 2 wraps the new parameters (DDP) afresh
-            resume_from_checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.switch_step}")
+            switch_checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.switch_step}")
+            stage2 = super().train(switch_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+            # one summary for this call: the loss averaged over the steps of both parts, the runtimes added
+            steps1, steps2 = self.switch_step - start_step, stage2.global_step - self.switch_step
+            loss = (stage1.training_loss * steps1 + stage2.training_loss * steps2) / max(steps1 + steps2, 1)
+            metrics = dict(stage2.metrics, train_loss=loss)
+            metrics["train_runtime"] = stage1.metrics.get("train_runtime", 0.0) + stage2.metrics.get("train_runtime", 0.0)
+            return TrainOutput(stage2.global_step, loss, metrics)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _planned_switch_step(self) -> int:
@@ -368,6 +376,11 @@ def _checkpoint_stage(checkpoint: str) -> int:
         raise FileNotFoundError(f"{checkpoint} has no config.json: not a checkpoint of a Trainer run.")
     with open(path, encoding="utf-8") as handle:
         return int(json.load(handle).get("stage", 2))
+
+
+def _checkpoint_global_step(checkpoint: str) -> int:
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    return TrainerState.load_from_json(path).global_step if os.path.isfile(path) else 0
 
 
 def _checkpoint_switch_step(checkpoint: str) -> int | None:

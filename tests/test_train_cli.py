@@ -112,3 +112,31 @@ def test_missing_data_file_is_named(dense_folder, tmp_path, capsys):
     assert _train(dense_folder, tmp_path / "nope.jsonl", tmp_path / "out") == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_under_accelerate_launch_with_two_processes(dense_folder, tmp_path):
+    """`accelerate launch -m spri_hf.training_cli` on 2 CPU processes (gloo): both stages, one saved checkpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data, out = _write(tmp_path / "data.jsonl", ROWS), tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "spri_hf.training_cli", "--model", str(dense_folder), "--dataset", str(data), "--output_dir", str(out),
+        "--max_steps", "6", "--stage1_steps", "3", "--per_device_train_batch_size", "2", "--num_experts", "4",
+        "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+        "--ddp_find_unused_parameters", "false",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stderr.count("trained 6 steps (stage 1 until step 3)") == 1  # printed by rank 0 only
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["SpriStageRecord"]["args"]["switch_step"] == 3
+    assert json.loads((out / "config.json").read_text())["stage"] == 2
