@@ -49,6 +49,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import wave
 from collections import defaultdict
@@ -65,6 +66,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     GenerationConfig,
+    TrainerCallback,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
@@ -75,7 +77,11 @@ from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import spri_hf  # noqa: E402
-from spri_hf import SpriForSpeechSeq2Seq  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/quality.py` from anywhere
+from benchmarks.data import build as builder  # noqa: E402
+from spri_hf import SpriForSpeechSeq2Seq, SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments  # noqa: E402
 from spri_hf.inspection import inspect_model  # noqa: E402
 
 
@@ -118,12 +124,16 @@ class Method:
 def _methods() -> dict[str, Method]:
     rows = [
         Method("dense-untrained", None, train=False, description="Whisper base as it is (zero-shot reference)"),
+        Method("source-copy", None, train=False, description="the spoken source sentence, copied (trivial baseline)"),
         Method("dense", None, description="dense full fine-tuning of the decoder"),
         Method("copy", {"init": "copy"}, description="sparse upcycling: every expert a copy"),
         Method("noise", {"init": "noise"}, description="copy + 1% relative Gaussian noise"),
         Method("drop", {"init": "drop"}, description="Drop-Upcycling, 50% of neurons re-initialised"),
         Method("random", {"init": "random"}, description="experts from scratch"),
         Method("spri", {"init": "spri"}, description="SPRI, spri_hf defaults, two stages"),
+        Method("spri-stage2only", {"init": "spri", "stage": 2}, description="SPRI init, stage 2 throughout"),
+        Method("spri-div0", {"init": "spri", "diversity": 0.0},
+               description="control: two stages, per-expert low-rank adapters on an exact copy"),
     ]
     for diversity in (0.05, 0.2, 0.5):
         settings = {"init": "spri", "spri_mode": "balanced", "diversity": diversity}
@@ -132,20 +142,19 @@ def _methods() -> dict[str, Method]:
     for ratio in (0.25, 0.75, 0.9):
         rows.append(Method(f"spri-pr{ratio:g}", {"init": "spri", "principal_ratio": ratio}))
     rows.append(Method("spri-contiguous", {"init": "spri", "partition": "contiguous"}))
-    rows.append(Method("spri-stage2only", {"init": "spri", "stage": 2}, description="SPRI init, stage 2 throughout"))
     return {method.name: method for method in rows}
 
 
 METHODS = _methods()
-MAIN_METHODS = ("dense-untrained", "dense", "copy", "noise", "drop", "random", "spri")
-# the comparison repeated over seeds: the references, the upcycling baselines that are not far behind in cpu-small
-# (random is), spri with spri_hf's defaults and its best single-setting variant in cpu-small (stage 2 only)
-SEEDS_METHODS = ("dense-untrained", "dense", "copy", "noise", "drop", "spri", "spri-stage2only")
+BASELINES = ("dense-untrained", "source-copy")
+MAIN_METHODS = BASELINES + ("dense", "copy", "noise", "drop", "random", "spri", "spri-stage2only", "spri-div0")
+# the upcycling baselines SPRI is compared with ("the best baseline": the best of these on the evaluation split)
+UPCYCLING_BASELINES = ("copy", "noise", "drop", "random")
 # rows of the main table and of the per-language plot
-HEADLINE_METHODS = tuple(dict.fromkeys(MAIN_METHODS + SEEDS_METHODS))
+HEADLINE_METHODS = MAIN_METHODS
 # ablation tables: which runs differ in one setting from the default `spri`
 ABLATIONS = {
-    "diversity (spri_mode balanced)": ("spri-div0.05", "spri", "spri-div0.2", "spri-div0.5"),
+    "diversity (spri_mode balanced)": ("spri-div0", "spri-div0.05", "spri", "spri-div0.2", "spri-div0.5"),
     "spri_mode": ("spri", "spri-partition"),
     "principal_ratio": ("spri-pr0.25", "spri", "spri-pr0.75", "spri-pr0.9"),
     "partition": ("spri", "spri-contiguous"),
@@ -163,11 +172,17 @@ class Preset:
     seeds: tuple[int, ...] = (0,)
     steps: int = 40
     batch_size: int = 16
-    learning_rate: float = 3e-4  # chosen on the dev split for dense fine-tuning (1e-4, 3e-4, 1e-3 tried)
+    learning_rate: float = 3e-4  # every method's, unless `learning_rates` names it
+    # per-method learning rates chosen on dev (`--select-lr`): ((method, lr), ...)
+    learning_rates: tuple[tuple[str, float], ...] = ()
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # two-stage SPRI through SpriSeq2SeqTrainer: stage-1 length (fraction of the steps), its rate as a multiple of the
+    # method's (None: SpriTrainingArguments' default), the re-warm-up after the switch (fraction of stage 2)
     stage1_fraction: float = 0.5
+    stage1_lr_multiplier: float | None = None
+    stage2_warmup_ratio: float = 0.1
     train_embeddings: bool = False  # token embeddings (tied with the output projection)
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -183,6 +198,7 @@ class Preset:
     context_margin_s: float = 4.0
     context_bucket: int = 50
     amp: bool = False  # bfloat16 autocast (accelerators)
+    eval_every: int = 0  # > 0: score the dev split every so many steps (the pilot's learning curve)
 
 
 ALL_METHODS = tuple(METHODS)
@@ -191,10 +207,17 @@ PRESETS = {
         "tiny", "tiny", ALL_METHODS, steps=2, batch_size=4, learning_rate=1e-3, num_experts=4,
         max_target_tokens=16, eval_batch_size=8, generation_slack=0,
     ),
-    "cpu-small": Preset("cpu-small", "whisper-base", ALL_METHODS, max_eval_sources=30),
-    "cpu-small-seeds": Preset("cpu-small-seeds", "whisper-base", SEEDS_METHODS, seeds=(0, 1, 2), max_eval_sources=30),
+    # X->English on espeak-ng speech of de, sv, ca, tr, id (`python -m benchmarks.data.build --preset cpu-xx-en`):
+    # Whisper's native translate task, so there is headroom above the zero-shot model and above copying the source
+    "pilot": Preset("pilot", "whisper-base", ("dense-untrained", "source-copy", "dense"), steps=150, eval_every=50,
+                    max_eval_sources=30),
+    "cpu-xx-en": Preset("cpu-xx-en", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=150,
+                        max_eval_sources=60),
+    "cpu-xx-en-ablations": Preset("cpu-xx-en-ablations", "whisper-base", tuple(dict.fromkeys(
+        name for names in ABLATIONS.values() for name in names)), seeds=(0, 1, 2), steps=150, max_eval_sources=60),
+    # the paper's direction, 15 En->XX languages (`python -m benchmarks.data.build`), for an accelerator
     "gpu": Preset(
-        "gpu", "whisper-base", ALL_METHODS, seeds=(0, 1, 2), steps=600, batch_size=32, learning_rate=1e-4,
+        "gpu", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=600, batch_size=32, learning_rate=1e-4,
         train_embeddings=True, eval_batch_size=64, amp=True, context_margin_s=30.0,
     ),
 }
@@ -240,6 +263,17 @@ def context_frames(num_samples: int, preset: Preset) -> int:
     return min(frames, MAX_FRAMES)
 
 
+def wav_samples(path: Path) -> int:
+    with wave.open(str(path), "rb") as handle:
+        return handle.getnframes()
+
+
+def shared_context_frames(data_dir: Path, rows: list[dict], preset: Preset) -> int:
+    """One context length for every clip: the longest clip + the margin. Every clip keeps its own encoder states up to
+    there (the states of its trailing silence), so batches need no padded frames and any batch order works."""
+    return max(context_frames(wav_samples(data_dir / row["audio"]), preset) for row in rows)
+
+
 def fingerprint(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -248,56 +282,78 @@ def fingerprint(*parts) -> str:
 
 
 def data_fingerprint(data_dir: Path) -> str:
-    return fingerprint(*[(data_dir / f"{split}.jsonl").read_bytes() for split in ("train", "dev", "test")])
+    return fingerprint(*[(data_dir / f"{split}.jsonl").read_bytes() for split in ("train", "dev", "test")
+                         if (data_dir / f"{split}.jsonl").is_file()])  # fmt: skip
+
+
+def data_direction(data_dir: Path) -> str:
+    """`en-xx` (English speech, XX text) or `xx-en` (XX speech, English text), from the builder's manifest."""
+    manifest = data_dir / "manifest.json"
+    direction = json.loads(manifest.read_text()).get("direction", "en-xx") if manifest.is_file() else "en-xx"
+    if direction not in ("en-xx", "xx-en"):
+        raise ValueError(f"{manifest}: unknown direction {direction!r}")
+    return direction
 
 
 @torch.no_grad()
-def encoder_states(dense, processor, data_dir: Path, rows: list[dict], preset: Preset, cache_file: Path, device,
+def encoder_states(dense, processor, data_dir: Path, rows: list[dict], frames: int, cache_file: Path, device,
                    log=print, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """float16 encoder states (context frames x d_model) of every clip, computed once and cached on disk."""
+    """float16 encoder states (`frames` x d_model) of every clip (keyed by its audio file), cached on disk."""
     cached = torch.load(cache_file) if cache_file.is_file() else {}
-    clips = {row["source_id"]: data_dir / row["audio"] for row in rows}
-    todo = [source for source in clips if source not in cached]
+    clips = {row["audio"]: data_dir / row["audio"] for row in rows}
+    todo = [clip for clip in clips if clip not in cached]
     encoder = dense.get_encoder().to(device).eval()
     for start in range(0, len(todo), batch_size):
-        sources = todo[start : start + batch_size]
-        audio = [read_wav(clips[source]) for source in sources]
+        names = todo[start : start + batch_size]
+        audio = [read_wav(clips[name]) for name in names]
         features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         states = encoder(features.to(device=device, dtype=dense.dtype)).last_hidden_state
-        for source, clip, state in zip(sources, audio, states):
-            cached[source] = state[: context_frames(len(clip), preset)].to("cpu", torch.float16).clone()
+        for name, state in zip(names, states):
+            cached[name] = state[:frames].to("cpu", torch.float16).clone()
         if (start // batch_size) % 10 == 9:
-            log(f"    encoder states {start + len(sources)}/{len(todo)}")
+            log(f"    encoder states {start + len(names)}/{len(todo)}")
+            _save_states(cached, cache_file)  # a killed run keeps what it computed
     if todo:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(cached, partial)
-        os.replace(partial, cache_file)
-    return {source: cached[source] for source in clips}
+        _save_states(cached, cache_file)
+    return {clip: cached[clip] for clip in clips}
+
+
+def _save_states(cached: dict, cache_file: Path):
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(cached, partial)
+    os.replace(partial, cache_file)
 
 
 @dataclass
 class Example:
     lang: str
     source_id: str
+    audio: str
     decoder_input_ids: list[int]
     labels: list[int]
     reference: str
+    source_text: str  # what was spoken: the trivial "copy the source" output
 
 
-def make_examples(rows: list[dict], tokenizer, preset: Preset) -> list[Example]:
-    """Decoder inputs `<sot> <|xx|> <|transcribe|> <|notimestamps|> target` and labels `-100 x3, target, <eot>`."""
-    sot, transcribe, no_timestamps, eot = tokenizer.convert_tokens_to_ids(
-        ["<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>", "<|endoftext|>"]
+def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str) -> list[Example]:
+    """Decoder inputs `<sot> <|xx|> <|task|> <|notimestamps|> target` and labels `-100 x3, target, <eot>`.
+
+    en-xx: `<|xx|>` is the target language with the transcribe task (Whisper's "translate" means X->English);
+    xx-en: `<|xx|>` is the spoken language with Whisper's native translate task.
+    """
+    task = "<|translate|>" if direction == "xx-en" else "<|transcribe|>"
+    sot, task_id, no_timestamps, eot = tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", task, "<|notimestamps|>", "<|endoftext|>"]
     )
     examples = []
     for row in rows:
         language = language_token_id(tokenizer, row["lang"])
         target = tokenizer(row["target"], add_special_tokens=False).input_ids[: preset.max_target_tokens - 1]
-        prompt = [sot, language, transcribe, no_timestamps]
-        examples.append(
-            Example(row["lang"], row["source_id"], prompt + target, [-100] * 3 + target + [eot], row["target"])
-        )
+        prompt = [sot, language, task_id, no_timestamps]
+        spoken = row.get("source_text") or row["en"]
+        examples.append(Example(row["lang"], row["source_id"], row["audio"], prompt + target,
+                                [-100] * 3 + target + [eot], row["target"], spoken))  # fmt: skip
     return examples
 
 
@@ -309,36 +365,39 @@ def language_token_id(tokenizer, lang: str) -> int:
     return token_id
 
 
-def collate(examples: list[Example], states: dict[str, torch.Tensor], pad_id: int, device, dtype) -> dict:
+def collate(examples: list[Example], states: dict[str, torch.Tensor], pad_id: int, device=None, dtype=torch.float32) -> dict:
+    """A batch: the cached encoder states as `encoder_outputs`, decoder inputs and labels (padding carries no loss)."""
     length = max(len(example.labels) for example in examples)
     decoder_input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
     for row, example in enumerate(examples):
         decoder_input_ids[row, : len(example.decoder_input_ids)] = torch.tensor(example.decoder_input_ids)
         labels[row, : len(example.labels)] = torch.tensor(example.labels)
-    encoder = torch.stack([states[example.source_id] for example in examples]).to(device=device, dtype=dtype)
-    return {
-        "encoder_outputs": BaseModelOutput(last_hidden_state=encoder),
-        "decoder_input_ids": decoder_input_ids.to(device),
-        "labels": labels.to(device),
-    }
+    encoder = torch.stack([states[example.audio] for example in examples]).to(device=device, dtype=dtype)
+    batch = {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder), "decoder_input_ids": decoder_input_ids,
+             "labels": labels}  # fmt: skip
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
-def training_batches(examples: list[Example], states: dict, preset: Preset, seed: int):
-    """Endless seeded stream of batches; each batch holds clips of one context length (no padded frames)."""
-    generator = torch.Generator().manual_seed(seed)
-    buckets = defaultdict(list)
-    for example in examples:
-        buckets[states[example.source_id].shape[0]].append(example)
-    while True:
-        batches = []
-        for frames in sorted(buckets):
-            bucket = buckets[frames]
-            order = torch.randperm(len(bucket), generator=generator).tolist()
-            for start in range(0, len(order), preset.batch_size):
-                batches.append([bucket[i] for i in order[start : start + preset.batch_size]])
-        for index in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[index]
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+
+class StatesCollator:
+    """`Trainer`'s data collator: examples -> `collate` (Trainer moves the tensors to the device)."""
+
+    def __init__(self, states: dict[str, torch.Tensor], pad_id: int):
+        self.states, self.pad_id = states, pad_id
+
+    def __call__(self, examples: list[Example]) -> dict:
+        return collate(examples, self.states, self.pad_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,6 +457,11 @@ def load_dense(preset: Preset, langs: list[str], cache: Path):
     raise ValueError(f"preset.model={preset.model!r}: use 'tiny' or 'whisper-base'")
 
 
+def frozen_patterns(preset: Preset) -> list[str]:
+    """What no method trains: the encoder (its states are cached), and the tied embeddings unless `train_embeddings`."""
+    return [".encoder."] + ([] if preset.train_embeddings else ["embed_tokens"])
+
+
 def build_model(method: Method, dense, preset: Preset, seed: int):
     if not method.is_moe:
         # the dense weights are shared by every run: fine-tune a copy
@@ -408,20 +472,18 @@ def build_model(method: Method, dense, preset: Preset, seed: int):
         num_experts=preset.num_experts,
         num_experts_per_tok=preset.num_experts_per_tok,
         seed=seed,
+        stage2_frozen=frozen_patterns(preset),  # SpriTrainer's switch to stage 2 keeps them frozen too
         **method.settings,
     )
 
 
-def set_trainable(model, preset: Preset):
-    """Freeze what no method trains (the encoder; the tied embeddings unless `train_embeddings`); return the rest."""
+def freeze(model, preset: Preset):
+    """The trainable set of `model` for its method: SPRI's stage rules, or the whole dense decoder, minus the frozen."""
     if isinstance(model, SpriForSpeechSeq2Seq):
         model.apply_stage_trainability()
-    else:
-        model.requires_grad_(True)
-    model.get_encoder().requires_grad_(False)
-    if not preset.train_embeddings:
-        model.get_input_embeddings().requires_grad_(False)
-    return [param for param in model.parameters() if param.requires_grad]
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(pattern in f"model.{name}" for pattern in frozen_patterns(preset)))
 
 
 def spri_settings(model) -> dict | None:
@@ -439,128 +501,125 @@ def spri_settings(model) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def learning_rate_factor(step: int, preset: Preset) -> float:
-    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero, over all stages together."""
-    warmup = max(1, round(preset.warmup_ratio * preset.steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (preset.steps - step) / max(1, preset.steps - warmup))
+def training_arguments(preset: Preset, method: Method, seed: int, output_dir: str, device):
+    """The same budget for every method: steps, batch, schedule shape, warm-up, clipping, data order and seed.
+
+    The learning rate is the method's own (chosen on dev, `Preset.learning_rates`); for two-stage SPRI,
+    `SpriSeq2SeqTrainer` runs stage 1 for `stage1_fraction` of the steps at `stage1_lr_multiplier` x that rate, switches,
+    re-warms up over `stage2_warmup_ratio` of stage 2 and decays to zero at the last step.
+    """
+    stage1 = {}
+    if method.two_stage:
+        stage1 = dict(stage1_steps=preset.stage1_fraction, stage2_warmup_steps=preset.stage2_warmup_ratio)
+        if preset.stage1_lr_multiplier is not None:
+            stage1["stage1_learning_rate"] = preset.stage1_lr_multiplier * method_learning_rate(preset, method)
+    return SpriSeq2SeqTrainingArguments(
+        output_dir=output_dir,
+        max_steps=preset.steps,
+        per_device_train_batch_size=preset.batch_size,
+        learning_rate=method_learning_rate(preset, method),
+        lr_scheduler_type="linear",
+        warmup_steps=preset.warmup_ratio,
+        weight_decay=preset.weight_decay,
+        max_grad_norm=preset.max_grad_norm,
+        # fused AdamW: the per-parameter loop of the default CPU implementation costs as much as a Whisper base step
+        optim="adamw_torch_fused" if device.type in ("cpu", "cuda") else "adamw_torch",
+        seed=seed,
+        data_seed=seed,
+        bf16=preset.amp,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **stage1,
+    )
 
 
-def make_optimizer(params, preset: Preset, device):
-    # fused AdamW: the per-parameter loop of the default CPU implementation costs as much as a Whisper base step
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(params, lr=preset.learning_rate, weight_decay=preset.weight_decay, fused=fused)
+def method_learning_rate(preset: Preset, method: Method) -> float:
+    return dict(preset.learning_rates).get(method.name, preset.learning_rate)
 
 
-def train(model, method: Method, examples, states, preset: Preset, seed: int, device, log) -> list[dict]:
-    stage1_steps = round(preset.stage1_fraction * preset.steps) if method.two_stage else 0
-    batches = training_batches(examples, states, preset, seed)
-    torch.manual_seed(seed)
-    model.train()
-    params = set_trainable(model, preset)
-    optimizer = make_optimizer(params, preset, device)
+class DevScores(TrainerCallback):
+    """Scores the dev examples every `every` steps (the pilot's learning curve): translation, not training."""
+
+    def __init__(self, every: int, score_fn):
+        self.every, self.score_fn, self.scores = every, score_fn, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.scores.append({"step": state.global_step, **self.score_fn(model)})
+            model.train()
+
+
+def train(model, method: Method, examples, states, preset: Preset, seed: int, device, log, callbacks=()) -> list[dict]:
+    """Fine-tune with `SpriSeq2SeqTrainer` (every method, dense included: it trains a plain model as Seq2SeqTrainer)."""
+    freeze(model, preset)
+    with tempfile.TemporaryDirectory(prefix="spri-quality-") as scratch:
+        trainer = SpriSeq2SeqTrainer(
+            model=model, args=training_arguments(preset, method, seed, scratch, device),
+            train_dataset=ExampleDataset(examples), data_collator=StatesCollator(states, model.config.pad_token_id),
+            callbacks=list(callbacks),
+        )  # fmt: skip
+        trainer.train()
     history = []
-    for step in range(preset.steps):
-        if step == stage1_steps and method.two_stage:
-            model.set_stage(2)  # materialise W_i = S + B_i A_i; new parameters, new optimizer
-            params = set_trainable(model, preset)
-            optimizer = make_optimizer(params, preset, device)
-        lr = preset.learning_rate * learning_rate_factor(step, preset)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = collate(next(batches), states, model.config.pad_token_id, device, torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
-            outputs = model(**batch)
-        outputs.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, preset.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        aux = outputs.get("aux_loss")
-        row = {
-            "step": step + 1,
-            "stage": getattr(model.config, "stage", None),
-            "lr": lr,
-            "loss": outputs.loss.item(),
-            "aux_loss": None if aux is None else aux.item(),
-            "grad_norm": grad_norm.item(),
-            "trainable_params": sum(p.numel() for p in params),
-        }
-        history.append(row)
-        if step == 0 or (step + 1) % max(1, preset.steps // 8) == 0 or step + 1 == preset.steps:
-            log(f"    step {step + 1}/{preset.steps} stage {row['stage']} loss {row['loss']:.3f} lr {lr:.2e}")
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            history.append({"step": entry["step"], "stage": entry.get("stage"), "lr": entry["learning_rate"],
+                            "loss": entry["loss"], "grad_norm": entry.get("grad_norm")})  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if history:
+        history[-1]["trainable_params"] = trainable
+    for row in history:
+        if row is history[0] or row["step"] % max(1, preset.steps // 8) == 0 or row["step"] == preset.steps:
+            log(f"    step {row['step']}/{preset.steps} stage {row['stage']} loss {row['loss']:.3f} lr {row['lr']:.2e}")
     model.eval()
     return history
 
 
-def eval_batches(examples: list[Example], states: dict, batch_size: int):
-    """Evaluation batches of one context length (languages mixed), in a fixed order."""
+def eval_batches(examples: list[Example], batch_size: int):
+    """Evaluation batches of one language each (one prompt per batch), in a fixed order."""
     groups = defaultdict(list)
     for index, example in enumerate(examples):
-        groups[states[example.source_id].shape[0]].append(index)
-    for frames in sorted(groups):
-        indices = sorted(groups[frames], key=lambda i: (examples[i].lang, examples[i].source_id))
+        groups[example.lang].append(index)
+    for lang in sorted(groups):
+        indices = sorted(groups[lang], key=lambda i: examples[i].source_id)
         for start in range(0, len(indices), batch_size):
             yield indices[start : start + batch_size]
 
 
 @torch.no_grad()
-def greedy_decode(model, encoder_states: torch.Tensor, prompts: torch.Tensor, limits: list[int]) -> list[list[int]]:
-    """Whisper's greedy decoding, with each sentence leaving the batch as soon as it is finished.
-
-    The same search as `model.generate(..., num_beams=1)` with Whisper's generation config (`suppress_tokens` at
-    every step, `begin_suppress_tokens` at the first one, stop at `<|endoftext|>` or after `limits[i]` new tokens),
-    but finished sentences are dropped from the batch and its cache, so a batch costs the tokens it generates rather
-    than batch size x its longest sentence (one looping hypothesis no longer holds up the rest). Returns the new
-    tokens of every sentence without the end token.
-    """
-    config = model.generation_config
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
-    suppress = torch.tensor(config.suppress_tokens or [], dtype=torch.long)
-    begin_suppress = torch.tensor(config.begin_suppress_tokens or [], dtype=torch.long)
-    tokens = [[] for _ in range(len(prompts))]
-    active = torch.arange(len(prompts))
-    encoder = encoder_states
-    input_ids, cache, first = prompts, None, True
-    while len(active):
-        outputs = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoder), decoder_input_ids=input_ids, cache=cache,
-            use_cache=True,
-        )
-        logits = outputs.logits[:, -1].float()
-        logits[:, suppress.to(logits.device)] = -float("inf")
-        if first:
-            logits[:, begin_suppress.to(logits.device)] = -float("inf")
-        next_tokens = logits.argmax(-1)
-        cache, first = outputs.cache, False
-        keep = []
-        for row, (index, token) in enumerate(zip(active.tolist(), next_tokens.tolist())):
-            if token == eos:
-                continue
-            tokens[index].append(token)
-            if len(tokens[index]) < limits[index]:
-                keep.append(row)
-        if len(keep) < len(active):
-            keep = torch.tensor(keep, dtype=torch.long, device=next_tokens.device)
-            cache.batch_select_indices(keep)
-            encoder, next_tokens, active = encoder[keep], next_tokens[keep], active[keep.cpu()]
-        input_ids = next_tokens[:, None]
-    return tokens
+def translate(model, tokenizer, examples, states, preset: Preset, max_new_tokens: dict[str, int], device,
+              direction: str = "en-xx") -> list[str]:
+    """Greedy translations through the model's own `generate` (Whisper's prompt, suppression and stopping rules)."""
+    task = "translate" if direction == "xx-en" else "transcribe"
+    hypotheses = [""] * len(examples)
+    for indices in eval_batches(examples, preset.eval_batch_size):
+        lang = examples[indices[0]].lang
+        encoder = torch.stack([states[examples[i].audio] for i in indices]).to(device=device, dtype=torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
+            generated = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder), language=whisper_language(lang),
+                task=task, max_new_tokens=max_new_tokens[lang], do_sample=False, num_beams=1,
+            )  # fmt: skip
+        for i, text in zip(indices, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            hypotheses[i] = text.strip()
+    return hypotheses
 
 
 @torch.no_grad()
-def translate(model, tokenizer, examples, states, preset: Preset, max_new_tokens: dict[str, int], device) -> list[str]:
-    """Greedy translations (prompt `<sot> <|xx|> <|transcribe|> <|notimestamps|>`), special tokens removed."""
-    hypotheses = [""] * len(examples)
-    for indices in eval_batches(examples, states, preset.eval_batch_size):
-        encoder = torch.stack([states[examples[i].source_id] for i in indices]).to(device=device, dtype=torch.float32)
-        prompts = torch.tensor([examples[i].decoder_input_ids[:4] for i in indices], device=device)
-        limits = [max_new_tokens[examples[i].lang] for i in indices]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
-            generated = greedy_decode(model, encoder, prompts, limits)
-        for i, sequence in zip(indices, generated):
-            hypotheses[i] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
-    return hypotheses
+def teacher_forced_cross_entropy(model, examples, states, preset: Preset, device) -> float:
+    """Token-mean cross-entropy of the references (no router loss), the second metric."""
+    total, count = 0.0, 0
+    for indices in eval_batches(examples, preset.eval_batch_size):
+        batch = collate([examples[i] for i in indices], states, model.config.pad_token_id, device)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + int((labels != -100).sum())
+    return total / max(count, 1)
 
 
 def bleu_tokenizer(lang: str) -> str:
@@ -627,7 +686,7 @@ def routing_diagnostics(model, examples, states, preset: Preset, device) -> dict
     counts = torch.zeros(len(layers), len(langs), num_experts, dtype=torch.float64)
     entropy_sum = torch.zeros(len(layers), dtype=torch.float64)
     tokens = 0
-    for indices in eval_batches(examples, states, preset.eval_batch_size):
+    for indices in eval_batches(examples, preset.eval_batch_size):
         batch = collate([examples[i] for i in indices], states, model.config.pad_token_id, device, torch.float32)
         # the decoder alone: routing needs no logits over the 51k-token vocabulary
         with model.collect_router_logits() as router_logits:
@@ -792,7 +851,13 @@ def plot_summary(summary: dict, plots: Path):
 
 def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: str, eval_split: str) -> dict:
     budget = {key: value for key, value in asdict(preset).items() if key not in _NOT_IN_SPEC}
-    return {
+    if method.train:  # only the method's own rate is part of its spec
+        budget["learning_rate"], budget["learning_rates"] = method_learning_rate(preset, method), None
+    else:
+        budget = {key: value for key, value in budget.items() if key in ("model", "max_target_tokens",
+                  "max_eval_sources", "context_margin_s", "generation_percentile", "generation_slack")}  # fmt: skip
+    # as it reads back from JSON (tuples become lists), so a finished run is recognised
+    return json.loads(json.dumps({
         "method": method.name,
         "settings": method.settings,
         "train": method.train,
@@ -801,7 +866,7 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
         "model": model_id,
         "data": data_id,
         "eval_split": eval_split,
-    }
+    }))
 
 
 def write_json(path: Path, payload):
@@ -820,6 +885,31 @@ def find_finished(spec: dict, path: Path, reuse: list[Path]) -> dict | None:
     return None
 
 
+def sentence_chrf(hypotheses: list[str], examples: list[Example]) -> list[float]:
+    """chrF++ of every sentence: the unit the paired bootstrap resamples."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF(word_order=2)
+    return [chrf.sentence_score(hypothesis, [example.reference]).score for hypothesis, example in zip(hypotheses, examples)]
+
+
+def evaluate_model(model, method: Method, examples, ctx: dict, with_cross_entropy: bool = True) -> dict:
+    """Translations, corpus and sentence scores, and teacher-forced cross-entropy of one model on `examples`."""
+    preset, device = ctx["preset"], ctx["device"]
+    clock = time.perf_counter()
+    if method.name == "source-copy":
+        hypotheses = [example.source_text for example in examples]
+    else:
+        hypotheses = translate(model, ctx["tokenizer"], examples, ctx["states"], preset, ctx["max_new_tokens"], device,
+                               ctx["direction"])  # fmt: skip
+    result = {"generate_s": time.perf_counter() - clock, "hypotheses": hypotheses}
+    result["metrics"] = score(hypotheses, examples)
+    result["sentence_chrf"] = sentence_chrf(hypotheses, examples)
+    if with_cross_entropy and method.name != "source-copy":
+        result["metrics"]["cross_entropy"] = teacher_forced_cross_entropy(model, examples, ctx["states"], preset, device)
+    return result
+
+
 def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
     preset, device = ctx["preset"], ctx["device"]
     timings = {}
@@ -829,17 +919,25 @@ def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
     timings["upcycle_s"] = time.perf_counter() - clock
     distance_before = pairwise_distances(model) if method.is_moe else None
     initial_settings = spri_settings(model)
-    history = []
+    history, dev_curve = [], []
     if method.train:
+        callbacks = []
+        if preset.eval_every and ctx.get("dev_examples"):
+            def dev_score(current):
+                current.eval()
+                hyps = translate(current, ctx["tokenizer"], ctx["dev_examples"], ctx["states"], preset,
+                                 ctx["max_new_tokens"], device, ctx["direction"])  # fmt: skip
+                row = score(hyps, ctx["dev_examples"])
+                log(f"    dev at this step: chrF++ {row['chrf']:.2f} BLEU {row['bleu']:.2f}")
+                return {"chrf": row["chrf"], "bleu": row["bleu"]}
+
+            callbacks.append(DevScores(preset.eval_every, dev_score))
         clock = time.perf_counter()
-        history = train(model, method, ctx["train_examples"], ctx["states"], preset, seed, device, log)
+        history = train(model, method, ctx["train_examples"], ctx["states"], preset, seed, device, log, callbacks)
         timings["train_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    hypotheses = translate(
-        model, ctx["tokenizer"], ctx["eval_examples"], ctx["states"], preset, ctx["max_new_tokens"], device
-    )
-    timings["generate_s"] = time.perf_counter() - clock
-    metrics = score(hypotheses, ctx["eval_examples"])
+        dev_curve = callbacks[0].scores if callbacks else []
+    evaluation = evaluate_model(model, method, ctx["eval_examples"], ctx)
+    timings["generate_s"] = evaluation["generate_s"]
     routing = None
     if method.is_moe:
         clock = time.perf_counter()
@@ -847,8 +945,14 @@ def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
         routing["pairwise_distance_before"] = distance_before
         routing["pairwise_distance_after"] = pairwise_distances(model)
         timings["routing_s"] = time.perf_counter() - clock
+    extra = {}
+    if ctx.get("extra_examples"):  # --test-pairs: the user's own pairs
+        extra_eval = evaluate_model(model, method, ctx["extra_examples"], ctx)
+        extra = {"metrics": extra_eval["metrics"], "hypotheses": extra_eval["hypotheses"]}
+    if ctx.get("keep_models") and method.train:
+        model.save_pretrained(ctx["out"] / "models" / f"{method.name}-seed{seed}")
     samples = {}
-    for example, hypothesis in zip(ctx["eval_examples"], hypotheses):
+    for example, hypothesis in zip(ctx["eval_examples"], evaluation["hypotheses"]):
         if example.lang not in samples:
             samples[example.lang] = {"reference": example.reference, "hypothesis": hypothesis}
     return {
@@ -856,13 +960,65 @@ def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
         "description": method.description,
         "seed": seed,
         "settings": initial_settings,
-        "metrics": metrics,
+        "learning_rate": method_learning_rate(preset, method) if method.train else None,
+        "metrics": evaluation["metrics"],
         "routing": routing,
         "history": history,
+        "dev_curve": dev_curve,
         "timings": timings,
         "samples": samples,
-        "hypotheses": hypotheses,
+        "hypotheses": evaluation["hypotheses"],
+        "sentence_chrf": evaluation["sentence_chrf"],
+        "test_pairs": extra or None,
     }
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], samples: int = 2000, seed: int = 0) -> dict:
+    """Mean paired difference `a - b` with a 95% percentile interval, resampling seeds and sentences.
+
+    `a[s][j]`, `b[s][j]`: the score of sentence `j` under seed `s` (same sentences, same seed pairing). Each bootstrap
+    sample draws seeds and sentences with replacement and averages `a - b` over the drawn cells. A method without
+    seeds (one row) is paired with every seed of the other.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape[0] == 1 and b.shape[0] > 1:
+        a = np.repeat(a, b.shape[0], axis=0)
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        b = np.repeat(b, a.shape[0], axis=0)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same seeds x sentences, got {a.shape} and {b.shape}")
+    difference = a - b
+    rng = np.random.default_rng(seed)
+    seeds, sentences = difference.shape
+    draws = np.empty(samples)
+    for k in range(samples):
+        rows = rng.integers(0, seeds, seeds)
+        columns = rng.integers(0, sentences, sentences)
+        draws[k] = difference[np.ix_(rows, columns)].mean()
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"mean": float(difference.mean()), "low": float(low), "high": float(high),
+            "significant": bool(low > 0 or high < 0), "seeds": seeds, "sentences": sentences}  # fmt: skip
+
+
+def paired_differences(results: list[dict]) -> dict:
+    """Sentence chrF++ of every trained method against dense and against the best upcycling baseline."""
+    by_method = defaultdict(list)
+    for result in results:
+        if result.get("sentence_chrf") is not None:
+            by_method[result["method"]].append(result)
+    scores = {name: [run["sentence_chrf"] for run in sorted(runs, key=lambda r: r["seed"])]
+              for name, runs in by_method.items()}  # fmt: skip
+    means = {name: float(np.mean(rows)) for name, rows in scores.items()}
+    baselines = [name for name in UPCYCLING_BASELINES if name in scores]
+    best = max(baselines, key=means.get) if baselines else None
+    paired = {}
+    for name, rows in scores.items():
+        entry = {}
+        for reference in ("dense", best):
+            if reference and reference != name and reference in scores and len(scores[reference][0]) == len(rows[0]):
+                entry[f"vs_{reference}"] = paired_bootstrap(rows, scores[reference])
+        paired[name] = entry
+    return {"metric": "sentence chrF++", "best_baseline": best, "methods": paired}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -886,6 +1042,7 @@ def summarise(results: list[dict], langs: list[str]) -> dict:
             "seeds": [run["seed"] for run in runs],
             "bleu": _mean_std([run["metrics"]["bleu"] for run in runs]),
             "chrf": _mean_std([run["metrics"]["chrf"] for run in runs]),
+            "learning_rate": runs[0].get("learning_rate"),
             "per_lang": {
                 lang: {
                     "bleu": _mean_std([run["metrics"]["per_lang"][lang]["bleu"] for run in runs]),
@@ -898,10 +1055,15 @@ def summarise(results: list[dict], langs: list[str]) -> dict:
                 for key in ("upcycle_s", "train_s", "generate_s", "routing_s")
             },
         }
+        if all("cross_entropy" in run["metrics"] for run in runs):
+            row["cross_entropy"] = _mean_std([run["metrics"]["cross_entropy"] for run in runs])
+        if all(run.get("test_pairs") for run in runs):
+            row["test_pairs"] = {key: _mean_std([run["test_pairs"]["metrics"][key] for run in runs])
+                                 for key in ("chrf", "bleu")}  # fmt: skip
         if runs[0]["history"]:
             curves = [[step["loss"] for step in run["history"]] for run in runs]
             row["loss_curve"] = [statistics.fmean(losses) for losses in zip(*curves)]
-            row["trainable_params_last_step"] = runs[0]["history"][-1]["trainable_params"]
+            row["trainable_params_last_step"] = runs[0]["history"][-1].get("trainable_params")
         if runs[0]["routing"]:
             row["routing"] = {
                 key: statistics.fmean(run["routing"]["mean"][key] for run in runs)
@@ -927,7 +1089,7 @@ def _cell(stat: dict, digits: int = 2) -> str:
 def _setting_label(name: str, row: dict) -> str:
     settings = row["settings"]
     if not settings:
-        return "dense"
+        return {"source-copy": "the spoken source text", "dense-untrained": "zero-shot"}.get(name, "dense")
     label = f"init={settings['init']}"
     if settings["init"] == "spri":
         label += (
@@ -941,8 +1103,10 @@ def _setting_label(name: str, row: dict) -> str:
 
 def markdown(summary: dict) -> str:
     methods, langs = summary["methods"], summary["languages"]
-    reference = methods.get("dense")
-    header = "| method | settings | BLEU | chrF++ | ΔBLEU vs dense | train s | generate s |"
+    header = ("| method | settings | lr | chrF++ | BLEU | test CE | ΔchrF++ vs dense [95% CI] | "
+              "ΔchrF++ vs best baseline [95% CI] | train s | generate s |")
+    paired = summary.get("paired", {}).get("methods", {})
+    best = summary.get("paired", {}).get("best_baseline")
     lines = [
         f"# Quality benchmark: preset `{summary['preset']}`",
         "",
@@ -957,19 +1121,29 @@ def markdown(summary: dict) -> str:
         "",
         "## Main comparison",
         "",
+        "Δ columns: paired sentence-level chrF++ differences, 95% bootstrap interval over seeds and test sentences; "
+        f"best baseline = {best}. An interval that includes 0 is no difference.",
+        "",
         header,
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def interval(name, against):
+        stat = paired.get(name, {}).get(f"vs_{against}")
+        if not stat:
+            return ""
+        mark = "" if stat["significant"] else " (n.s.)"
+        return f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]{mark}"
 
     def row_line(name):
         row = methods[name]
-        delta = ""
-        if reference is not None and name != "dense":
-            delta = f"{row['bleu']['mean'] - reference['bleu']['mean']:+.2f}"
         timings = row["timings"]
+        ce = _cell(row["cross_entropy"], 3) if row.get("cross_entropy") else ""
+        lr = f"{row['learning_rate']:g}" if row.get("learning_rate") else ""
         return (
-            f"| {name} | {_setting_label(name, row)} | {_cell(row['bleu'])} | {_cell(row['chrf'])} | {delta} | "
-            f"{timings['train_s']:.0f} | {timings['generate_s']:.0f} |"
+            f"| {name} | {_setting_label(name, row)} | {lr} | {_cell(row['chrf'])} | {_cell(row['bleu'])} | {ce} | "
+            f"{interval(name, 'dense')} | {interval(name, best)} | {timings['train_s']:.0f} | "
+            f"{timings['generate_s']:.0f} |"
         )
 
     lines += [row_line(name) for name in HEADLINE_METHODS if name in methods]
@@ -977,7 +1151,7 @@ def markdown(summary: dict) -> str:
         names = [name for name in names if name in methods]
         if len(names) < 2:
             continue
-        lines += ["", f"## Ablation: {title}", "", header, "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Ablation: {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(name) for name in names]
     for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
         lines += ["", f"## {title} per language", "", "| method | " + " | ".join(langs) + " | avg |",
@@ -1051,7 +1225,7 @@ def context_check(dense, processor, data_dir: Path, rows: list[dict], preset: Pr
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-xx-en")
     parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "covost_mini")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<preset>")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -1074,6 +1248,17 @@ def main(argv=None) -> int:
         "--context-check", action="store_true",
         help="also transcribe the evaluation clips in English with the encoder states trimmed at several margins",
     )
+    parser.add_argument("--test-pairs", type=Path, default=None,
+                        help="also score the trained models on this pairs file (the builder's row format; its speech "
+                        "is synthesised with espeak-ng)")  # fmt: skip
+    parser.add_argument("--keep-models", action="store_true", help="save every trained model under OUT/models/")
+    parser.add_argument("--select-lr", default=None,
+                        help="comma-separated learning rates: pick each method's on dev (seed 0), write "
+                        "OUT/lr-selection.json, then run the preset with them")  # fmt: skip
+    parser.add_argument("--learning-rates", type=Path, default=None,
+                        help="an lr-selection.json: use its chosen per-method learning rates")
+    parser.add_argument("--stage1-fraction", type=float, default=None)
+    parser.add_argument("--stage1-lr-multiplier", type=float, default=None)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -1092,52 +1277,85 @@ def main(argv=None) -> int:
         preset = replace(preset, learning_rate=args.learning_rate)
     if args.context_margin is not None:
         preset = replace(preset, context_margin_s=args.context_margin)
+    if args.stage1_fraction is not None:
+        preset = replace(preset, stage1_fraction=args.stage1_fraction)
+    if args.stage1_lr_multiplier is not None:
+        preset = replace(preset, stage1_lr_multiplier=args.stage1_lr_multiplier)
     out = args.out or ROOT / "benchmarks" / "results" / preset.name
-    run_benchmark(preset, args.data, out, torch.device(args.device), args.cache, args.reuse, args.eval_split,
-                  args.context_check)
+    device = torch.device(args.device)
+    if args.select_lr:
+        grid = [float(value) for value in args.select_lr.split(",")]
+        chosen = select_learning_rates(preset, grid, args.data, out / "lr-selection", device, args.cache)["chosen"]
+        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+    elif args.learning_rates:
+        chosen = json.loads(args.learning_rates.read_text())["chosen"]
+        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+    run_benchmark(preset, args.data, out, device, args.cache, args.reuse, args.eval_split, args.context_check,
+                  test_pairs=args.test_pairs, keep_models=args.keep_models)
     return 0
 
 
 def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device("cpu"), cache: Path = DEFAULT_CACHE,
                   reuse: list[Path] = (), eval_split: str = "test", check_context: bool = False,
-                  log=lambda message: print(message, flush=True)) -> dict:
+                  log=lambda message: print(message, flush=True), test_pairs: Path | None = None,
+                  keep_models: bool = False) -> dict:
     """Run every (method, seed) of `preset` that `out` does not hold yet; write the summary, tables and plots."""
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
+    direction = data_direction(data_dir)
     train_rows = load_split(data_dir, "train", preset.max_train_sources)
     eval_rows = load_split(data_dir, eval_split, preset.max_eval_sources)
+    dev_rows = load_split(data_dir, "dev", preset.max_eval_sources) if preset.eval_every else []
+    extra_rows, extra_dir = [], None
+    if test_pairs is not None:
+        extra_dir = cache / f"test-pairs-{fingerprint(Path(test_pairs).read_bytes(), direction)}"
+        if not (extra_dir / "test.jsonl").is_file():
+            builder.synthesise_pairs(test_pairs, extra_dir, direction=direction)
+        extra_rows = load_split(extra_dir, "test")
     langs = sorted({row["lang"] for row in eval_rows})
-    log(f"[{preset.name}] {len(train_rows)} training pairs, {len(eval_rows)} {eval_split} pairs, languages {langs}")
+    log(f"[{preset.name}] {direction}: {len(train_rows)} training pairs, {len(eval_rows)} {eval_split} pairs, "
+        f"languages {langs}")
 
-    dense, processor, model_id = load_dense(preset, sorted({row["lang"] for row in train_rows + eval_rows}), cache)
+    all_rows = train_rows + eval_rows + dev_rows
+    dense, processor, model_id = load_dense(preset, sorted({row["lang"] for row in all_rows + extra_rows}), cache)
     dense = dense.to(device)
     tokenizer = processor.tokenizer
     for lang in langs:
         language_token_id(tokenizer, lang)
     clock = time.perf_counter()
     data_id = data_fingerprint(data_dir)
-    key = fingerprint(model_id, preset.context_margin_s, preset.context_bucket, str(data_dir.resolve()), data_id)
-    cache_file = cache / f"encoder-{key}.pt"
-    states = encoder_states(dense, processor, data_dir, train_rows + eval_rows, preset, cache_file, device, log)
+    frames = shared_context_frames(data_dir, all_rows, preset)
+    if extra_rows:
+        frames = max(frames, shared_context_frames(extra_dir, extra_rows, preset))
+    key = fingerprint(model_id, frames, str(data_dir.resolve()), data_id)
+    states = encoder_states(dense, processor, data_dir, all_rows, frames, cache / f"encoder-{key}.pt", device, log)
+    if extra_rows:
+        extra_key = fingerprint(model_id, frames, str(extra_dir.resolve()), (extra_dir / "test.jsonl").read_bytes())
+        extra_states = encoder_states(dense, processor, extra_dir, extra_rows, frames,
+                                      cache / f"encoder-{extra_key}.pt", device, log)  # fmt: skip
+        states.update({f"pairs:{name}": state for name, state in extra_states.items()})
+        extra_rows = [dict(row, audio=f"pairs:{row['audio']}") for row in extra_rows]
     encoder_seconds = time.perf_counter() - clock
-    frames = [state.shape[0] for state in states.values()]
-    log(f"encoder states: {len(states)} clips, context {min(frames)}-{max(frames)} frames "
-        f"(mean {statistics.fmean(frames):.0f}), {encoder_seconds:.0f} s")
+    log(f"encoder states: {len(states)} clips, {frames} frames each, {encoder_seconds:.0f} s")
 
-    train_examples = make_examples(train_rows, tokenizer, preset)
-    eval_examples = make_examples(eval_rows, tokenizer, preset)
+    train_examples = make_examples(train_rows, tokenizer, preset, direction)
+    eval_examples = make_examples(eval_rows, tokenizer, preset, direction)
     lengths = defaultdict(list)
     for example in train_examples:
         lengths[example.lang].append(len(example.labels) - 3)
+    all_langs = sorted({row["lang"] for row in eval_rows + extra_rows})
     max_new_tokens = {
         lang: (math.ceil(np.percentile(lengths[lang], preset.generation_percentile)) if lengths[lang]
                else preset.max_target_tokens) + preset.generation_slack
-        for lang in langs
+        for lang in all_langs
     }
-    ctx = dict(preset=preset, device=device, dense=dense, tokenizer=tokenizer, states=states,
-               train_examples=train_examples, eval_examples=eval_examples, max_new_tokens=max_new_tokens)
+    ctx = dict(preset=preset, device=device, dense=dense, tokenizer=tokenizer, states=states, direction=direction,
+               train_examples=train_examples, eval_examples=eval_examples, max_new_tokens=max_new_tokens,
+               dev_examples=make_examples(dev_rows, tokenizer, preset, direction),
+               extra_examples=make_examples(extra_rows, tokenizer, preset, direction), keep_models=keep_models,
+               out=out)  # fmt: skip
 
     results = []
     for method_name in preset.methods:
@@ -1145,10 +1363,12 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         for seed in preset.seeds if method.train else preset.seeds[:1]:
             seed = seed if method.train else 0
             spec = run_spec(method, seed, preset, model_id, data_id, eval_split)
+            if test_pairs is not None:
+                spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
             path = out / "runs" / f"{method.name}-seed{seed}.json"
             result = find_finished(spec, path, [Path(folder) for folder in reuse])
             if result is not None:
-                log(f"{method.name} seed {seed}: finished before, BLEU {result['metrics']['bleu']:.2f}")
+                log(f"{method.name} seed {seed}: finished before, chrF++ {result['metrics']['chrf']:.2f}")
                 if not path.is_file() or json.loads(path.read_text()).get("spec") != spec:
                     write_json(path, result)
             else:
@@ -1157,14 +1377,15 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
                 result = run_one(method, seed, ctx, log) | {"spec": spec}
                 result["timings"]["total_s"] = time.perf_counter() - clock
                 write_json(path, result)
-                log(f"    BLEU {result['metrics']['bleu']:.2f} chrF++ {result['metrics']['chrf']:.2f} "
-                    f"({result['timings']['total_s']:.0f} s)")
+                log(f"    chrF++ {result['metrics']['chrf']:.2f} BLEU {result['metrics']['bleu']:.2f} "
+                    f"CE {result['metrics'].get('cross_entropy', float('nan')):.3f} ({result['timings']['total_s']:.0f} s)")
             if result["routing"]:
                 plot_routing(result, out / "plots" / f"routing-{method.name}-seed{seed}.png")
             results.append(result)
 
     summary = {
         "preset": preset.name,
+        "direction": direction,
         "model": model_id,
         "budget": {key: value for key, value in asdict(preset).items() if key not in ("name", "methods", "seeds")},
         "seeds": list(preset.seeds),
@@ -1177,7 +1398,8 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
             "fingerprint": data_id,
             "train_pairs": len(train_rows),
             "eval_pairs": len(eval_rows),
-            "context_frames": {"min": min(frames), "max": max(frames), "mean": statistics.fmean(frames)},
+            "context_frames": frames,
+            "test_pairs_file": str(test_pairs) if test_pairs else None,
         },
         "environment": {
             "device": str(device) if device.type != "cpu"
@@ -1188,7 +1410,8 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
             "spri_hf": spri_hf.__version__,
             "sacrebleu": __import__("sacrebleu").__version__,
         },
-        "methods": summarise(results, langs),
+        "methods": summarise(results, all_langs if extra_rows else langs),
+        "paired": paired_differences(results),
         "encoder_seconds": encoder_seconds,
     }
     if check_context:
@@ -1199,6 +1422,24 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     (out / "summary.md").write_text(markdown(summary), encoding="utf-8")
     log(f"wrote {out / 'summary.md'} ({summary['wall_seconds'] / 60:.1f} min)")
     return summary
+
+
+def select_learning_rates(preset: Preset, grid: list[float], data_dir: Path, out: Path, device, cache: Path,
+                          log=print) -> dict:
+    """Seed 0 of every trained method at every rate of `grid` on the dev split; the best chrF++ per method."""
+    choice, table = {}, {}
+    for lr in grid:
+        trial = replace(preset, name=f"{preset.name}-lr{lr:g}", learning_rate=lr, learning_rates=(), seeds=(0,),
+                        methods=tuple(name for name in preset.methods if METHODS[name].train))  # fmt: skip
+        summary = run_benchmark(trial, data_dir, out / f"lr{lr:g}", device, cache, eval_split="dev", log=log)
+        for name, row in summary["methods"].items():
+            table.setdefault(name, {})[f"{lr:g}"] = row["chrf"]["mean"]
+    for name, scores in table.items():
+        choice[name] = float(max(scores, key=scores.get))
+    result = {"grid": grid, "dev_chrf": table, "chosen": choice}
+    write_json(out / "lr-selection.json", result)
+    log(f"learning rates chosen on dev: {choice}")
+    return result
 
 
 if __name__ == "__main__":

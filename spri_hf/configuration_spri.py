@@ -99,6 +99,9 @@ class SpriConfig(PreTrainedConfig):
             Extra parameter-name substrings left trainable in stage 1 (routers and residual factors always are).
         stage2_train_all (`bool`, defaults to `True`):
             In stage 2 train the whole model; `False` trains only routers, experts and shared experts.
+        stage2_frozen (`list[str]`, *optional*):
+            Parameter-name substrings kept frozen in stage 2 whatever `stage2_train_all` says (e.g. `["encoder."]`
+            to keep a speech encoder fixed, `["embed_tokens"]` for the token embeddings).
         seed (`int`, defaults to 0):
             Seed of every random choice of the upcycling (same seed, same inputs => identical weights).
         initializer_range (`float`, defaults to 0.02):
@@ -135,6 +138,7 @@ class SpriConfig(PreTrainedConfig):
     residual_rank: int | None = None
     stage1_trainable: list[str] | None = None
     stage2_train_all: bool = True
+    stage2_frozen: list[str] | None = None
     seed: int = 0
     initializer_range: float = 0.02
     base_model: str | None = None

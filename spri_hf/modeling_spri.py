@@ -527,11 +527,14 @@ class SpriPreTrainedModel(PreTrainedModel):
     def apply_stage_trainability(self):
         """Freeze/unfreeze parameters as the current stage prescribes (see `SpriConfig.stage`)."""
         extra = tuple(self.config.stage1_trainable or ())
+        frozen = tuple(self.config.stage2_frozen or ())
         for name, param in self.named_parameters():
             if self.config.stage == 1:
                 trainable = _is_router_or_residual(name) or any(pattern in name for pattern in extra)
             else:
-                trainable = self.config.stage2_train_all or _is_expert_parameter(name)
+                trainable = (self.config.stage2_train_all or _is_expert_parameter(name)) and not any(
+                    pattern in name for pattern in frozen
+                )
             param.requires_grad_(trainable)
 
     def set_stage(self, stage: int):

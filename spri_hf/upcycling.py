@@ -27,6 +27,7 @@ logger = logging.get_logger(__name__)
 _CONFIG_FIELDS = UPCYCLING_SETTINGS + (
     "stage",
     "stage1_trainable",
+    "stage2_frozen",
     "stage2_train_all",
     "initializer_range",
     "output_router_logits",

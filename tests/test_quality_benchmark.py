@@ -179,3 +179,27 @@ def test_every_covost_target_has_a_whisper_base_language_token(tmp_path):
     tokens = {lang: tokenizer.convert_ids_to_tokens(quality.language_token_id(tokenizer, lang))
               for lang in builder.LANGS}
     assert tokens["zh-cn"] == "<|zh|>" and tokens["cy"] == "<|cy|>" and len(set(tokens.values())) == 15
+
+
+def test_paired_bootstrap_on_numbers_with_a_known_answer():
+    rng = np.random.default_rng(0)
+    # a constant difference: the interval is that number exactly
+    a = rng.normal(50, 10, size=(5, 200))
+    constant = quality.paired_bootstrap(a + 2.0, a)
+    assert constant["mean"] == pytest.approx(2.0) and constant["low"] == pytest.approx(2.0)
+    assert constant["high"] == pytest.approx(2.0) and constant["significant"]
+    # a real shift of +1 under noise of sd 3 over 5 x 400 cells: the interval holds 1 and excludes 0
+    b = rng.normal(50, 10, size=(5, 400))
+    shifted = quality.paired_bootstrap(b + 1.0 + rng.normal(0, 3, size=b.shape), b)
+    assert shifted["low"] < 1.0 < shifted["high"] and shifted["low"] > 0 and shifted["significant"]
+    # no shift: the interval holds 0, reported as no difference
+    same = quality.paired_bootstrap(b + rng.normal(0, 3, size=b.shape), b)
+    assert same["low"] < 0 < same["high"] and not same["significant"]
+    # the interval narrows like 1/sqrt(cells): 4x the sentences, about half the width
+    wide = quality.paired_bootstrap(b[:, :100] + rng.normal(0, 3, size=(5, 100)), b[:, :100])
+    assert (wide["high"] - wide["low"]) / (same["high"] - same["low"]) == pytest.approx(2.0, rel=0.3)
+    # a method without seeds (the untrained model) pairs with every seed of the other
+    single = quality.paired_bootstrap(b[:1] + 0.5, b)
+    assert single["seeds"] == 5 and single["mean"] == pytest.approx(0.5 + (b[0] - b).mean())
+    with pytest.raises(ValueError, match="same seeds x sentences"):
+        quality.paired_bootstrap(b[:, :10], b)

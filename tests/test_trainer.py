@@ -282,3 +282,14 @@ def test_train_output_summarises_both_stages(tmp_path):
     losses = _losses(trainer)
     assert output.global_step == 12
     assert output.training_loss == pytest.approx(sum(losses) / 12, rel=1e-6)
+
+
+def test_stage2_frozen_keeps_parameters_fixed_through_the_switch(tmp_path):
+    model = _causal(stage2_frozen=["embed_tokens"])
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    trainer = SpriTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset())
+    trainer.train()
+    assert model.config.stage == 2 and not model.get_input_embeddings().weight.requires_grad
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    assert model.moe_blocks()[0].experts.gate_up_proj.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" not in n)
