@@ -4,6 +4,9 @@ One command, cached and idempotent::
 
     python -m benchmarks.data.build                       # default: 300 train / 40 dev / 60 test sources x 15 langs
     python -m benchmarks.data.build --tiny                # 3 languages, 4 / 2 / 2 sources (seconds; used by the tests)
+    python -m benchmarks.data.build --direction xx-en     # XX speech -> English text, 14 langs (covost_mini_xx_en)
+    python -m benchmarks.data.build --tiny --direction xx-en            # de + sv, 4 / 2 / 2 sources
+    python -m benchmarks.data.build --pairs my.jsonl --out DIR --direction xx-en   # speak your own test pairs
 
 Text: Debian's ``libreoffice-l10n-<lang>`` packages (MPL-2.0) ship gettext ``.mo`` catalogs of LibreOffice's UI
 and help strings; the msgids are English, the msgstrs human translations. For the 15 CoVoST2 En->XX targets the
@@ -19,6 +22,21 @@ WAV (``audio/<source_id>.wav``), using ``examples/real_models.py``'s ``espeak_cl
 Output (``<out>/``): ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (one pair per line: ``id``, ``source_id``,
 ``lang``, ``en``, ``target``, ``audio``), ``audio/*.wav`` and ``manifest.json`` (counts, settings, licenses,
 package versions and hashes). Splits are made by English source sentence: no source is in two splits.
+
+Direction: ``--direction en-xx`` (the default) is the set above. ``--direction xx-en`` turns it around: every
+(source, language) pair gets its own clip, the *translation* spoken with the espeak-ng voice of its language
+(``XX_VOICES``; espeak-ng has no Mongolian voice, so ``mn`` is refused), stored as ``audio/<source_id>-<lang>.wav``.
+Its rows have the same fields plus ``source_text`` (the XX sentence that was spoken); ``target`` is then the
+English sentence (the label), ``en`` stays the English and ``lang`` is the spoken language. Its manifest, and the
+manifest's settings (so a cached build of one direction is never taken for the other), carry
+``"direction": "xx-en"``; an en-xx manifest has no ``direction`` key (its format is unchanged). Splits are still
+made by English source, so no translation of a test sentence is in train; the same counts, languages and seed
+select the same English sources in both directions. espeak-ng's ja voice reads only kana (each kanji comes out as
+the English "Chinese letter"), so ja speech is poor; it is kept, with a warning (``WEAK_VOICES``).
+
+Your own pairs: ``synthesise_pairs(pairs_file, out_dir, direction)`` (``--pairs FILE --out DIR``) speaks a jsonl of
+pairs in the row format above (``lang``, ``en``, ``target``, for xx-en also ``source_text``; ``id`` and
+``source_id`` optional) into ``<out_dir>/test.jsonl`` + ``<out_dir>/audio/`` with the same voices and file names.
 
 The dataset is built in a hidden sibling folder and renamed into place only when complete; a build whose
 ``manifest.json`` has the requested settings and verifying hashes is left alone.
@@ -66,6 +84,22 @@ DEFAULT_OUT = DATA_DIR / "covost_mini"
 TINY_OUT = DATA_DIR / "covost_tiny"
 TINY = dict(train_sources=4, dev_sources=2, test_sources=2, langs=("de", "ja", "ar"))
 
+DIRECTIONS = ("en-xx", "xx-en")
+# espeak-ng voice speaking each language's translations (xx-en); espeak-ng has none for Mongolian (mn)
+# fmt: off
+XX_VOICES = {
+    "de": "de", "ca": "ca", "zh-cn": "cmn", "fa": "fa", "et": "et", "tr": "tr", "ar": "ar", "sv": "sv",
+    "lv": "lv", "sl": "sl", "ta": "ta", "ja": "ja", "id": "id", "cy": "cy",
+}
+# fmt: on
+XX_EN_LANGS = tuple(lang for lang in LANGS if lang in XX_VOICES)
+# voices that exist but speak these languages badly (logged when used; the clips are still made)
+WEAK_VOICES = {"ja": "espeak-ng's ja voice reads only kana: every kanji is spoken as the English 'Chinese letter'"}
+XX_EN_OUT = DATA_DIR / "covost_mini_xx_en"
+TINY_XX_EN_OUT = DATA_DIR / "covost_tiny_xx_en"
+# two Latin-script languages with distinct espeak-ng voices, both in Debian's libreoffice-l10n-*
+TINY_XX_EN = dict(train_sources=4, dev_sources=2, test_sources=2, langs=("de", "sv"), direction="xx-en")
+
 SAMPLING_RATE = 16000
 VOICE = "en"
 MIN_WORDS, MAX_WORDS = 4, 25
@@ -96,6 +130,24 @@ def normalise_lang(code: str) -> str:
     if lang not in LANGS:
         raise ValueError(f"unknown language {code!r}; choose from {', '.join(LANGS)}")
     return lang
+
+
+def normalise_direction(direction: str) -> str:
+    value = str(direction).strip().lower()
+    if value not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
+    return value
+
+
+def xx_voice(lang: str) -> str:
+    """The espeak-ng voice that speaks ``lang``'s translations in the xx-en direction."""
+    lang = normalise_lang(lang)
+    if lang not in XX_VOICES:
+        raise ValueError(
+            f"espeak-ng has no voice for {lang!r}, so it cannot be a spoken xx-en source language; "
+            f"languages with a voice: {', '.join(f'{code} ({voice})' for code, voice in XX_VOICES.items())}"
+        )
+    return XX_VOICES[lang]
 
 
 def package_name(lang: str) -> str:
@@ -378,6 +430,41 @@ def espeak_version() -> str:
     return match.group(1) if match else text.strip()
 
 
+def installed_voices() -> list[str]:
+    """The voice names ``espeak-ng --voices`` accepts (language column and other languages); [] without espeak-ng."""
+    if shutil.which("espeak-ng") is None:
+        return []
+    text = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True).stdout
+    names = set()
+    for line in text.splitlines()[1:]:  # below the "Pty Language Age/Gender VoiceName File Other Languages" header
+        fields = line.split()
+        if len(fields) >= 2:
+            names.add(fields[1])
+            names.update(re.findall(r"\(([^ )]+) \d+\)", line))  # "(zh-cmn 5)(zh 5)"
+    return sorted(names)
+
+
+def check_voices(langs) -> dict[str, str]:
+    """``{lang: voice}`` for speaking ``langs`` (xx-en); ValueError for a language without an espeak-ng voice.
+
+    When espeak-ng is installed, its voice list is checked too (builds differ); without it the build stops later,
+    at synthesis, with the install command.
+    """
+    voices = {lang: xx_voice(lang) for lang in langs}
+    installed = installed_voices()
+    absent = {lang: voice for lang, voice in voices.items() if installed and voice not in installed}
+    if absent:
+        raise ValueError(
+            f"this espeak-ng ({espeak_version()}) has no voice for "
+            + ", ".join(f"{lang} ({voice!r})" for lang, voice in absent.items())
+            + f"; its voices: {' '.join(installed)}"
+        )
+    for lang in voices:
+        if lang in WEAK_VOICES:
+            log(f"warning: {WEAK_VOICES[lang]}")
+    return voices
+
+
 def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLING_RATE) -> None:
     pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
     with wave.open(str(path), "wb") as handle:
@@ -387,21 +474,31 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLING_RATE) -> None:
         handle.writeframes(pcm.tobytes())
 
 
-def synthesise(texts: dict[str, str], audio_dir: Path, voice: str = VOICE, workers: int = WORKERS) -> dict[str, float]:
-    """Speak every ``{source_id: text}`` into ``audio_dir/<source_id>.wav``; returns the durations in seconds.
+def synthesise(
+    texts: dict[str, str],
+    audio_dir: Path,
+    voice: str = VOICE,
+    workers: int = WORKERS,
+    voices: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Speak every ``{clip_id: text}`` into ``audio_dir/<clip_id>.wav``; returns the durations in seconds.
 
-    espeak-ng runs as a subprocess, so a small thread pool keeps ``workers`` of them busy.
+    A clip is spoken with ``voices[clip_id]`` when given, else ``voice``. espeak-ng runs as a subprocess, so a
+    small thread pool keeps ``workers`` of them busy.
     """
     espeak_clip = _espeak_clip()
     audio_dir.mkdir(parents=True, exist_ok=True)
+    voices = voices or {}
 
     def one(item):
-        source_id, text = item
-        audio = espeak_clip(text, voice=voice)
+        clip_id, text = item
+        # a leading '-' would be taken for an espeak-ng option (the builder's English sources never start so)
+        spoken = " " + text if text.startswith("-") else text
+        audio = espeak_clip(spoken, voice=voices.get(clip_id, voice))
         if len(audio) < SAMPLING_RATE // 10:
             raise RuntimeError(f"espeak-ng produced {len(audio)} samples for {text!r}")
-        write_wav(audio_dir / f"{source_id}.wav", audio)
-        return source_id, len(audio) / SAMPLING_RATE
+        write_wav(audio_dir / f"{clip_id}.wav", audio)
+        return clip_id, len(audio) / SAMPLING_RATE
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
         return dict(pool.map(one, sorted(texts.items())))
@@ -420,8 +517,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dataset_hashes(folder: Path) -> dict[str, str]:
-    hashes = {f"{split}.jsonl": sha256_file(folder / f"{split}.jsonl") for split in SPLITS}
+def dataset_hashes(folder: Path, splits=SPLITS) -> dict[str, str]:
+    hashes = {f"{split}.jsonl": sha256_file(folder / f"{split}.jsonl") for split in splits}
     digest = hashlib.sha256()
     for wav in sorted((folder / "audio").iterdir(), key=lambda p: p.name):
         digest.update(f"{wav.name}\t{sha256_file(wav)}\n".encode())
@@ -429,8 +526,8 @@ def dataset_hashes(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def requested_settings(train_sources, dev_sources, test_sources, langs, seed) -> dict:
-    return {
+def requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction: str = "en-xx") -> dict:
+    settings = {
         "builder_version": BUILDER_VERSION,
         "train_sources": int(train_sources),
         "dev_sources": int(dev_sources),
@@ -442,9 +539,14 @@ def requested_settings(train_sources, dev_sources, test_sources, langs, seed) ->
         "min_words": MIN_WORDS,
         "max_words": MAX_WORDS,
     }
+    if normalise_direction(direction) == "xx-en":
+        # en-xx settings keep their old keys (existing builds stay valid); xx-en ones can never equal them
+        del settings["voice"]
+        settings.update(direction="xx-en", voices={lang: xx_voice(lang) for lang in langs})
+    return settings
 
 
-def is_up_to_date(out: Path, settings: dict) -> tuple[bool, str]:
+def is_up_to_date(out: Path, settings: dict, splits=SPLITS) -> tuple[bool, str]:
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         return False, "no manifest"
@@ -455,7 +557,7 @@ def is_up_to_date(out: Path, settings: dict) -> tuple[bool, str]:
     if manifest.get("version") != MANIFEST_VERSION or manifest.get("settings") != settings:
         return False, "different settings"
     try:
-        hashes = dataset_hashes(out)
+        hashes = dataset_hashes(out, splits)
     except OSError as error:
         return False, f"missing files ({error})"
     if hashes != manifest.get("hashes"):
@@ -480,8 +582,45 @@ def _locked(out: Path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _row(sid: str, lang: str, en: str, translation: str, direction: str) -> dict:
+    """One pair in the row format of ``direction`` (xx-en: the translation is spoken, the English is the label)."""
+    if direction == "xx-en":
+        return {
+            "id": f"{sid}-{lang}",
+            "source_id": sid,
+            "lang": lang,
+            "en": en,
+            "source_text": translation,
+            "target": en,
+            "audio": f"audio/{sid}-{lang}.wav",
+        }
+    return {
+        "id": f"{sid}-{lang}",
+        "source_id": sid,
+        "lang": lang,
+        "en": en,
+        "target": translation,
+        "audio": f"audio/{sid}.wav",
+    }
+
+
+def _row_format(direction: str, voices: dict[str, str] | None = None) -> dict:
+    if direction == "xx-en":
+        spoken = ", ".join(f"{lang} {voice!r}" for lang, voice in (voices or {}).items())
+        return {
+            "row": ["id", "source_id", "lang", "en", "source_text", "target", "audio"],
+            "audio": f"audio/<source_id>-<lang>.wav, {SAMPLING_RATE} Hz mono 16-bit PCM, source_text spoken with "
+            f"the espeak-ng voice of its language ({spoken}); target is the English",
+        }
+    return {
+        "row": ["id", "source_id", "lang", "en", "target", "audio"],
+        "audio": f"audio/<source_id>.wav, {SAMPLING_RATE} Hz mono 16-bit PCM, espeak-ng voice {VOICE!r}",
+    }
+
+
 def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
     langs, needed = settings["langs"], settings["train_sources"] + settings["dev_sources"] + settings["test_sources"]
+    direction = settings.get("direction", "en-xx")
     per_lang, lang_stats, packages = {}, {}, {}
     for lang in langs:
         control = deb_control(debs[lang])
@@ -498,10 +637,21 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
         pool, settings["train_sources"], settings["dev_sources"], settings["test_sources"], settings["seed"]
     )
 
-    selected = {source_ids[en]: en for split in SPLITS for en in splits[split]}
-    log(f"synthesising {len(selected)} English sources with espeak-ng ({WORKERS} at a time)")
     started = time.time()
-    durations = synthesise(selected, folder / "audio")
+    if direction == "xx-en":
+        # one clip per (source, language): the translation, in the voice of its language
+        selected, voices = {}, {}
+        for en in (en for split in SPLITS for en in splits[split]):
+            for lang in langs:
+                if en in per_lang[lang]:
+                    selected[f"{source_ids[en]}-{lang}"] = per_lang[lang][en]
+                    voices[f"{source_ids[en]}-{lang}"] = settings["voices"][lang]
+        log(f"synthesising {len(selected)} translations ({', '.join(langs)}) with espeak-ng ({WORKERS} at a time)")
+        durations = synthesise(selected, folder / "audio", voices=voices)
+    else:
+        selected = {source_ids[en]: en for split in SPLITS for en in splits[split]}
+        log(f"synthesising {len(selected)} English sources with espeak-ng ({WORKERS} at a time)")
+        durations = synthesise(selected, folder / "audio")
     log(f"speech done in {time.time() - started:.1f}s ({sum(durations.values()) / 60:.1f} min of audio)")
 
     counts = {}
@@ -511,27 +661,22 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
             sid = source_ids[en]
             for lang in langs:
                 if en in per_lang[lang]:
-                    rows.append(
-                        {
-                            "id": f"{sid}-{lang}",
-                            "source_id": sid,
-                            "lang": lang,
-                            "en": en,
-                            "target": per_lang[lang][en],
-                            "audio": f"audio/{sid}.wav",
-                        }
-                    )
+                    rows.append(_row(sid, lang, en, per_lang[lang][en], direction))
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if direction == "xx-en":
+            seconds = sum(durations[f"{row['source_id']}-{row['lang']}"] for row in rows)
+        else:
+            seconds = sum(durations[source_ids[en]] for en in splits[split])
         counts[split] = {
             "sources": len(splits[split]),
             "pairs": len(rows),
             "per_lang": {lang: sum(row["lang"] == lang for row in rows) for lang in langs},
-            "audio_seconds": round(sum(durations[source_ids[en]] for en in splits[split]), 2),
+            "audio_seconds": round(seconds, 2),
         }
 
-    return {
+    manifest = {
         "version": MANIFEST_VERSION,
         "langs": list(langs),
         "counts": counts,
@@ -542,29 +687,61 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
         "hashes": dataset_hashes(folder),
         "espeak_ng_version": espeak_version(),
         "stats": {"per_lang": lang_stats, **pool_info},
-        "format": {
-            "splits": [f"{split}.jsonl" for split in SPLITS],
-            "row": ["id", "source_id", "lang", "en", "target", "audio"],
-            "audio": f"audio/<source_id>.wav, {SAMPLING_RATE} Hz mono 16-bit PCM, espeak-ng voice {VOICE!r}",
-        },
+        "format": {"splits": [f"{split}.jsonl" for split in SPLITS], **_row_format(direction, settings.get("voices"))},
     }
+    if direction == "xx-en":
+        manifest = {"version": MANIFEST_VERSION, "direction": direction, **manifest}  # en-xx manifests: unchanged
+    return manifest
+
+
+def _publish(out: Path, make) -> dict:
+    """Fill a hidden sibling of ``out`` with ``make(work) -> manifest``, write the manifest, rename it into place.
+
+    The caller holds ``out``'s lock. Whatever fails, ``out`` is either the old folder or the new one, complete.
+    """
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    work.mkdir()
+    try:
+        manifest = make(work)
+        # the manifest is written last: a folder without one is never taken for a finished dataset
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
 
 
 def build(
-    out_dir: str | os.PathLike = DEFAULT_OUT,
+    out_dir: str | os.PathLike | None = None,
     train_sources: int = 300,
     dev_sources: int = 40,
     test_sources: int = 60,
-    langs=LANGS,
+    langs=None,
     seed: int = 0,
     debs_dir: str | os.PathLike | None = None,
+    direction: str = "en-xx",
 ) -> Path:
-    """Build (or verify the cached) dataset in ``out_dir`` and return its path."""
-    out = Path(out_dir).resolve()
-    langs = list(dict.fromkeys(normalise_lang(lang) for lang in langs))
+    """Build (or verify the cached) dataset in ``out_dir`` and return its path.
+
+    ``direction`` is ``"en-xx"`` (English speech -> XX text) or ``"xx-en"`` (XX speech -> English text); the
+    defaults of ``out_dir`` and ``langs`` follow it (``DEFAULT_OUT``/``LANGS``, ``XX_EN_OUT``/``XX_EN_LANGS``).
+    """
+    direction = normalise_direction(direction)
+    xx_en = direction == "xx-en"
+    out = Path(out_dir if out_dir is not None else XX_EN_OUT if xx_en else DEFAULT_OUT).resolve()
+    langs = list(dict.fromkeys(normalise_lang(lang) for lang in (langs or (XX_EN_LANGS if xx_en else LANGS))))
     if min(train_sources, dev_sources, test_sources) < 0 or train_sources + dev_sources + test_sources == 0:
         raise ValueError("source counts must be >= 0 and not all zero")
-    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed)
+    if xx_en:
+        check_voices(langs)  # before any download
+    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction)
     with _locked(out):
         fresh, reason = is_up_to_date(out, settings)
         if fresh:
@@ -572,27 +749,16 @@ def build(
             return out
         if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not a dataset built by this tool; remove it or pick --out")
-        log(f"building {out} ({reason})")
+        log(f"building {out} ({direction}, {reason})")
         started = time.time()
         debs = fetch_debs(langs, debs_dir)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        work = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        work.mkdir()
-        try:
+
+        def make(work: Path) -> dict:
             manifest = _write_dataset(work, settings, debs)
             manifest["build_seconds"] = round(time.time() - started, 1)
-            # the manifest is written last: a folder without one is never taken for a finished dataset
-            (work / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            if out.exists():
-                os.rename(out, old)
-            os.rename(work, out)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        counts = manifest["counts"]
+            return manifest
+
+        counts = _publish(out, make)["counts"]
         log(
             f"wrote {out} in {time.time() - started:.1f}s: "
             + ", ".join(f"{name} {counts[name]['sources']} sources / {counts[name]['pairs']} pairs" for name in SPLITS)
@@ -600,15 +766,193 @@ def build(
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# a user's own pairs (the benchmark's --test-pairs)
+# ----------------------------------------------------------------------------------------------------------------
+
+PAIR_FIELDS = {"en-xx": ("lang", "en", "target"), "xx-en": ("lang", "en", "source_text", "target")}
+# a source id names audio files, so it is kept to a safe file-name alphabet
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def read_pairs(pairs_file: str | os.PathLike, direction: str = "xx-en") -> list[dict]:
+    """A user's jsonl of pairs, checked and completed into the builder's row format of ``direction``.
+
+    Each line is an object with ``lang``, ``en`` and ``target`` (xx-en: also ``source_text``, the text that is
+    spoken), non-empty strings; ``id`` (default ``<source_id>-<lang>``) and ``source_id`` (default: one ``sNNNNN``
+    per distinct English sentence) are optional. Blank lines are skipped; other fields are dropped. A bad line is
+    refused with a ValueError naming the file, its line number and the field.
+    """
+    direction = normalise_direction(direction)
+    path = Path(pairs_file)
+    required = PAIR_FIELDS[direction]
+    parsed = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in required:
+            if field not in row:
+                raise ValueError(f"{where}: missing field {field!r} (a {direction} pair needs {', '.join(required)})")
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {row[field]!r}")
+        lang = row["lang"].strip().lower().replace("_", "-")
+        if direction == "xx-en" and lang not in XX_VOICES:
+            raise ValueError(
+                f"{where}: field 'lang': espeak-ng has no voice for {lang!r}; languages with a voice: "
+                + ", ".join(f"{code} ({voice})" for code, voice in XX_VOICES.items())
+            )
+        if "id" in row and not (isinstance(row["id"], str) and row["id"].strip()):
+            raise ValueError(f"{where}: field 'id' must be a non-empty string, got {row['id']!r}")
+        if "source_id" in row and not (isinstance(row["source_id"], str) and SAFE_ID.fullmatch(row["source_id"])):
+            raise ValueError(
+                f"{where}: field 'source_id' names the audio file: 1-100 letters, digits, '.', '_' or '-', "
+                f"starting with a letter or digit; got {row['source_id']!r}"
+            )
+        parsed.append((number, where, lang, row))
+    if not parsed:
+        raise ValueError(f"{path}: no pairs (an empty file)")
+
+    # generated source ids: one per distinct English sentence, avoiding the ids the file gives
+    taken = {row["source_id"] for _, _, _, row in parsed if "source_id" in row}
+    generated, counter = {}, 0
+    for _, _, _, row in parsed:
+        if "source_id" not in row and row["en"] not in generated:
+            while f"s{counter:05d}" in taken:
+                counter += 1
+            generated[row["en"]] = f"s{counter:05d}"
+            taken.add(generated[row["en"]])
+
+    rows, ids, clips = [], {}, {}
+    for number, where, lang, row in parsed:
+        sid = row.get("source_id") or generated[row["en"]]
+        out = {"id": row.get("id") or f"{sid}-{lang}", "source_id": sid, "lang": lang, "en": row["en"]}
+        if direction == "xx-en":
+            out["source_text"] = row["source_text"]
+            clip, spoken = f"{sid}-{lang}", row["source_text"]
+        else:
+            clip, spoken = sid, row["en"]
+        out.update(target=row["target"], audio=f"audio/{clip}.wav")
+        if out["id"] in ids:
+            raise ValueError(f"{where}: id {out['id']!r} is already used on line {ids[out['id']]}")
+        ids[out["id"]] = number
+        # one clip per source (en-xx) or per source and language (xx-en): it must say one thing
+        if clip in clips and clips[clip][1] != spoken:
+            field = "source_text" if direction == "xx-en" else "en"
+            raise ValueError(
+                f"{where}: field {field!r} differs from line {clips[clip][0]}, which has the same clip {clip!r} "
+                f"(give the rows different source_id values)"
+            )
+        clips.setdefault(clip, (number, spoken))
+        rows.append(out)
+    return rows
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def synthesise_pairs(
+    pairs_file: str | os.PathLike, out_dir: str | os.PathLike, direction: str = "xx-en", workers: int = WORKERS
+) -> Path:
+    """Speak a user's jsonl of pairs (see ``read_pairs``) into ``<out_dir>/test.jsonl`` + ``<out_dir>/audio/``.
+
+    xx-en speaks each row's ``source_text`` with its language's voice into ``audio/<source_id>-<lang>.wav``;
+    en-xx speaks each source's ``en`` with the English voice into ``audio/<source_id>.wav``. The folder is built
+    in a hidden sibling and renamed into place (with a ``manifest.json``); bad rows are refused before anything
+    is written, and a folder already made from the same file and settings (hashes verified) is left alone.
+    Returns the folder.
+    """
+    direction = normalise_direction(direction)
+    source = Path(pairs_file)
+    out = Path(out_dir).resolve()
+    rows = read_pairs(source, direction)
+    langs = list(dict.fromkeys(row["lang"] for row in rows))
+    settings = {
+        "builder_version": BUILDER_VERSION,
+        "direction": direction,
+        "pairs_sha256": sha256_file(source),
+        "sampling_rate": SAMPLING_RATE,
+    }
+    if direction == "xx-en":
+        settings["voices"] = check_voices(langs)
+    else:
+        settings["voice"] = VOICE
+    if shutil.which("espeak-ng") is None:
+        raise MissingPackagesError("espeak-ng is not installed: apt-get update && apt-get install -y espeak-ng")
+    with _locked(out):
+        fresh, reason = is_up_to_date(out, settings, splits=("test",))
+        if fresh:
+            log(f"{out} is up to date (same pairs file and settings, hashes verified): nothing to do")
+            return out
+        if out.exists() and any(out.iterdir()) and "pairs_file" not in _read_manifest(out):
+            # never replace a built train/dev/test dataset (or anything else) with a test-only folder
+            raise FileExistsError(f"{out} exists and is not a folder of spoken pairs; remove it or pick another")
+        log(f"speaking {len(rows)} pairs from {source} into {out} ({direction}, {reason})")
+        started = time.time()
+
+        def make(work: Path) -> dict:
+            texts, voices = {}, {}
+            for row in rows:
+                clip = Path(row["audio"]).stem
+                texts[clip] = _clean(row["source_text"] if direction == "xx-en" else row["en"])
+                voices[clip] = settings["voices"][row["lang"]] if direction == "xx-en" else VOICE
+            durations = synthesise(texts, work / "audio", workers=workers, voices=voices)
+            with open(work / "test.jsonl", "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return {
+                "version": MANIFEST_VERSION,
+                "direction": direction,
+                "langs": langs,
+                "pairs_file": str(source.resolve()),
+                "counts": {
+                    "test": {
+                        "sources": len({row["source_id"] for row in rows}),
+                        "pairs": len(rows),
+                        "per_lang": {lang: sum(row["lang"] == lang for row in rows) for lang in langs},
+                        "audio_seconds": round(sum(durations.values()), 2),
+                    }
+                },
+                "settings": settings,
+                "licenses": {"text": f"as for {source.name} (user-supplied)", "speech": LICENSES["speech"]},
+                "hashes": dataset_hashes(work, splits=("test",)),
+                "espeak_ng_version": espeak_version(),
+                "build_seconds": round(time.time() - started, 1),
+                "format": {"splits": ["test.jsonl"], **_row_format(direction, settings.get("voices"))},
+            }
+
+        _publish(out, make)
+        log(f"wrote {out} in {time.time() - started:.1f}s: {len(rows)} pairs")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data.build", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}; --tiny: {TINY_OUT})"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {DEFAULT_OUT}; --tiny: {TINY_OUT}; xx-en: {XX_EN_OUT}, {TINY_XX_EN_OUT})",
     )
     parser.add_argument("--train-sources", type=int, default=None, help="English sources in train (default 300)")
     parser.add_argument("--dev-sources", type=int, default=None, help="English sources in dev (default 40)")
     parser.add_argument("--test-sources", type=int, default=None, help="English sources in test (default 60)")
-    parser.add_argument("--langs", default=None, help=f"comma-separated target languages (default {','.join(LANGS)})")
+    parser.add_argument(
+        "--langs",
+        default=None,
+        help=f"comma-separated XX languages (default {','.join(LANGS)}; xx-en: all but mn, which has no voice)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--debs",
@@ -616,16 +960,46 @@ def main(argv=None) -> int:
         default=None,
         help=f"folder of .deb files and download cache (default {default_debs_dir()})",
     )
-    parser.add_argument("--tiny", action="store_true", help="tiny preset: 3 languages, 4/2/2 sources (seconds)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny preset: 3 languages (xx-en: de, sv), 4/2/2 sources (seconds)"
+    )
+    parser.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default="en-xx",
+        help="en-xx: English speech -> XX text (default); xx-en: XX speech (one clip per pair) -> English text",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        default=None,
+        help="instead of building: speak this jsonl of pairs (row format) into --out (test.jsonl + audio/)",
+    )
     args = parser.parse_args(argv)
 
-    preset = dict(TINY) if args.tiny else dict(train_sources=300, dev_sources=40, test_sources=60, langs=LANGS)
+    if args.pairs is not None:
+        if args.out is None:
+            parser.error("--pairs needs --out")
+        try:
+            path = synthesise_pairs(args.pairs, args.out, args.direction)
+        except (MissingPackagesError, ValueError, FileExistsError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
+
+    xx_en = args.direction == "xx-en"
+    if args.tiny:
+        preset = dict(TINY_XX_EN) if xx_en else dict(TINY)
+    else:
+        preset = dict(train_sources=300, dev_sources=40, test_sources=60, langs=XX_EN_LANGS if xx_en else LANGS)
+    preset["direction"] = args.direction
     for key in ("train_sources", "dev_sources", "test_sources"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.langs:
         preset["langs"] = [lang for lang in args.langs.split(",") if lang.strip()]
-    out = args.out or (TINY_OUT if args.tiny else DEFAULT_OUT)
+    out = args.out or ((TINY_XX_EN_OUT if xx_en else TINY_OUT) if args.tiny else (XX_EN_OUT if xx_en else DEFAULT_OUT))
     try:
         path = build(out, seed=args.seed, debs_dir=args.debs, **preset)
     except (MissingPackagesError, ValueError, FileExistsError) as error:
