@@ -203,3 +203,54 @@ def test_paired_bootstrap_on_numbers_with_a_known_answer():
     assert single["seeds"] == 5 and single["mean"] == pytest.approx(0.5 + (b[0] - b).mean())
     with pytest.raises(ValueError, match="same seeds x sentences"):
         quality.paired_bootstrap(b[:, :10], b)
+
+
+@pytest.fixture(scope="module")
+def tiny_xx_en(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    folder = tmp_path_factory.mktemp("quality-xx-en")
+    try:
+        return builder.build(folder / "covost_tiny_xx_en", **builder.TINY_XX_EN)
+    except builder.MissingPackagesError as error:
+        pytest.skip(f"no libreoffice-l10n .debs ({error})")
+
+
+def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, tmp_path):
+    """X->En data (each translation spoken in its language), SpriSeq2SeqTrainer for every trained method, generate,
+    the trivial baselines as methods, paired intervals, and a user's own pairs file scored by every model."""
+    pairs = tmp_path / "mine.jsonl"
+    pairs.write_text(
+        json.dumps({"lang": "de", "en": "Open the file.", "target": "Open the file.", "source_text": "Öffnen Sie die Datei."})
+        + "\n" + json.dumps({"lang": "sv", "en": "Close the window.", "target": "Close the window.",
+                             "source_text": "Stäng fönstret."}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    preset = quality.replace(quality.PRESETS["tiny"], methods=("dense-untrained", "source-copy", "dense", "copy", "spri"),
+                             seeds=(0, 1))  # fmt: skip
+    out = tmp_path / "results"
+    summary = quality.run_benchmark(preset, tiny_xx_en, out, cache=tmp_path / "cache", log=lambda message: None,
+                                    test_pairs=pairs, keep_models=True)  # fmt: skip
+    assert summary["direction"] == "xx-en"
+    methods = summary["methods"]
+    assert set(methods) == {"dense-untrained", "source-copy", "dense", "copy", "spri"}
+    assert methods["dense"]["chrf"]["per_seed"] and len(methods["dense"]["chrf"]["per_seed"]) == 2
+    assert len(methods["dense-untrained"]["chrf"]["per_seed"]) == 1  # untrained: one run, no seeds
+    # copying the spoken (non-English) source scores something against the English references, and is a method
+    test_rows = [json.loads(line) for line in (tiny_xx_en / "test.jsonl").read_text().splitlines()]
+    copy_run = json.loads((out / "runs" / "source-copy-seed0.json").read_text())
+    assert sorted(copy_run["hypotheses"]) == sorted(row["source_text"] for row in test_rows)
+    for name in ("dense", "copy", "spri", "dense-untrained"):
+        assert math.isfinite(methods[name]["cross_entropy"]["mean"]), name
+        assert methods[name]["test_pairs"]["chrf"]["per_seed"], name  # scored on the user's pairs too
+    paired = summary["paired"]
+    assert paired["best_baseline"] == "copy"
+    spri = paired["methods"]["spri"]
+    assert {"vs_dense", "vs_copy"} <= set(spri)
+    assert spri["vs_dense"]["low"] <= spri["vs_dense"]["mean"] <= spri["vs_dense"]["high"]
+    assert spri["vs_dense"]["seeds"] == 2 and spri["vs_dense"]["sentences"] == len(test_rows)
+    assert "ΔchrF++ vs dense" in (out / "summary.md").read_text()
+    # the two-stage run went through SpriSeq2SeqTrainer's switch
+    spri_run = json.loads((out / "runs" / "spri-seed0.json").read_text())
+    assert [row["stage"] for row in spri_run["history"]] == [1, 2]
+    assert (out / "models" / "spri-seed1" / "config.json").is_file()  # --keep-models
