@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .resources import ResourceShortfall
 from .training_cli import TASKS, UPCYCLING_FLAGS, parse_layers, task_for, upcycling_fields
 from .utils import atomic_save, refuse_pickle_only
 
@@ -59,7 +60,7 @@ def cmd_upcycle(args) -> int:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
     # Validate everything that can be validated from the config alone, before loading any weight.
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
-    get_ffn_layout(base_config.model_type)
+    get_ffn_layout(base_config)
     make_config(_dequantized_config(base_config), **settings)
     task = args.task if args.task != "auto" else task_for(base_config)
     spri_class = getattr(modeling_spri, TASKS[task])
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:
-        print(f"spri-hf {args.command}: error: {err}", file=sys.stderr)
+        message = err.with_override("--no-resource-check") if isinstance(err, ResourceShortfall) else str(err)
+        print(f"spri-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         package_logger.removeHandler(handler)

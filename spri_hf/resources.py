@@ -75,14 +75,33 @@ def available_memory() -> int | None:
         return None
 
 
-def check_fits(estimate: Estimate, out_dir: str | None = None, check: bool = True, flag: str = "check_resources=False"):
+class ResourceShortfall:
+    """Mixed into the `MemoryError` / `OSError` of `check_fits`: `override` is the setting in the message that skips
+    the check, so a front end (the command line) can name its own flag instead."""
+
+    override = "check_resources=False"
+
+    def with_override(self, override: str) -> str:
+        return str(self).replace(self.override, override)
+
+
+class NotEnoughMemoryError(ResourceShortfall, MemoryError):
+    pass
+
+
+class NotEnoughDiskError(ResourceShortfall, OSError):
+    pass
+
+
+def check_fits(estimate: Estimate, out_dir: str | None = None, check: bool = True):
     """Log the estimate; raise `MemoryError` / `OSError` naming the shortfall when memory or disk is too small."""
+    flag = ResourceShortfall.override
     logger.info(f"Upcycling estimate: {estimate.describe()}.")
     if not check:
         return
     memory = available_memory()
     if memory is not None and estimate.memory > memory:
-        raise MemoryError(
+        raise NotEnoughMemoryError(
             f"Upcycling needs about {_human(estimate.memory)} of memory but {_human(memory)} is available "
             f"({estimate.describe()}). Use a smaller dtype, fewer experts or moe_layers, spri-hf upcycle / "
             f"upcycle_checkpoint (streams layer by layer), or pass {flag} to try anyway."
@@ -93,7 +112,7 @@ def check_fits(estimate: Estimate, out_dir: str | None = None, check: bool = Tru
             probe = os.path.dirname(probe)
         free = shutil.disk_usage(probe or ".").free
         if estimate.disk > free:
-            raise OSError(
+            raise NotEnoughDiskError(
                 f"The SPRI checkpoint needs about {_human(estimate.disk)} of disk but {_human(free)} is free at "
                 f"{probe}. Free space, write elsewhere, use a smaller dtype, or pass {flag} to try anyway."
             )

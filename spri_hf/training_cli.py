@@ -267,7 +267,7 @@ def train(script: TrainScriptArguments, upcycling, training) -> int:
         )
     settings = upcycling_settings(upcycling)
     if not is_spri:  # validated from the config alone, before any weight is loaded
-        get_ffn_layout(base.model_type)
+        get_ffn_layout(base)
         make_config(base, **settings)
 
     rows = load_rows(script, script.dataset_split)

@@ -110,3 +110,33 @@ def test_pickle_only_dense_checkpoints_are_refused_unless_allowed(tmp_path, caps
                      "--allow-pickle"]) == 0
     trusted = SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4, use_safetensors=False)
     assert_same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), trusted)
+
+
+def test_upcycle_takes_a_t5_checkpoint(tmp_path, capsys):
+    """T5's FFN layout depends on its config (v1.0 wi/wo or gated wi_0/wi_1/wo): the CLI passes the config."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model("t5", d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=97,
+                                  pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "t5")
+    assert cli_main(["upcycle", str(tmp_path / "t5"), str(tmp_path / "moe"), "--num-experts", "4"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert "SpriForSeq2SeqLM" in capsys.readouterr().out
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "moe").config.base_config.model_type == "t5"
+
+
+def test_cannot_fit_refusal_names_the_command_line_flag(tmp_path, capsys):
+    """The estimate's refusal names --no-resource-check on the command line (check_resources=False in Python)."""
+    import json
+
+    folder = tmp_path / "huge"
+    tiny_dense("llama").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=65536, intermediate_size=262144, num_attention_heads=512, num_key_value_heads=512)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli_main(["upcycle", str(folder), str(tmp_path / "out"), "--num-experts", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-resource-check" in err and "check_resources=False" not in err
+    assert not (tmp_path / "out").exists()
