@@ -10,7 +10,7 @@ import torch
 
 from .resources import ResourceShortfall
 from .training_cli import TASKS, UPCYCLING_FLAGS, parse_layers, task_for, upcycling_fields
-from .utils import atomic_save, refuse_pickle_only
+from .utils import atomic_save, is_occupied, refuse_pickle_only
 
 
 def _layers_arg(text: str) -> list[int]:
@@ -56,7 +56,7 @@ def cmd_upcycle(args) -> int:
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {"svd_method": args.svd_method, "svd_device": args.svd_device, "check_resources": not args.no_resource_check}
     out_dir = os.path.abspath(args.out)
-    if os.path.exists(out_dir) and not args.overwrite:
+    if is_occupied(out_dir) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
     # Validate everything that can be validated from the config alone, before loading any weight.
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
@@ -111,7 +111,7 @@ def cmd_export_native(args) -> int:
     from .modeling_spri import SpriConfig
 
     out_dir = os.path.abspath(args.out)
-    if os.path.exists(out_dir) and not args.overwrite:
+    if is_occupied(out_dir) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
     native_format_for(SpriConfig.from_pretrained(args.src))  # refuse before loading any weight
     start = time.perf_counter()

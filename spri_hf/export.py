@@ -28,7 +28,7 @@ from .architectures import FfnLayout
 from .configuration_spri import SpriConfig
 from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
 from .upcycling import _default_dtype, _module_name, dense_ffn_weights
-from .utils import atomic_save
+from .utils import atomic_save, is_occupied
 
 
 # Config fields that describe a file, not a model: never carried from the dense config to the native one.
@@ -99,11 +99,19 @@ class MixtralFormat(NativeFormat):
         return dict(
             num_local_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok,
-            router_aux_loss_coef=config.router_aux_loss_coef,
+            router_aux_loss_coef=native_aux_loss_coef(config),
             router_jitter_noise=0.0,
             output_router_logits=False,
             sliding_window=getattr(config.base_config, "sliding_window", None),
         )
+
+
+def native_aux_loss_coef(config: SpriConfig) -> float:
+    """The native coefficient that trains with SPRI's balance loss: transformers' Mixtral / Qwen-MoE loss counts every
+    top-k slot (it is `top_k` at uniform routing) where SPRI's is normalised to 1, so the coefficient is divided by
+    `top_k`. Equal losses for one MoE layer; with several, native pools the layers before the product, SPRI averages
+    per-layer products, so the two agree at uniform routing and differ slightly elsewhere."""
+    return config.router_aux_loss_coef / config.num_experts_per_tok
 
 
 def _qwen_moe_fields(config: SpriConfig) -> dict:
@@ -112,7 +120,7 @@ def _qwen_moe_fields(config: SpriConfig) -> dict:
         num_experts=config.num_experts,
         num_experts_per_tok=config.num_experts_per_tok,
         norm_topk_prob=config.norm_topk_prob,
-        router_aux_loss_coef=config.router_aux_loss_coef,
+        router_aux_loss_coef=native_aux_loss_coef(config),
         moe_intermediate_size=config.base_config.intermediate_size,
         mlp_only_layers=_dense_layers(config),
         decoder_sparse_step=1,
@@ -301,7 +309,7 @@ def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwri
         The native model (`MixtralForCausalLM`, `Qwen2MoeForCausalLM` or `Qwen3MoeForCausalLM`).
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if is_occupied(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it, or choose another folder.")
     native = to_native(model)
     if verify:

@@ -5,10 +5,16 @@ import shutil
 import tempfile
 
 
+def is_occupied(path: str) -> bool:
+    """Whether writing a checkpoint to `path` would replace something: a file, or a folder that is not empty (an
+    empty folder, e.g. a fresh `tempfile.TemporaryDirectory()`, is taken as `save_pretrained` takes it)."""
+    return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
+
+
 def atomic_save(model, out_dir: str, overwrite: bool = False, **save_kwargs):
     """`save_pretrained` into a temporary sibling folder, then rename: `out_dir` is never half written."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if is_occupied(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite on the command line) to replace it, or choose another folder.")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

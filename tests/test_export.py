@@ -200,3 +200,32 @@ def test_every_family_is_either_exported_exactly_or_refused_with_a_reason():
         else:
             with pytest.raises(ValueError, match="exactly"):
                 native_format_for(model.config)
+
+
+@pytest.mark.parametrize("case", ["qwen3-some-layers-unnormalised", "qwen2-some-layers"])
+def test_exported_model_trains_with_the_same_balance_loss(case, input_ids, tmp_path):
+    """One MoE layer: native Mixtral/Qwen-MoE count every top-k slot (their balance loss is top_k at uniform routing,
+    SPRI's is 1), so the exported coefficient is divided by top_k and both models' training losses agree."""
+    family, settings, _ = EXPORTS[case]
+    model = _perturb_experts(SpriForCausalLM.from_dense(
+        tiny_dense(family), num_experts=4, num_experts_per_tok=2, diversity=0.5, router_aux_loss_coef=0.5, **settings))
+    model.set_stage(2)
+    native = export_native(model, tmp_path / "native")
+    assert native.config.router_aux_loss_coef == pytest.approx(0.25)
+    spri_out = model(input_ids, labels=input_ids)
+    native_out = native(input_ids, labels=input_ids, output_router_logits=True)
+    assert spri_out.aux_loss > 0
+    torch.testing.assert_close(native_out.loss, spri_out.loss, atol=1e-5, rtol=0)
+
+
+def test_export_native_accepts_an_existing_empty_folder(tmp_path, input_ids):
+    """As save_pretrained does: a fresh tempfile.TemporaryDirectory() is a valid destination."""
+    import tempfile
+
+    model = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, init="copy")
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        export_native(model, folder)
+        assert os.path.isfile(os.path.join(folder, "config.json"))
+    (tmp_path / "empty").mkdir()
+    export_native(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
