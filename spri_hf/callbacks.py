@@ -16,7 +16,7 @@ import torch
 from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.utils import logging
 
-from .modeling_spri import _token_weights, load_balancing_loss, router_z_loss
+from .modeling_spri import load_balancing_loss, router_z_loss, token_weights
 
 
 logger = logging.get_logger(__name__)
@@ -274,7 +274,7 @@ class SpriMonitorCallback(TrainerCallback):
             with torch.no_grad():
                 logits = router_logits.detach().float()
                 num_tokens, num_experts = logits.shape
-                weights = _token_weights(self._attention_mask, num_tokens, logits.device)
+                weights = token_weights(self._attention_mask, num_tokens, logits.device)
                 counts = torch.zeros(num_experts, device=logits.device).index_add_(
                     0, top_k_index.reshape(-1), weights.repeat_interleave(top_k_index.shape[-1])
                 )

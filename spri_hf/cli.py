@@ -51,7 +51,7 @@ def cmd_upcycle(args) -> int:
     from . import modeling_spri
     from .architectures import get_ffn_layout
     from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
-    from .upcycling import _dequantized_config, make_config
+    from .recipe import dequantized_config, make_config
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {"svd_method": args.svd_method, "svd_device": args.svd_device, "check_resources": not args.no_resource_check}
@@ -61,7 +61,7 @@ def cmd_upcycle(args) -> int:
     # Validate everything that can be validated from the config alone, before loading any weight.
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     get_ffn_layout(base_config)
-    make_config(_dequantized_config(base_config), **settings)
+    make_config(dequantized_config(base_config), **settings)
     task = args.task if args.task != "auto" else task_for(base_config)
     spri_class = getattr(modeling_spri, TASKS[task])
     dense_class = getattr(transformers, spri_class._dense_auto_class)

@@ -27,7 +27,7 @@ from transformers import (
 from .architectures import FfnLayout
 from .configuration_spri import SpriConfig
 from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
-from .upcycling import _default_dtype, _module_name, dense_ffn_weights
+from .recipe import default_dtype, dense_ffn_weights, module_name
 from .utils import atomic_save, is_occupied
 
 
@@ -217,7 +217,7 @@ def _inner_tensors(model: SpriPreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def _build_skeleton(model_class, config, like: torch.Tensor) -> PreTrainedModel:
-    with torch.no_grad(), _default_dtype(like.dtype), torch.device("meta"):
+    with torch.no_grad(), default_dtype(like.dtype), torch.device("meta"):
         skeleton = model_class(config)
     return skeleton.to_empty(device=like.device)
 
@@ -255,7 +255,7 @@ def to_native(model: SpriForCausalLM):
     reference = next(model.parameters())
     native = _build_skeleton(MODEL_FOR_CAUSAL_LM_MAPPING[type(native_config)], native_config, reference)
 
-    layers_name = _module_name(model.model, model.decoder_layers())
+    layers_name = module_name(model.model, model.decoder_layers())
     mlp = model.ffn_layout.mlp_attr
     ffn_prefixes = tuple(f"{layers_name}.{idx}.{mlp}." for idx in model.config.upcycled_layers())
     tensors = {name: value for name, value in _inner_tensors(model).items() if not name.startswith(ffn_prefixes)}
@@ -361,7 +361,7 @@ def fold_to_dense(model: SpriPreTrainedModel) -> PreTrainedModel:
     ffn_prefixes, folded = [], {}
     for stack, idx, block in model.moe_sites():
         layout = model.ffn_layouts[stack]
-        layers_name = _module_name(model.model, model.stack_layers(stack))
+        layers_name = module_name(model.model, model.stack_layers(stack))
         ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
         layer = dense.base_model.get_submodule(layout.layers_attr)[idx]
         owner = layer if layout.split else layer.get_submodule(layout.mlp_attr)

@@ -286,7 +286,7 @@ def load_balancing_loss(
         probs = layer_logits.float().softmax(dim=-1)  # (tokens, E)
         num_experts = probs.shape[-1]
         chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=-2).float()
-        weights = _token_weights(attention_mask, probs.shape[0], probs.device)
+        weights = token_weights(attention_mask, probs.shape[0], probs.device)
         share_routed = (chosen * weights[:, None]).sum(0) / (top_k * weights.sum())
         mean_prob = (probs * weights[:, None]).sum(0) / weights.sum()
         losses.append(num_experts * (share_routed * mean_prob).sum())
@@ -297,13 +297,13 @@ def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tenso
     """Mean squared log-sum-exp of the router logits (ST-MoE), averaged over MoE layers."""
     losses = []
     for layer_logits in router_logits:
-        weights = _token_weights(attention_mask, layer_logits.shape[0], layer_logits.device)
+        weights = token_weights(attention_mask, layer_logits.shape[0], layer_logits.device)
         z = torch.logsumexp(layer_logits.float(), dim=-1).square()
         losses.append((z * weights).sum() / weights.sum())
     return torch.stack(losses).mean()
 
 
-def _token_weights(attention_mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
+def token_weights(attention_mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == num_tokens:
         return attention_mask.reshape(-1).to(device=device, dtype=torch.float)
     return torch.ones(num_tokens, device=device)

@@ -19,27 +19,28 @@ from collections.abc import Callable, Iterator
 
 import torch
 import transformers
-from transformers import AutoConfig, GenerationConfig
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
 
 from . import initializers as spri_init
 from .architectures import get_ffn_layouts
+from .configuration_spri import SpriConfig
 from .model_card import write_model_card
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
-from .upcycling import (
-    _default_dtype,
-    _dense_root,
-    _dequantized_config,
-    _ffn_owner,
-    _generator_key,
-    _layers,
-    _module_name,
-    _read_license,
-    _residual_rank,
+from .recipe import (
+    default_dtype,
     dense_ffn_weights,
+    dense_root_of,
     dense_to_spri_names,
+    dequantized_config,
+    ffn_owner,
+    generator_key,
     make_config,
+    module_name,
+    read_license,
+    residual_rank,
+    stack_layers,
     upcycle_layer,
 )
 from .utils import PICKLE_SUFFIXES
@@ -284,8 +285,8 @@ class _StreamingSource:
         with torch.device("meta"):
             dense = auto_class.from_config(config)
         self.dense = dense
-        self.root = _dense_root(spri_class, dense)
-        self.root_prefix = "" if self.root is dense else _module_name(dense, self.root)
+        self.root = dense_root_of(spri_class, dense)
+        self.root_prefix = "" if self.root is dense else module_name(dense, self.root)
         self.names = _checkpoint_names(dense, self.reader.entries)
 
     def key(self, root_name: str) -> str | None:
@@ -361,7 +362,7 @@ def _dense_groups(model, source: "_StreamingSource", layouts: dict) -> list[tupl
 def _block_names(model) -> list[tuple[str, list[str]]]:
     inner = model.model
     return [
-        (_module_name(inner, block), [name for name, _ in block.named_parameters() if not name.startswith("shared_expert.")])
+        (module_name(inner, block), [name for name, _ in block.named_parameters() if not name.startswith("shared_expert.")])
         for _, _, block in model.moe_sites()
     ]
 
@@ -393,16 +394,16 @@ def stream_tensors(
     sites = spri_model.moe_sites()
     for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
         layout = layouts[stack]
-        owner = _ffn_owner(_layers(source.root, layout)[idx], layout)
-        source.load_module(owner, _module_name(source.root, owner), None)
+        owner = ffn_owner(stack_layers(source.root, layout)[idx], layout)
+        source.load_module(owner, module_name(source.root, owner), None)
         try:
             tensors = upcycle_layer(
-                config, layout, _generator_key(stack, idx), *dense_ffn_weights(owner, layout),
+                config, layout, generator_key(stack, idx), *dense_ffn_weights(owner, layout),
                 svd_method=svd_method, svd_device=svd_device, out_dtype=dtype,
             )
         finally:
             source.unload_module(owner)
-        block_name = _module_name(spri_model.model, block)
+        block_name = module_name(spri_model.model, block)
         for name in blocks[block_name]:
             yield f"{block_name}.{name}", tensors.pop(name)
         del tensors
@@ -411,8 +412,8 @@ def stream_tensors(
 def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
     def get(stack: str, idx: int):
         layout = layouts[stack]
-        owner = _ffn_owner(_layers(source.root, layout)[idx], layout)
-        source.load_module(owner, _module_name(source.root, owner), None)
+        owner = ffn_owner(stack_layers(source.root, layout)[idx], layout)
+        source.load_module(owner, module_name(source.root, owner), None)
         try:
             matrices, _ = dense_ffn_weights(owner, layout)
             return {proj: weight.detach().clone() for proj, weight in matrices.items()}
@@ -424,11 +425,11 @@ def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
 
 def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: dict):
     """`(spri_model on meta, source, layouts, output dtype)`, every setting validated before any weight is read."""
-    dense_config = _dequantized_config(AutoConfig.from_pretrained(folder))
+    dense_config = dequantized_config(AutoConfig.from_pretrained(folder))
     layouts = get_ffn_layouts(dense_config)
     settings.setdefault("base_model", folder)
     if "base_model_license" not in settings:
-        settings["base_model_license"] = _read_license(folder)
+        settings["base_model_license"] = read_license(folder)
     config = make_config(dense_config, **settings)
     stacks = config.upcycled_stacks()
     if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
@@ -445,10 +446,10 @@ def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: 
     if config.init == "spri":
         getter = _ffn_getter(source, layouts)
         config.residual_rank = max(
-            _residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx)) for stack in stacks
+            residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx)) for stack in stacks
         )
     # on the meta device: nothing is allocated, whatever the size (non-persistent buffers are computed when needed)
-    with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
+    with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
     model.tie_weights()
     return model, source, layouts, dtype
@@ -482,8 +483,8 @@ def upcycle_checkpoint(
             before writing anything when they are not available; `False` tries anyway.
         **settings: any `SpriConfig` field, as for `from_dense`.
     """
-    if spri_class is None:
-        from .modeling_spri import SpriForCausalLM as spri_class
+    if spri_class is None:  # the SPRI causal LM that `import spri_hf` registered with AutoModelForCausalLM
+        spri_class = MODEL_FOR_CAUSAL_LM_MAPPING[SpriConfig]
     if svd_method not in spri_init.SVD_METHODS:
         raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
     if isinstance(dtype, str):

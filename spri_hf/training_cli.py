@@ -251,7 +251,7 @@ def train(script: TrainScriptArguments, upcycling, training) -> int:
     from . import modeling_spri
     from .architectures import get_ffn_layout
     from .trainer import SpriSeq2SeqTrainer, SpriTrainer, resolve_steps, total_optimizer_steps
-    from .upcycling import make_config
+    from .recipe import make_config
 
     if script.task not in _TASKS:
         raise ValueError(f"--task {script.task!r}: spri-hf train takes one of {list(_TASKS)}.")

@@ -16,39 +16,30 @@ from transformers import MODEL_MAPPING, AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
 from . import initializers as spri_init
+from . import streaming
 from .architectures import FfnLayout, get_ffn_layouts
-from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
+from .configuration_spri import SpriConfig
+from .recipe import (
+    CONFIG_FIELDS,
+    default_dtype,
+    dense_ffn_weights,
+    dense_root_of,
+    dense_to_spri_names,
+    dequantized_config,
+    ffn_owner,
+    generator_key,
+    make_config,
+    module_name,
+    read_license,
+    residual_rank,
+    stack_layers,
+    upcycle_layer,
+)
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 from .utils import refuse_pickle_only
 
 
 logger = logging.get_logger(__name__)
-
-_CONFIG_FIELDS = UPCYCLING_SETTINGS + (
-    "stage",
-    "stage1_trainable",
-    "stage2_frozen",
-    "stage2_train_all",
-    "initializer_range",
-    "output_router_logits",
-    "base_model",
-    "base_model_license",
-)
-
-
-def make_config(base_config, **settings) -> SpriConfig:
-    """`SpriConfig(base_config=..., **settings)` with validation errors raised as `ValueError` / `TypeError`."""
-    unknown = sorted(set(settings) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise TypeError(f"Unknown SPRI setting(s) {unknown}; the settings are {list(_CONFIG_FIELDS)}.")
-    if "initializer_range" not in settings:
-        settings["initializer_range"] = getattr(base_config, "initializer_range", None) or 0.02
-    try:
-        return SpriConfig(base_config=base_config, **settings)
-    except StrictDataclassError as err:
-        cause = err.__cause__ if isinstance(err.__cause__, (TypeError, ValueError)) else None
-        message = str(cause) if cause is not None else str(err)
-        raise (TypeError if isinstance(cause, TypeError) else ValueError)(message) from None
 
 
 def upcycle(
@@ -82,9 +73,7 @@ def upcycle(
     if isinstance(dense, (str, os.PathLike)):
         # settings that are not SPRI fields (dtype=, revision=, gguf_file=, ...) are for loading the dense model
         load_kwargs = dict(from_pretrained_kwargs or {})
-        load_kwargs.update({key: settings.pop(key) for key in list(settings) if key not in _CONFIG_FIELDS})
-        from . import streaming
-
+        load_kwargs.update({key: settings.pop(key) for key in list(settings) if key not in CONFIG_FIELDS})
         dtype = load_kwargs.get("dtype")
         if streaming.can_stream(dense) and set(load_kwargs) <= {"dtype"} and (dtype in (None, "auto") or isinstance(dtype, torch.dtype)):
             # a local safetensors folder: read it tensor by tensor instead of loading the dense model whole
@@ -96,7 +85,7 @@ def upcycle(
                 )
             except streaming.NotStreamable as reason:
                 logger.info(f"Loading {dense} whole: {reason}.")
-        make_config(_dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
+        make_config(dequantized_config(AutoConfig.from_pretrained(dense, **_config_kwargs(load_kwargs))), **settings)
         if load_kwargs.get("gguf_file") is None:
             # safetensors only (from a folder or the Hub) unless the caller opts in: unpickling can run code
             load_kwargs.setdefault("use_safetensors", True)
@@ -105,12 +94,12 @@ def upcycle(
     if not isinstance(dense, PreTrainedModel):
         raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")
     layouts = get_ffn_layouts(dense.config)
-    dense_root = _dense_root(spri_class, dense)
+    dense_root = dense_root_of(spri_class, dense)
 
     settings.setdefault("base_model", dense.name_or_path or None)
     if "base_model_license" not in settings:
-        settings["base_model_license"] = _read_license(settings["base_model"], may_fetch_card)
-    config = make_config(_dequantized_config(dense.config), **settings)
+        settings["base_model_license"] = read_license(settings["base_model"], may_fetch_card)
+    config = make_config(dequantized_config(dense.config), **settings)
     stacks = config.upcycled_stacks()
     if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
         raise ValueError(
@@ -120,11 +109,11 @@ def upcycle(
     _check_finite(dense_root)
     if config.init == "spri":
         config.residual_rank = max(
-            _residual_rank(config, layouts[stack], stack, _layer_matrices(dense_root, layouts[stack])) for stack in stacks
+            residual_rank(config, layouts[stack], stack, _layer_matrices(dense_root, layouts[stack])) for stack in stacks
         )
 
     dtype, device = dense.dtype, dense.device
-    with torch.no_grad(), _default_dtype(dtype), torch.device("meta"):
+    with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
     model.tie_weights()
     weights = tensor_bytes(model)
@@ -137,11 +126,11 @@ def upcycle(
         sites = model.moe_sites()
         for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
             layout = layouts[stack]
-            matrices, biases = dense_ffn_weights(_ffn_owner(_layers(dense_root, layout)[idx], layout), layout)
+            matrices, biases = dense_ffn_weights(ffn_owner(stack_layers(dense_root, layout)[idx], layout), layout)
             tensors = upcycle_layer(
-                config, layout, _generator_key(stack, idx), matrices, biases, svd_method=svd_method, svd_device=svd_device
+                config, layout, generator_key(stack, idx), matrices, biases, svd_method=svd_method, svd_device=svd_device
             )
-            block_name = _module_name(model.model, block)
+            block_name = module_name(model.model, block)
             for name, value in tensors.items():
                 block.get_parameter(name).copy_(value)
                 filled.add(f"{block_name}.{name}")
@@ -158,36 +147,12 @@ def upcycle(
 
 
 def _layer_matrices(dense_root, layout: FfnLayout):
-    layers = _layers(dense_root, layout)
-    return lambda idx: dense_ffn_weights(_ffn_owner(layers[idx], layout), layout)[0]
+    layers = stack_layers(dense_root, layout)
+    return lambda idx: dense_ffn_weights(ffn_owner(layers[idx], layout), layout)[0]
 
 
-def _generator_key(stack: str, idx: int) -> int:
-    """Random streams per layer; the encoder's are offset so that encoder and decoder layer i draw differently."""
-    return idx if stack == "decoder" else 100_000 + idx
 
 
-def _read_license(name_or_path: str | None, may_fetch: bool = False) -> str | None:
-    """The `license` of the dense model's card: a local folder's README.md, a Hub repo's cached README.md, or (only
-    when `may_fetch`) the Hub's. `None` when there is none to read: the model card then says it is unknown."""
-    if not name_or_path:
-        return None
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
-    if os.path.isdir(name_or_path):
-        card = os.path.join(name_or_path, "README.md")
-    else:
-        try:
-            cached = try_to_load_from_cache(name_or_path, "README.md")
-        except Exception:  # not a repo id
-            return None
-        card = cached if isinstance(cached, str) else (name_or_path if may_fetch else None)
-    if card is None or (os.path.isabs(card) and not os.path.isfile(card)):
-        return None
-    try:
-        return ModelCard.load(card).data.get("license")
-    except Exception:  # offline, no card, unreadable card
-        return None
 
 
 def _config_kwargs(load_kwargs: dict) -> dict:
@@ -196,45 +161,10 @@ def _config_kwargs(load_kwargs: dict) -> dict:
     return {key: load_kwargs[key] for key in keys if key in load_kwargs}
 
 
-_TASKS = {
-    "AutoModelForCausalLM": "causal LM",
-    "AutoModelForSeq2SeqLM": "seq2seq LM",
-    "AutoModelForSpeechSeq2Seq": "speech seq2seq model",
-    "AutoModelForSequenceClassification": "sequence classifier",
-    "AutoModelForMaskedLM": "masked LM",
-}
 
 
-def _dense_root(spri_class: type, dense: PreTrainedModel) -> PreTrainedModel:
-    """The part of `dense` that `spri_class` wraps: the model itself, or its backbone for `SpriModel`."""
-    mapping = spri_class._dense_mapping
-    expected = mapping[type(dense.config)] if type(dense.config) in mapping else None
-    if expected is not None and isinstance(dense, expected):
-        return dense
-    if mapping is MODEL_MAPPING:
-        return dense.base_model
-    task = _TASKS.get(spri_class._dense_auto_class, spri_class._dense_auto_class)
-    raise TypeError(
-        f"{spri_class.__name__}.from_dense needs a {task}"
-        f"{f' ({expected.__name__})' if expected is not None else ''}, got {type(dense).__name__}; load it with "
-        f"{spri_class._dense_auto_class}, or use the Spri class of its task (SpriModel for a bare backbone)."
-    )
 
 
-def _dequantized_config(config):
-    """A copy of the dense config; GGUF checkpoints are dequantised on load, so their quantization entry goes."""
-    config = copy.deepcopy(config)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-        if str(method).lower().endswith("gguf"):
-            del config.quantization_config
-        else:
-            raise ValueError(
-                f"The dense model is quantized ({method}); SPRI needs floating-point weights. Load it without "
-                "quantization (or dequantize it) before upcycling."
-            )
-    return config
 
 
 def _check_finite(dense_root: torch.nn.Module):
@@ -246,59 +176,14 @@ def _check_finite(dense_root: torch.nn.Module):
             )
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    if dtype.is_floating_point:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
-def _layers(root: torch.nn.Module, layout: FfnLayout) -> torch.nn.ModuleList:
-    backbone = root.base_model if isinstance(root, PreTrainedModel) else root
-    return backbone.get_submodule(layout.layers_attr)
 
 
-def _ffn_owner(layer: torch.nn.Module, layout: FfnLayout) -> torch.nn.Module:
-    """What the projection paths of `layout` start from: the FFN module, or the block for split FFNs."""
-    return layer if layout.split else layer.get_submodule(layout.mlp_attr)
 
 
-def _module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise RuntimeError("module not found in its model")
 
 
-def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, sources) -> dict[str, str]:
-    """Where each tensor named in `sources` (names in `dense_root`) goes in the SPRI inner model (names in `targets`):
-    every non-FFN tensor, and the FFN kept as shared expert.
-
-    Give every name of a tied tensor: which one a deduplicating walk keeps depends on module order (XLM-R's MLM head).
-    """
-    ffn_prefixes = []
-    for stack in config.upcycled_stacks():
-        layout = layouts[stack]
-        layers_name = _module_name(dense_root, _layers(dense_root, layout))
-        for idx in config.upcycled_layers(stack):
-            ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
-    keep_shared = config.shared_expert == "dense"
-    names = {}
-    for name in sources:
-        target = name
-        prefix = next((p for p in ffn_prefixes if name.startswith(p)), None)
-        if prefix is not None:
-            if not keep_shared:
-                continue
-            target = f"{prefix}shared_expert.{name[len(prefix):]}"
-        if target not in targets:
-            raise RuntimeError(f"Internal error: dense tensor {name!r} has no counterpart in the SPRI model.")
-        names[name] = target
-    return names
 
 
 def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dict) -> set[str]:
@@ -314,149 +199,13 @@ def _copy_dense_tensors(config: SpriConfig, dense_root, spri_inner, layouts: dic
     return filled
 
 
-def dense_ffn_weights(mlp: torch.nn.Module, layout: FfnLayout) -> tuple[dict, dict]:
-    """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down".
-
-    `mlp` is the FFN module, or the block itself for split FFNs (see `FfnLayout.split`).
-    """
-    matrices, biases = {}, {}
-    if layout.fused_gate_up is not None:
-        fused = mlp.get_submodule(layout.fused_gate_up)
-        matrices["gate"], matrices["up"] = fused.weight.chunk(2, dim=0)
-        if fused.bias is not None:
-            biases["gate"], biases["up"] = fused.bias.chunk(2, dim=0)
-        modules = {"down": mlp.get_submodule(layout.down)}
-    else:
-        modules = {proj: mlp.get_submodule(getattr(layout, proj)) for proj in layout.projection_names()}
-    for proj, module in modules.items():
-        matrices[proj] = module.weight.t() if layout.conv1d else module.weight
-        if getattr(module, "bias", None) is not None:
-            biases[proj] = module.bias
-    return matrices, biases
 
 
-def _principal(config: SpriConfig, singular_values: torch.Tensor) -> int:
-    return spri_init.principal_rank(singular_values, config.principal_ratio, config.principal_energy)
 
 
-def _check_tail(config: SpriConfig, tail: int, where: str):
-    if 0 < tail < config.num_experts:
-        setting = (
-            f"principal_energy={config.principal_energy}"
-            if config.principal_energy is not None
-            else f"principal_ratio={config.principal_ratio}"
-        )
-        raise ValueError(
-            f"The residual rank of {where} is {tail}, smaller than num_experts={config.num_experts}: some experts "
-            f"would get no residual direction. Lower {setting} or use fewer experts."
-        )
 
 
-def _residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrices) -> int:
-    """Rank `k` of each expert's residual factors in one stack, checked before any heavy work.
-
-    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` (only read when `principal_energy` is set).
-    """
-    rank = min(layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config))
-    if config.principal_energy is None:
-        tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
-        _check_tail(config, tail, "every FFN matrix")
-        return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1)
-    largest = 0
-    for idx in config.upcycled_layers(stack):
-        for proj, weight in ffn_matrices(idx).items():
-            tail = rank - _principal(config, spri_init.thin_svd(weight)[1])
-            _check_tail(config, tail, f"{stack} layer {idx} {proj}")
-            largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
-    return max(largest, 1)
 
 
-def upcycle_layer(
-    config: SpriConfig,
-    layout: FfnLayout,
-    layer_key: int,
-    matrices: dict,
-    biases: dict,
-    *,
-    svd_method: str = "auto",
-    svd_device: torch.device | str | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> dict:
-    """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block.
-
-    Computed in float64; with `out_dtype` each projection's experts are cast as soon as they are made (the streaming
-    upcycler keeps one layer's float64 work at a time this way). `layer_key` seeds the layer's random stream (the
-    layer index; encoder layers are offset).
-    """
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if out_dtype is None else tensor.to(out_dtype)
-
-    generator = spri_init.layer_generator(config.seed, layer_key)
-    num_experts = config.num_experts
-    hidden = matrices["down"].shape[0]
-    tensors = {"router.weight": config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)}
-    up_names = ("gate", "up") if layout.gated else ("up",)
-    prefix = "gate_up" if layout.gated else "up"
-
-    if config.init == "spri":
-        shared_coef, expert_coef = spri_init.spri_coefficients(
-            num_experts, config.spri_mode, config.diversity, config.residual_scale
-        )
-        factors = {}
-        for proj, weight in matrices.items():
-            svd = spri_init.thin_svd(weight, svd_method, svd_device)
-            factors[proj] = spri_init.spri_residual_factors(
-                weight,
-                num_experts,
-                principal=_principal(config, svd[1]),
-                shared_coef=shared_coef,
-                expert_coef=expert_coef,
-                partition=config.partition,
-                rank_per_expert=config.residual_rank,
-                generator=generator,
-                svd=svd,
-            )
-        if config.stage == 1:
-            tensors[f"experts.{prefix}_shared"] = torch.cat([factors[p][0] for p in up_names], dim=0)
-            tensors[f"experts.{prefix}_residual_b"] = torch.cat([factors[p][1] for p in up_names], dim=1)
-            tensors[f"experts.{prefix}_residual_a"] = torch.cat([factors[p][2] for p in up_names], dim=1)
-            shared, factor_b, factor_a = factors["down"]
-            tensors["experts.down_shared"], tensors["experts.down_residual_b"] = shared, factor_b
-            tensors["experts.down_residual_a"] = factor_a
-        else:
-            experts = {proj: cast(spri_init.materialize_experts(*factors.pop(proj))) for proj in list(matrices)}
-            _add_full_experts(tensors, experts, up_names, prefix)
-    else:
-        if config.init == "copy":
-            experts = {proj: cast(spri_init.copy_experts(w, num_experts)) for proj, w in matrices.items()}
-        elif config.init == "noise":
-            experts = {
-                proj: cast(spri_init.noise_experts(w, num_experts, config.noise_std, generator))
-                for proj, w in matrices.items()
-            }
-        elif config.init == "drop":
-            dropped = spri_init.drop_neurons(num_experts, matrices["down"].shape[1], config.drop_ratio, generator)
-            experts = {
-                proj: cast(spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator))
-                for proj, w in matrices.items()
-            }
-        else:  # random
-            experts = {
-                proj: cast(spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator))
-                for proj, w in matrices.items()
-            }
-        _add_full_experts(tensors, experts, up_names, prefix)
-
-    if biases:
-        zero = config.init == "random"
-        up_bias = torch.cat([biases[p].detach().double() for p in up_names])
-        down_bias = biases["down"].detach().double()
-        tensors[f"experts.{prefix}_proj_bias"] = (up_bias * (not zero)).expand(num_experts, -1)
-        tensors["experts.down_proj_bias"] = (down_bias * (not zero)).expand(num_experts, -1)
-    return {name: cast(tensor) for name, tensor in tensors.items()}
 
 
-def _add_full_experts(tensors: dict, experts: dict, up_names: tuple, prefix: str):
-    tensors[f"experts.{prefix}_proj"] = torch.cat([experts[p] for p in up_names], dim=1)
-    tensors["experts.down_proj"] = experts["down"]

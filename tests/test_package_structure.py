@@ -1,0 +1,91 @@
+"""The package's shape: no module imports another module's `_private` names, and the import graph has no cycle
+(function-local imports included: a local import that hides a cycle is still a cycle)."""
+
+import ast
+from pathlib import Path
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "spri_hf"
+
+
+def _module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(relative.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """`(edges, private_imports)`: module -> the spri_hf modules it imports; `a imports b._name` violations."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    edges, private = {name: set() for name in modules}, []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("spri_hf"):
+                        edges[name].add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                target = _resolve(name, node, is_package)
+                if not target.startswith("spri_hf"):
+                    continue
+                for alias in node.names:
+                    submodule = f"{target}.{alias.name}"
+                    if submodule in modules:  # `from . import modeling_spri`
+                        edges[name].add(submodule)
+                        continue
+                    edges[name].add(target)
+                    if alias.name.startswith("_") and target != name:
+                        private.append(f"{name} imports {target}.{alias.name}")
+    # the package's own __init__ re-exports everything: an edge into it from a submodule is what makes cycles
+    return {k: {v for v in vs if v != k and v in modules} for k, vs in edges.items()}, private
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node):
+        state[node] = "active"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "active":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another():
+    _, private = import_graph()
+    assert not private, "\n".join(private)
+
+
+def test_the_import_graph_has_no_cycle():
+    edges, _ = import_graph()
+    cycles = _cycles(edges)
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_checker_sees_local_imports_and_cycles():
+    """The checker itself: a cycle through a function-local import is found."""
+    assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    tree = ast.parse("def f():\n    from .modeling_spri import _private\n")
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
+    assert _resolve("spri_hf.cli", node, False) == "spri_hf.modeling_spri"
