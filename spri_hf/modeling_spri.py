@@ -396,9 +396,9 @@ class SpriPreTrainedModel(PreTrainedModel):
             for idx in self.config.upcycled_layers(stack):
                 layer = layers[idx]
                 shared = layer.get_submodule(layout.mlp_attr) if self.config.shared_expert == "dense" else None
-                _set_submodule(layer, layout.mlp_attr, SpriMoeBlock(self.config, layout, shared_expert=shared))
+                layer.set_submodule(layout.mlp_attr, SpriMoeBlock(self.config, layout, shared_expert=shared))
                 for path in layout.split:  # the MoE block computes the whole FFN
-                    _set_submodule(layer, path, nn.Identity())
+                    layer.set_submodule(path, nn.Identity())
                 for name in layout.zero_attrs:
                     setattr(layer, name, 0.0)
 
@@ -626,11 +626,6 @@ def _replace_folder(staging: str, destination: str):
     os.rename(destination, os.path.join(aside, name))
     os.rename(staging, destination)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _first_shape_mismatch(model_class, folder) -> str | None:

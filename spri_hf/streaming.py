@@ -22,6 +22,7 @@ import transformers
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from . import initializers as spri_init
 from .architectures import get_ffn_layouts
@@ -221,17 +222,6 @@ def _numel(shape) -> int:
     for size in shape:
         count *= size
     return count
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = str(size).strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def resolve_dense_folder(src: str | os.PathLike) -> str:
@@ -494,7 +484,7 @@ def upcycle_checkpoint(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder.")
-    max_bytes = _parse_size(max_shard_size)
+    max_bytes = convert_file_size_to_int(max_shard_size)  # what save_pretrained accepts
     folder = resolve_dense_folder(src)
     try:
         model, source, layouts, dtype = prepare(spri_class, folder, dtype, dict(settings))
