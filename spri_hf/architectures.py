@@ -73,6 +73,41 @@ class FfnLayout:
         """Names of the FFN weight matrices in the order (gate, up, down) / (up, down)."""
         return ("gate", "up", "down") if self.gated else ("up", "down")
 
+    # ---- navigation of a dense (or SPRI-wrapped) model: the one place that knows where things are ----------------
+    def layers(self, model):
+        """The `nn.ModuleList` of this stack's blocks, from a model or its backbone."""
+        return getattr(model, "base_model", model).get_submodule(self.layers_attr)
+
+    def ffn_owner(self, layer):
+        """What the projection paths start from: the FFN module, or the block itself for split FFNs."""
+        return layer if self.split else layer.get_submodule(self.mlp_attr)
+
+    def ffn_paths(self) -> tuple[str, ...]:
+        """Paths, from a block, of every module that belongs to the FFN (the MoE block and what becomes Identity)."""
+        return (self.mlp_attr, *self.split)
+
+    def ffn_weights(self, owner) -> tuple[dict, dict]:
+        """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down" (views: writing
+        them writes the model). `owner` is what `ffn_owner` returns."""
+        matrices, biases = {}, {}
+        if self.fused_gate_up is not None:
+            fused = owner.get_submodule(self.fused_gate_up)
+            matrices["gate"], matrices["up"] = fused.weight.chunk(2, dim=0)
+            if fused.bias is not None:
+                biases["gate"], biases["up"] = fused.bias.chunk(2, dim=0)
+            modules = {"down": owner.get_submodule(self.down)}
+        else:
+            modules = {proj: owner.get_submodule(getattr(self, proj)) for proj in self.projection_names()}
+        for proj, module in modules.items():
+            matrices[proj] = module.weight.t() if self.conv1d else module.weight
+            if getattr(module, "bias", None) is not None:
+                biases[proj] = module.bias
+        return matrices, biases
+
+    def layer_ffn_weights(self, model, idx: int) -> tuple[dict, dict]:
+        """`ffn_weights` of block `idx` of this stack of `model`."""
+        return self.ffn_weights(self.ffn_owner(self.layers(model)[idx]))
+
 
 _LLAMA_LIKE = FfnLayout(layers_attr="layers")
 

@@ -27,7 +27,7 @@ from transformers import (
 from .architectures import FfnLayout
 from .configuration_spri import SpriConfig
 from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
-from .recipe import default_dtype, dense_ffn_weights, module_name
+from .recipe import default_dtype, module_name
 from .utils import atomic_save, is_occupied
 
 
@@ -319,8 +319,8 @@ def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwri
 
 
 def _write_dense_ffn(mlp: torch.nn.Module, layout: FfnLayout, experts, gated: bool):
-    """Set a dense FFN to the mean of the experts (views from `dense_ffn_weights` write through)."""
-    matrices, biases = dense_ffn_weights(mlp, layout)
+    """Set a dense FFN to the mean of the experts (views from `FfnLayout.ffn_weights` write through)."""
+    matrices, biases = layout.ffn_weights(mlp)
     up_names = ("gate", "up") if gated else ("up",)
     prefix = "gate_up" if gated else "up"
     up = getattr(experts, f"{prefix}_proj").mean(0).chunk(len(up_names), dim=0)
@@ -362,9 +362,8 @@ def fold_to_dense(model: SpriPreTrainedModel) -> PreTrainedModel:
     for stack, idx, block in model.moe_sites():
         layout = model.ffn_layouts[stack]
         layers_name = module_name(model.model, model.stack_layers(stack))
-        ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
-        layer = dense.base_model.get_submodule(layout.layers_attr)[idx]
-        owner = layer if layout.split else layer.get_submodule(layout.mlp_attr)
+        ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in layout.ffn_paths()]
+        owner = layout.ffn_owner(layout.layers(dense)[idx])
         _write_dense_ffn(owner, layout, _stage2_experts(block), layout.gated)
         owner_name = f"{layers_name}.{idx}" + ("" if layout.split else f".{layout.mlp_attr}")
         for name, value in list(owner.named_parameters()) + list(owner.named_buffers()):

@@ -368,7 +368,7 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     def stack_layers(self, stack: str) -> nn.ModuleList:
         """The dense architecture's list of blocks of one stack."""
-        return self.model.base_model.get_submodule(self.ffn_layouts[stack].layers_attr)
+        return self.ffn_layouts[stack].layers(self.model)
 
     def decoder_layers(self) -> nn.ModuleList:
         """The blocks of the upcycled stack (models with one upcycled stack; the name predates encoders)."""

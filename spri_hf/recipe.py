@@ -127,14 +127,8 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def stack_layers(root: torch.nn.Module, layout: FfnLayout) -> torch.nn.ModuleList:
-    backbone = root.base_model if isinstance(root, PreTrainedModel) else root
-    return backbone.get_submodule(layout.layers_attr)
 
 
-def ffn_owner(layer: torch.nn.Module, layout: FfnLayout) -> torch.nn.Module:
-    """What the projection paths of `layout` start from: the FFN module, or the block for split FFNs."""
-    return layer if layout.split else layer.get_submodule(layout.mlp_attr)
 
 
 def module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
@@ -153,9 +147,9 @@ def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, 
     ffn_prefixes = []
     for stack in config.upcycled_stacks():
         layout = layouts[stack]
-        layers_name = module_name(dense_root, stack_layers(dense_root, layout))
+        layers_name = module_name(dense_root, layout.layers(dense_root))
         for idx in config.upcycled_layers(stack):
-            ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in (layout.mlp_attr, *layout.split)]
+            ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in layout.ffn_paths()]
     keep_shared = config.shared_expert == "dense"
     names = {}
     for name in sources:
@@ -171,25 +165,6 @@ def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, 
     return names
 
 
-def dense_ffn_weights(mlp: torch.nn.Module, layout: FfnLayout) -> tuple[dict, dict]:
-    """The FFN's matrices as `(out, in)` tensors and its biases, keyed by "gate" / "up" / "down".
-
-    `mlp` is the FFN module, or the block itself for split FFNs (see `FfnLayout.split`).
-    """
-    matrices, biases = {}, {}
-    if layout.fused_gate_up is not None:
-        fused = mlp.get_submodule(layout.fused_gate_up)
-        matrices["gate"], matrices["up"] = fused.weight.chunk(2, dim=0)
-        if fused.bias is not None:
-            biases["gate"], biases["up"] = fused.bias.chunk(2, dim=0)
-        modules = {"down": mlp.get_submodule(layout.down)}
-    else:
-        modules = {proj: mlp.get_submodule(getattr(layout, proj)) for proj in layout.projection_names()}
-    for proj, module in modules.items():
-        matrices[proj] = module.weight.t() if layout.conv1d else module.weight
-        if getattr(module, "bias", None) is not None:
-            biases[proj] = module.bias
-    return matrices, biases
 
 
 def principal_of(config: SpriConfig, singular_values: torch.Tensor) -> int:

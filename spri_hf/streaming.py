@@ -31,17 +31,14 @@ from .model_card import write_model_card
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 from .recipe import (
     default_dtype,
-    dense_ffn_weights,
     dense_root_of,
     dense_to_spri_names,
     dequantized_config,
-    ffn_owner,
     generator_key,
     make_config,
     module_name,
     read_license,
     residual_rank,
-    stack_layers,
     upcycle_layer,
 )
 from .utils import PICKLE_SUFFIXES
@@ -384,11 +381,11 @@ def stream_tensors(
     sites = spri_model.moe_sites()
     for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
         layout = layouts[stack]
-        owner = ffn_owner(stack_layers(source.root, layout)[idx], layout)
+        owner = layout.ffn_owner(layout.layers(source.root)[idx])
         source.load_module(owner, module_name(source.root, owner), None)
         try:
             tensors = upcycle_layer(
-                config, layout, generator_key(stack, idx), *dense_ffn_weights(owner, layout),
+                config, layout, generator_key(stack, idx), *layout.ffn_weights(owner),
                 svd_method=svd_method, svd_device=svd_device, out_dtype=dtype,
             )
         finally:
@@ -402,10 +399,10 @@ def stream_tensors(
 def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
     def get(stack: str, idx: int):
         layout = layouts[stack]
-        owner = ffn_owner(stack_layers(source.root, layout)[idx], layout)
+        owner = layout.ffn_owner(layout.layers(source.root)[idx])
         source.load_module(owner, module_name(source.root, owner), None)
         try:
-            matrices, _ = dense_ffn_weights(owner, layout)
+            matrices, _ = layout.ffn_weights(owner)
             return {proj: weight.detach().clone() for proj, weight in matrices.items()}
         finally:
             source.unload_module(owner)

@@ -22,17 +22,14 @@ from .configuration_spri import SpriConfig
 from .recipe import (
     CONFIG_FIELDS,
     default_dtype,
-    dense_ffn_weights,
     dense_root_of,
     dense_to_spri_names,
     dequantized_config,
-    ffn_owner,
     generator_key,
     make_config,
     module_name,
     read_license,
     residual_rank,
-    stack_layers,
     upcycle_layer,
 )
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
@@ -126,7 +123,7 @@ def upcycle(
         sites = model.moe_sites()
         for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
             layout = layouts[stack]
-            matrices, biases = dense_ffn_weights(ffn_owner(stack_layers(dense_root, layout)[idx], layout), layout)
+            matrices, biases = layout.layer_ffn_weights(dense_root, idx)
             tensors = upcycle_layer(
                 config, layout, generator_key(stack, idx), matrices, biases, svd_method=svd_method, svd_device=svd_device
             )
@@ -147,8 +144,7 @@ def upcycle(
 
 
 def _layer_matrices(dense_root, layout: FfnLayout):
-    layers = stack_layers(dense_root, layout)
-    return lambda idx: dense_ffn_weights(ffn_owner(layers[idx], layout), layout)[0]
+    return lambda idx: layout.layer_ffn_weights(dense_root, idx)[0]
 
 
 

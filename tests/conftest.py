@@ -1,4 +1,11 @@
+"""Shared by the whole suite: tiny random models and configs, datasets, helpers and fixtures. Test modules import
+from here (`from conftest import ...`), never from one another (tests/test_suite_structure.py checks)."""
+
+import importlib.util
 import os
+import re
+import sys
+from pathlib import Path
 
 # Tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,10 +13,23 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
+)
 from transformers.utils import logging  # noqa: E402
 
 import spri_hf  # noqa: E402, F401  (registers the auto classes)
+from spri_hf import SpriForSeq2SeqLM, SpriForSequenceClassification, SpriForSpeechSeq2Seq  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import real_models  # noqa: E402  (examples/real_models.py: the slow tier's offline real-model loaders)
 
 
 logging.set_verbosity_error()
@@ -75,3 +95,127 @@ def family(request):
 @pytest.fixture
 def input_ids():
     return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+# ---- encoder-decoder (text and speech) and encoder-only families ----------------------------------------------------
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+_BART_LIKE = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=48, decoder_ffn_dim=40, vocab_size=VOCAB, max_position_embeddings=64, **_TOKENS,
+)
+_T5 = dict(d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB, **_TOKENS)
+TINY_BERT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                 max_position_embeddings=64)
+# family -> (config kwargs, dense auto class, Spri class)
+SEQ2SEQ_FAMILIES = {
+    "whisper": (
+        dict(_BART_LIKE, num_mel_bins=8, max_source_positions=16, max_target_positions=32, begin_suppress_tokens=None,
+             suppress_tokens=None),
+        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
+    ),
+    "speech_to_text": (
+        dict(_BART_LIKE, input_feat_per_channel=8, max_source_positions=64, max_target_positions=32, conv_channels=16),
+        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
+    ),
+    "marian": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "m2m_100": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "mbart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "bart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
+    "t5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # T5 v1.0: wi / wo
+    "mt5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # gated: wi_0 / wi_1 / wo
+    "bert": (dict(TINY_BERT, pad_token_id=0), AutoModelForSequenceClassification, SpriForSequenceClassification),
+    "roberta": (dict(TINY_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification),
+    "xlm-roberta": (
+        dict(TINY_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification,
+    ),
+}
+
+
+def tiny(family: str, auto_class=None, seed: int = 0):
+    """A tiny random dense model of `family` (a key of SEQ2SEQ_FAMILIES) with visible biases (so bias handling is
+    tested)."""
+    kwargs, default_auto, _ = SEQ2SEQ_FAMILIES[family]
+    torch.manual_seed(seed)
+    model = (auto_class or default_auto).from_config(AutoConfig.for_model(family, **kwargs)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.05)
+    return model
+
+
+# ---- datasets -------------------------------------------------------------------------------------------------------
+def progression_dataset(n=64, length=12, vocab=97):
+    """A learnable task: arithmetic progressions with a random start."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(3, 20, (1,), generator=generator))
+        seq = [3 + (start + 5 * j) % (vocab - 3) for j in range(length)]
+        rows.append({"input_ids": seq, "labels": seq})
+    return Dataset.from_list(rows)
+
+
+def speech_dataset(n=16):
+    """Four 'utterances' (fixed random log-mel features) with four fixed transcripts: learnable by a tiny Whisper."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 8, 32, generator=generator)
+    transcripts = [[5 + 7 * k + j for j in range(4)] + [2] for k in range(4)]
+    rows = [dict(input_features=features[i % 4].tolist(), labels=transcripts[i % 4]) for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+# ---- model helpers --------------------------------------------------------------------------------------------------
+def perturb_experts(model, seed=0):
+    """Stand-in for training: move every expert tensor so that experts differ from their initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name or ".router." in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def without_spri_hf(script: str) -> str:
+    """Prefix `script` with a meta-path blocker: `import spri_hf` fails as if it were not installed (it is installed
+    editable in the test environment, so removing a path entry would not hide it)."""
+    blocker = (
+        "import sys\n"
+        "class _NoSpri:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'spri_hf' or name.startswith('spri_hf.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, _NoSpri())\n"
+    )
+    return blocker + script
+
+
+# ---- slow tier: real models from examples/real_models.py ------------------------------------------------------------
+def require_packages(*names):
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(n.replace('_', '-') for n in missing)} (pip install --no-deps ...)")
+
+
+def words(text: str) -> list[str]:
+    # Whisper's casing and punctuation are not what is being tested
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    require_packages(*real_models.WHISPER_PARTS)
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    folder = real_models.whisper_base_folder(tmp_path_factory.mktemp("whisper-base"))
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    return model, WhisperProcessor.from_pretrained(folder), folder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    require_packages(real_models.MINILM_PACKAGE)
+    from transformers import AutoModel, AutoTokenizer
+
+    path = real_models.minilm_folder()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_reloaded_logits, assert_same_state, tiny_dense
+from conftest import FAMILIES, assert_reloaded_logits, assert_same_state, perturb_experts, tiny_dense, without_spri_hf
 from spri_hf import SpriForCausalLM, SpriModel, export_native, fold_to_dense
 from spri_hf.cli import main as cli_main
 from spri_hf.export import native_format_for
@@ -29,21 +29,11 @@ EXPORTS = {
 }
 
 
-def _perturb_experts(model, seed=0):
-    """Stand-in for training: move every expert tensor so that experts differ from their initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".experts." in name or ".router." in name:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("case", list(EXPORTS))
 def test_export_native_round_trip_reproduces_the_logits(case, stage, tmp_path, input_ids):
     family, settings, native_class = EXPORTS[case]
-    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, **settings))
+    model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, **settings))
     if stage == 2:
         model.set_stage(2)
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
@@ -65,7 +55,7 @@ def test_export_native_round_trip_reproduces_the_logits(case, stage, tmp_path, i
 
 
 def test_exported_checkpoint_loads_where_spri_hf_is_not_importable(tmp_path, input_ids):
-    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense("qwen3"), num_experts=4, stage=2, init="noise"))
+    model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense("qwen3"), num_experts=4, stage=2, init="noise"))
     export_native(model, tmp_path / "native")
     torch.save(input_ids, tmp_path / "ids.pt")
     script = (
@@ -77,24 +67,10 @@ def test_exported_checkpoint_loads_where_spri_hf_is_not_importable(tmp_path, inp
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run(
-        [sys.executable, "-c", _without_spri_hf(script)], env=env, capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-c", without_spri_hf(script)], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(input_ids).logits, atol=ATOL, rtol=0)
-
-
-def _without_spri_hf(script: str) -> str:
-    """Prefix `script` with a meta-path blocker: `import spri_hf` fails as if it were not installed (it is installed
-    editable in the test environment, so removing a path entry would not hide it)."""
-    blocker = (
-        "import sys\n"
-        "class _NoSpri:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'spri_hf' or name.startswith('spri_hf.'):\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
-        "sys.meta_path.insert(0, _NoSpri())\n"
-    )
-    return blocker + script
 
 
 @pytest.mark.parametrize(
@@ -130,7 +106,7 @@ def test_export_native_never_replaces_an_existing_folder_unless_asked(tmp_path, 
 
 
 def test_export_native_command_line(tmp_path, capsys, input_ids):
-    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense("mistral"), num_experts=4))
+    model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense("mistral"), num_experts=4))
     model.save_pretrained(tmp_path / "spri")
     assert cli_main(["export-native", str(tmp_path / "spri"), str(tmp_path / "native")]) == 0
     assert "as MixtralForCausalLM" in capsys.readouterr().out
@@ -156,13 +132,11 @@ def test_fold_to_dense_of_an_untrained_model_is_the_dense_model(family, settings
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_fold_to_dense_averages_trained_experts(family, tmp_path, input_ids):
-    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, stage=2))
+    model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5, stage=2))
     folded = fold_to_dense(model)
     experts = model.moe_blocks()[1].experts
     layout = model.ffn_layout
-    from spri_hf.upcycling import dense_ffn_weights
-
-    matrices, biases = dense_ffn_weights(getattr(getattr(folded.base_model, layout.layers_attr)[1], layout.mlp_attr), layout)
+    matrices, biases = layout.layer_ffn_weights(folded, 1)
     up = torch.cat([matrices[p] for p in layout.projection_names()[:-1]])
     torch.testing.assert_close(up, (experts.gate_up_proj if layout.gated else experts.up_proj).mean(0), atol=0, rtol=0)
     torch.testing.assert_close(matrices["down"], experts.down_proj.mean(0), atol=0, rtol=0)
@@ -207,7 +181,7 @@ def test_exported_model_trains_with_the_same_balance_loss(case, input_ids, tmp_p
     """One MoE layer: native Mixtral/Qwen-MoE count every top-k slot (their balance loss is top_k at uniform routing,
     SPRI's is 1), so the exported coefficient is divided by top_k and both models' training losses agree."""
     family, settings, _ = EXPORTS[case]
-    model = _perturb_experts(SpriForCausalLM.from_dense(
+    model = perturb_experts(SpriForCausalLM.from_dense(
         tiny_dense(family), num_experts=4, num_experts_per_tok=2, diversity=0.5, router_aux_loss_coef=0.5, **settings))
     model.set_stage(2)
     native = export_native(model, tmp_path / "native")

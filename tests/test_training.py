@@ -2,22 +2,10 @@
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import tiny_dense
+from conftest import progression_dataset, tiny_dense
 from spri_hf import SpriForCausalLM
-
-
-def _dataset(n=64, length=12, vocab=97):
-    """A learnable task: arithmetic progressions with a random start."""
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        start = int(torch.randint(3, 20, (1,), generator=generator))
-        seq = [3 + (start + 5 * j) % (vocab - 3) for j in range(length)]
-        rows.append({"input_ids": seq, "labels": seq})
-    return Dataset.from_list(rows)
 
 
 class _StopAt(TrainerCallback):
@@ -49,7 +37,7 @@ def _train(model, output_dir, max_steps, save_steps=None, resume=None, lr=1e-2, 
         disable_tqdm=True,
     )
     callbacks = [_StopAt(stop_at)] if stop_at else None
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=progression_dataset(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
