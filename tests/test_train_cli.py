@@ -140,3 +140,18 @@ def test_train_under_accelerate_launch_with_two_processes(dense_folder, tmp_path
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["SpriStageRecord"]["args"]["switch_step"] == 3
     assert json.loads((out / "config.json").read_text())["stage"] == 2
+
+
+def test_train_pushes_to_the_hub_when_asked(dense_folder, tmp_path):
+    """`--push_to_hub --hub_model_id ...` against a real local Hub server: code, weights, card and the stage."""
+    from hub_server import LocalHub, use_local_hub
+
+    out = tmp_path / "out"
+    with LocalHub() as hub, use_local_hub(hub, tmp_path / "cache"):
+        code = _train(dense_folder, _write(tmp_path / "data.jsonl", ROWS), out, "--push_to_hub",
+                      "--hub_model_id", "alice/trained")  # fmt: skip
+        files = hub.files("alice/trained")
+    assert code == 0
+    assert {"config.json", "model.safetensors", "modeling_spri.py", "configuration_spri.py", "README.md"} <= set(files)
+    assert json.loads(files["config.json"])["stage"] == 2
+    assert "spri_hf model card" in files["README.md"].decode()
