@@ -7,12 +7,10 @@ is modified.
 
 import copy
 import os
-from contextlib import contextmanager
 
 import torch
 import transformers
-from huggingface_hub.errors import StrictDataclassError
-from transformers import MODEL_MAPPING, AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
 from . import initializers as spri_init
