@@ -305,33 +305,40 @@ def data_direction(data_dir: Path) -> str:
 
 
 @torch.no_grad()
-def encoder_states(dense, processor, data_dir: Path, rows: list[dict], frames: int, cache_file: Path, device,
+def encoder_states(dense, processor, data_dir: Path, rows: list[dict], frames: int, cache_dir: Path, device,
                    log=print, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """float16 encoder states (`frames` x d_model) of every clip (keyed by its audio file), cached on disk."""
-    cached = torch.load(cache_file) if cache_file.is_file() else {}
+    """float16 encoder states (`frames` x d_model) of every clip (keyed by its audio file), cached on disk.
+
+    The cache holds one file per clip, named by the SHA-256 of its wav bytes, in a folder per encoder: a rebuilt or
+    grown dataset reuses every clip it shares with an earlier one, and a killed run keeps what it computed. A cached
+    state at least `frames` long serves any shorter context.
+    """
     clips = {row["audio"]: data_dir / row["audio"] for row in rows}
-    todo = [clip for clip in clips if clip not in cached]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out, todo = {}, []
+    for name, path in clips.items():
+        cached = cache_dir / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.pt"
+        state = torch.load(cached) if cached.is_file() else None
+        if state is not None and state.shape[0] >= frames:
+            out[name] = state[:frames]
+        else:
+            todo.append((name, cached))
+    if todo:
+        log(f"    encoder states: {len(out)} cached, {len(todo)} to compute")
     encoder = dense.get_encoder().to(device).eval()
     for start in range(0, len(todo), batch_size):
-        names = todo[start : start + batch_size]
-        audio = [read_wav(clips[name]) for name in names]
+        batch = todo[start : start + batch_size]
+        audio = [read_wav(clips[name]) for name, _ in batch]
         features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         states = encoder(features.to(device=device, dtype=dense.dtype)).last_hidden_state
-        for name, state in zip(names, states):
-            cached[name] = state[:frames].to("cpu", torch.float16).clone()
+        for (name, cached), state in zip(batch, states):
+            out[name] = state[:frames].to("cpu", torch.float16).clone()
+            partial = cached.with_suffix(f".tmp-{os.getpid()}")
+            torch.save(out[name], partial)
+            os.replace(partial, cached)
         if (start // batch_size) % 10 == 9:
-            log(f"    encoder states {start + len(names)}/{len(todo)}")
-            _save_states(cached, cache_file)  # a killed run keeps what it computed
-    if todo:
-        _save_states(cached, cache_file)
-    return {clip: cached[clip] for clip in clips}
-
-
-def _save_states(cached: dict, cache_file: Path):
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(cached, partial)
-    os.replace(partial, cache_file)
+            log(f"    encoder states {start + len(batch)}/{len(todo)}")
+    return out
 
 
 @dataclass
@@ -1409,12 +1416,10 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     frames = shared_context_frames(data_dir, all_rows, preset)
     if extra_rows:
         frames = max(frames, shared_context_frames(extra_dir, extra_rows, preset))
-    key = fingerprint(model_id, frames, str(data_dir.resolve()), data_id)
-    states = encoder_states(dense, processor, data_dir, all_rows, frames, cache / f"encoder-{key}.pt", device, log)
+    states_dir = cache / f"encoder-states-{fingerprint(model_id)}"
+    states = encoder_states(dense, processor, data_dir, all_rows, frames, states_dir, device, log)
     if extra_rows:
-        extra_key = fingerprint(model_id, frames, str(extra_dir.resolve()), (extra_dir / "test.jsonl").read_bytes())
-        extra_states = encoder_states(dense, processor, extra_dir, extra_rows, frames,
-                                      cache / f"encoder-{extra_key}.pt", device, log)  # fmt: skip
+        extra_states = encoder_states(dense, processor, extra_dir, extra_rows, frames, states_dir, device, log)
         states.update({f"pairs:{name}": state for name, state in extra_states.items()})
         extra_rows = [dict(row, audio=f"pairs:{row['audio']}") for row in extra_rows]
     encoder_seconds = time.perf_counter() - clock

@@ -365,6 +365,26 @@ def test_tiny_xx_en_build_end_to_end(tmp_path, xx_en_debs):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["covost_tiny_xx_en"]
 
 
+def test_disjoint_train_gives_each_language_its_own_sources(tmp_path, xx_en_debs):
+    settings = dict(builder.TINY_XX_EN, train_sources=3)
+    shared = builder.build(tmp_path / "shared", **settings)
+    disjoint = builder.build(tmp_path / "disjoint", disjoint_train=True, **settings)
+    langs = list(settings["langs"])
+    manifest = json.loads((disjoint / "manifest.json").read_text())
+    assert manifest["settings"]["train_sources_per_language"] == "disjoint"
+    assert manifest["counts"]["train"]["per_lang"] == {lang: 3 for lang in langs}
+    train = read_jsonl(disjoint / "train.jsonl")
+    by_lang = {lang: {row["source_id"] for row in train if row["lang"] == lang} for lang in langs}
+    assert all(len(ids) == 3 for ids in by_lang.values()) and not by_lang["de"] & by_lang["sv"]
+    assert len({row["en"] for row in train}) == 3 * len(langs)  # every training target once
+    # dev and test are the shared build's, row for row (every language speaks every source), and disjoint from train
+    for split in ("dev", "test"):
+        assert read_jsonl(disjoint / f"{split}.jsonl") == read_jsonl(shared / f"{split}.jsonl")
+        assert not {r["source_id"] for r in train} & {r["source_id"] for r in read_jsonl(disjoint / f"{split}.jsonl")}
+    with pytest.raises(ValueError, match="xx-en"):
+        builder.requested_settings(3, 2, 2, ["de"], 0, "en-xx", disjoint_train=True)
+
+
 def test_directions_do_not_share_a_cache(tmp_path, xx_en_debs):
     out = tmp_path / "data"
     builder.build(out, **builder.TINY_XX_EN)

@@ -526,7 +526,8 @@ def dataset_hashes(folder: Path, splits=SPLITS) -> dict[str, str]:
     return hashes
 
 
-def requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction: str = "en-xx") -> dict:
+def requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction: str = "en-xx",
+                       disjoint_train: bool = False) -> dict:
     settings = {
         "builder_version": BUILDER_VERSION,
         "train_sources": int(train_sources),
@@ -543,6 +544,11 @@ def requested_settings(train_sources, dev_sources, test_sources, langs, seed, di
         # en-xx settings keep their old keys (existing builds stay valid); xx-en ones can never equal them
         del settings["voice"]
         settings.update(direction="xx-en", voices={lang: xx_voice(lang) for lang in langs})
+    if disjoint_train:
+        if normalise_direction(direction) != "xx-en":
+            raise ValueError("disjoint_train=True needs direction='xx-en' (en-xx speaks one English clip per source)")
+        # each language its own `train_sources` English sources: len(langs) x more distinct training targets
+        settings["train_sources_per_language"] = "disjoint"
     return settings
 
 
@@ -619,8 +625,11 @@ def _row_format(direction: str, voices: dict[str, str] | None = None) -> dict:
 
 
 def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
-    langs, needed = settings["langs"], settings["train_sources"] + settings["dev_sources"] + settings["test_sources"]
     direction = settings.get("direction", "en-xx")
+    disjoint = settings.get("train_sources_per_language") == "disjoint"
+    langs = settings["langs"]
+    train_total = settings["train_sources"] * (len(langs) if disjoint else 1)
+    needed = train_total + settings["dev_sources"] + settings["test_sources"]
     per_lang, lang_stats, packages = {}, {}, {}
     for lang in langs:
         control = deb_control(debs[lang])
@@ -633,19 +642,21 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
         f"{pool_info['candidate_sources_all_langs']} with all {len(langs)} languages"
     )
     source_ids = {en: f"s{index:05d}" for index, en in enumerate(sorted(pool))}
-    splits = split_sources(
-        pool, settings["train_sources"], settings["dev_sources"], settings["test_sources"], settings["seed"]
-    )
+    splits = split_sources(pool, train_total, settings["dev_sources"], settings["test_sources"], settings["seed"])
+    # which languages speak each source: all of them, or (disjoint train) one language per training source
+    speakers = {en: [lang for lang in langs if en in per_lang[lang]] for split in SPLITS for en in splits[split]}
+    if disjoint:
+        for index, en in enumerate(splits["train"]):
+            speakers[en] = [langs[index % len(langs)]]
 
     started = time.time()
     if direction == "xx-en":
         # one clip per (source, language): the translation, in the voice of its language
         selected, voices = {}, {}
         for en in (en for split in SPLITS for en in splits[split]):
-            for lang in langs:
-                if en in per_lang[lang]:
-                    selected[f"{source_ids[en]}-{lang}"] = per_lang[lang][en]
-                    voices[f"{source_ids[en]}-{lang}"] = settings["voices"][lang]
+            for lang in speakers[en]:
+                selected[f"{source_ids[en]}-{lang}"] = per_lang[lang][en]
+                voices[f"{source_ids[en]}-{lang}"] = settings["voices"][lang]
         log(f"synthesising {len(selected)} translations ({', '.join(langs)}) with espeak-ng ({WORKERS} at a time)")
         durations = synthesise(selected, folder / "audio", voices=voices)
     else:
@@ -659,9 +670,8 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
         rows = []
         for en in sorted(splits[split], key=source_ids.get):
             sid = source_ids[en]
-            for lang in langs:
-                if en in per_lang[lang]:
-                    rows.append(_row(sid, lang, en, per_lang[lang][en], direction))
+            for lang in speakers[en]:
+                rows.append(_row(sid, lang, en, per_lang[lang][en], direction))
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -727,11 +737,15 @@ def build(
     seed: int = 0,
     debs_dir: str | os.PathLike | None = None,
     direction: str = "en-xx",
+    disjoint_train: bool = False,
 ) -> Path:
     """Build (or verify the cached) dataset in ``out_dir`` and return its path.
 
     ``direction`` is ``"en-xx"`` (English speech -> XX text) or ``"xx-en"`` (XX speech -> English text); the
     defaults of ``out_dir`` and ``langs`` follow it (``DEFAULT_OUT``/``LANGS``, ``XX_EN_OUT``/``XX_EN_LANGS``).
+    With ``disjoint_train`` (xx-en only), every language gets its own ``train_sources`` training sources, so the
+    training set holds ``len(langs)`` times more distinct English targets for the same number of clips; dev and test
+    stay shared by every language (paired per-language comparisons).
     """
     direction = normalise_direction(direction)
     xx_en = direction == "xx-en"
@@ -741,7 +755,7 @@ def build(
         raise ValueError("source counts must be >= 0 and not all zero")
     if xx_en:
         check_voices(langs)  # before any download
-    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction)
+    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction, disjoint_train)
     with _locked(out):
         fresh, reason = is_up_to_date(out, settings)
         if fresh:
@@ -970,6 +984,11 @@ def main(argv=None) -> int:
         help="en-xx: English speech -> XX text (default); xx-en: XX speech (one clip per pair) -> English text",
     )
     parser.add_argument(
+        "--disjoint-train",
+        action="store_true",
+        help="xx-en: each language its own --train-sources training sources (more distinct targets per clip)",
+    )
+    parser.add_argument(
         "--pairs",
         type=Path,
         default=None,
@@ -994,6 +1013,7 @@ def main(argv=None) -> int:
     else:
         preset = dict(train_sources=300, dev_sources=40, test_sources=60, langs=XX_EN_LANGS if xx_en else LANGS)
     preset["direction"] = args.direction
+    preset["disjoint_train"] = args.disjoint_train
     for key in ("train_sources", "dev_sources", "test_sources"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
