@@ -9,14 +9,10 @@ parametrizations (see SPRI.md, "Two-stage training"):
 - stage 2, `SpriExperts` and its variants: ordinary fused expert tensors in the transformers v5 layout, dispatched
   through `@use_experts_implementation` (`experts_implementation="eager" | "batched_mm" | "grouped_mm"`).
 
-This file is shipped to the Hub as remote code: it imports only torch, transformers and its relative siblings.
+This file is shipped to the Hub as remote code: it imports only torch, transformers and its relative siblings
+(persistence.py holds how checkpoints are read and written).
 """
 
-import glob
-import os
-import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,14 +34,10 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-# safetensors and huggingface_hub names taken through transformers: the Hub copy of this file imports only torch
-# and transformers.
-from transformers.modeling_utils import safe_open
-from transformers.utils.hub import HfHubHTTPError
-
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .model_card import write_model_card
+from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
 
 
 class SpriRouter(nn.Module):
@@ -427,33 +419,8 @@ class SpriPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed
         (pickle files can run code when read), with clear errors for corrupt files and config/weights mismatches."""
-        if kwargs.get("gguf_file") is None:
-            kwargs.setdefault("use_safetensors", True)
-        folder = str(pretrained_model_name_or_path)
-        if kwargs.get("use_safetensors") and os.path.isdir(folder) and not glob.glob(os.path.join(folder, "*.safetensors")):
-            pickled = sorted(name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
-            if pickled:
-                raise OSError(
-                    f"{folder} holds only pickle weights ({', '.join(pickled)}); spri_hf reads safetensors only, since "
-                    "unpickling can run arbitrary code. If you trust the files, pass use_safetensors=False, then "
-                    "save_pretrained() to convert them."
-                )
-        try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as err:
-            # safetensors' error class is matched by name: the Hub copy of this file imports only torch/transformers
-            if type(err).__name__ == "SafetensorError":
-                raise OSError(
-                    f"Could not read the weights of {pretrained_model_name_or_path}: a safetensors file is corrupt or "
-                    f"truncated ({err}). Save or download the checkpoint again."
-                ) from err
-            mismatch = _first_shape_mismatch(cls, pretrained_model_name_or_path) if isinstance(err, RuntimeError) else None
-            if mismatch is None:
-                raise
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: {mismatch}. The config.json and the weights do not belong "
-                "together (e.g. num_experts, residual_rank or stage changed); restore the matching config."
-            ) from err
+        load = super().from_pretrained
+        model = load_checkpoint(cls, load, pretrained_model_name_or_path, *args, **kwargs)
         # Loading may replace parameters; trainability follows the stage recorded in the config.
         model.apply_stage_trainability()
         return model
@@ -472,7 +439,7 @@ class SpriPreTrainedModel(PreTrainedModel):
         return upcycling.upcycle(cls, dense, **settings)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the model card (`README.md`, SPRI section created or updated).
+        """`PreTrainedModel.save_pretrained`, atomic, plus the model card (`README.md`, SPRI section created or updated).
 
         The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
         folder loads with `trust_remote_code=True` where spri_hf is not installed.
@@ -482,23 +449,12 @@ class SpriPreTrainedModel(PreTrainedModel):
             if kwargs.get("is_main_process", True):
                 self.create_or_update_model_card(save_directory)
             return
-        # Atomic: everything is written into a sibling folder, which then replaces `save_directory` by renames. An
-        # interrupted save leaves either no folder or the previous one there, never a half checkpoint.
-        save_directory = os.path.abspath(os.fspath(save_directory))
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory={save_directory!r} is a file; save_pretrained needs a folder path.")
-        parent, name = os.path.split(save_directory)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
-        try:
-            if os.path.isdir(save_directory):
-                _carry_other_files(save_directory, staging)  # tokenizer, training state, the card's own text
-            super().save_pretrained(staging, *args, **kwargs)
-            self.create_or_update_model_card(staging)
-            _replace_folder(staging, save_directory)
-        finally:
-            if os.path.exists(staging):
-                shutil.rmtree(staging, ignore_errors=True)
+
+        def save(folder: str):
+            super(SpriPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
+            self.create_or_update_model_card(folder)
+
+        save_atomically(save, save_directory)
 
     def create_or_update_model_card(self, output_dir, repo_id: str | None = None) -> str:
         """Write this model's card into `output_dir/README.md`, keeping any text already there."""
@@ -510,14 +466,7 @@ class SpriPreTrainedModel(PreTrainedModel):
         A failed upload raises an `OSError` that says what failed; nothing local is touched (the upload is made from
         a temporary folder) and the Hub keeps its previous revision, since a commit is all-or-nothing.
         """
-        try:
-            return super().push_to_hub(repo_id, *args, **kwargs)
-        except HfHubHTTPError as err:
-            raise OSError(
-                f"Pushing the model to the Hub repo {repo_id!r} failed: {err}. Nothing local was changed and no "
-                "partial commit was made. Check the endpoint and token (HF_ENDPOINT, HF_TOKEN), then push again; "
-                "or save_pretrained() locally and upload the folder later."
-            ) from err
+        return push_with_clear_errors(super().push_to_hub, repo_id, *args, **kwargs)
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # push_to_hub has just replaced README.md with the Hub's (or a blank) card: put the SPRI section back in.
@@ -592,55 +541,37 @@ class SpriPreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()  # None for heads without one (SpriModel, classification)
 
-# Weights files of any earlier save: never carried into a new one (stale shards would be read as current).
-_WEIGHTS_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
+    def set_output_embeddings(self, new_embeddings):
+        self.model.set_output_embeddings(new_embeddings)
 
+    def _forward_with_router_losses(self, labels, output_router_logits, inputs: dict):
+        """The wrapped dense model's forward, with the router losses added to `loss` whenever labels are given.
 
-def _carry_other_files(folder: str, staging: str):
-    """Link (or copy) into `staging` what `folder` holds besides weights, so a save keeps the folder's other files."""
-    for entry in os.listdir(folder):
-        if _WEIGHTS_FILE.match(entry):
-            continue
-        source, target = os.path.join(folder, entry), os.path.join(staging, entry)
-        if os.path.isdir(source):
-            shutil.copytree(source, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(source, target)
-
-
-def _link_or_copy(source: str, target: str):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def _replace_folder(staging: str, destination: str):
-    """Move `staging` to `destination`; an existing `destination` is moved aside first and deleted last."""
-    if not os.path.exists(destination):
-        os.rename(staging, destination)
-        return
-    parent, name = os.path.split(destination)
-    aside = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
-    os.rename(destination, os.path.join(aside, name))
-    os.rename(staging, destination)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _first_shape_mismatch(model_class, folder) -> str | None:
-    """Describe the first tensor of a local checkpoint whose shape differs from what its config builds."""
-    if not os.path.isdir(str(folder)):
-        return None
-    with torch.device("meta"):
-        expected = model_class(SpriConfig.from_pretrained(folder)).state_dict()
-    for path in sorted(glob.glob(os.path.join(str(folder), "*.safetensors"))):
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                shape = list(handle.get_slice(name).get_shape())
-                if name in expected and list(expected[name].shape) != shape:
-                    return f"tensor {name!r} has shape {shape} in {os.path.basename(path)} but the config expects {list(expected[name].shape)}"
-    return None
+        The output is the dense model's output plus `aux_loss`, `z_loss` and, on request, `router_logits`. Explicit
+        forward signatures (in the subclasses) let Trainer keep the right dataset columns; None means "not given".
+        """
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if labels is not None:
+            inputs["labels"] = labels
+        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
+            outputs = self.model(**inputs)
+        if router_logits and (labels is not None or output_router_logits):
+            # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
+            aux_loss, z_loss = self.router_losses(router_logits, inputs.get("attention_mask"))
+            if labels is not None and outputs.get("loss") is not None:
+                loss = outputs["loss"] + self.config.router_aux_loss_coef * aux_loss.to(outputs["loss"].device)
+                if self.config.router_z_loss_coef:
+                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+                outputs["loss"] = loss
+            outputs["aux_loss"], outputs["z_loss"] = aux_loss, z_loss
+        if output_router_logits:
+            outputs["router_logits"] = tuple(router_logits)
+        return outputs
 
 
 def _is_router_or_residual(name: str) -> bool:
@@ -665,24 +596,18 @@ class SpriModel(SpriPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits(enabled=output_router_logits) as router_logits:
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
+        outputs = self._forward_with_router_losses(
+            None,
+            output_router_logits,
+            dict(kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 inputs_embeds=inputs_embeds, use_cache=use_cache),
+        )  # fmt: skip
         return MoeModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=getattr(outputs, "cache", None),
+            cache=outputs.get("cache"),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            router_logits=outputs.get("router_logits"),
         )
 
 
@@ -691,12 +616,6 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
 
     _dense_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
     _dense_auto_class = "AutoModelForCausalLM"
-
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
-
-    def set_output_embeddings(self, new_embeddings):
-        self.model.set_output_embeddings(new_embeddings)
 
     def forward(
         self,
@@ -711,36 +630,21 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> SpriCausalLMOutputWithPast:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        loss, aux_loss, z_loss = outputs.loss, None, None
-        if router_logits and (labels is not None or output_router_logits):
-            aux_loss, z_loss = self.router_losses(router_logits, attention_mask)
-            if labels is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-                if self.config.router_z_loss_coef:
-                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+        outputs = self._forward_with_router_losses(
+            labels,
+            output_router_logits,
+            dict(kwargs, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                 inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep),
+        )  # fmt: skip
         return SpriCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
+            loss=outputs.get("loss"),
+            aux_loss=outputs.get("aux_loss"),
+            z_loss=outputs.get("z_loss"),
             logits=outputs.logits,
-            cache=getattr(outputs, "cache", None),
+            cache=outputs.get("cache"),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            router_logits=outputs.get("router_logits"),
         )
 
 
@@ -750,26 +654,6 @@ class _SpriTaskModel(SpriPreTrainedModel):
     The forward is the dense model's own, with the router losses added to `loss` whenever labels are given; the output
     is the dense model's output class plus `aux_loss`, `z_loss` and, on request, `router_logits`.
     """
-
-    def _forward_with_router_losses(self, labels, output_router_logits, inputs: dict):
-        # explicit forward signatures (below) let Trainer keep the right dataset columns; None means "not given"
-        inputs = {name: value for name, value in inputs.items() if value is not None}
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
-            outputs = self.model(labels=labels, **inputs)
-        if router_logits and (labels is not None or output_router_logits):
-            # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
-            aux_loss, z_loss = self.router_losses(router_logits, inputs.get("attention_mask"))
-            if labels is not None and outputs.get("loss") is not None:
-                loss = outputs["loss"] + self.config.router_aux_loss_coef * aux_loss.to(outputs["loss"].device)
-                if self.config.router_z_loss_coef:
-                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
-                outputs["loss"] = loss
-            outputs["aux_loss"], outputs["z_loss"] = aux_loss, z_loss
-        if output_router_logits:
-            outputs["router_logits"] = tuple(router_logits)
-        return outputs
 
 
 class _SpriGenerativeTaskModel(_SpriTaskModel, GenerationMixin):
@@ -818,12 +702,6 @@ class _SpriGenerativeTaskModel(_SpriTaskModel, GenerationMixin):
 
     def get_decoder(self, *args, **kwargs):
         return self.model.get_decoder(*args, **kwargs)
-
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
-
-    def set_output_embeddings(self, new_embeddings):
-        self.model.set_output_embeddings(new_embeddings)
 
 
 class SpriForSeq2SeqLM(_SpriGenerativeTaskModel):
@@ -879,12 +757,6 @@ class SpriForMaskedLM(_SpriEncoderTaskModel):
 
     _dense_mapping = MODEL_FOR_MASKED_LM_MAPPING
     _dense_auto_class = "AutoModelForMaskedLM"
-
-    def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
-
-    def set_output_embeddings(self, new_embeddings):
-        self.model.set_output_embeddings(new_embeddings)
 
 
 # `save_pretrained` copies this file, its relative imports and an `auto_map` into every checkpoint (remote code).
