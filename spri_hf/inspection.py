@@ -30,7 +30,7 @@ def inspect_model(model) -> list[dict]:
     """
     config = model.config
     rows = []
-    for idx, block in model.moe_blocks().items():
+    for stack, idx, block in model.moe_sites():
         experts = full_experts(block)
         flat = expert_matrices(experts)
         mean = flat.mean(0)
@@ -48,6 +48,7 @@ def inspect_model(model) -> list[dict]:
             rank = principal_rank(torch.linalg.svdvals(down.double().mean(0)), principal_energy=config.principal_energy)
         rows.append(
             {
+                "stack": stack,
                 "layer": idx,
                 "experts": num,
                 "principal_rank": rank,
@@ -65,9 +66,11 @@ def format_report(config, rows: list[dict]) -> str:
         f"top-{config.num_experts_per_tok}, base={config.base_config.model_type}"
     )
     lines = [head, f"{'layer':>5} {'experts':>7} {'principal rank':>15} {'residual share':>15} {'pairwise dist':>14}"]
+    several_stacks = len({row["stack"] for row in rows}) > 1
     for row in rows:
+        layer = f"{row['stack']}.{row['layer']}" if several_stacks else row["layer"]
         lines.append(
-            f"{row['layer']:>5} {row['experts']:>7} {row['principal_rank']:>8}/{row['rank']:<6} "
+            f"{layer:>5} {row['experts']:>7} {row['principal_rank']:>8}/{row['rank']:<6} "
             f"{row['residual_energy_share']:>15.3e} {row['pairwise_distance']:>14.3e}"
         )
     return "\n".join(lines)

@@ -374,12 +374,19 @@ class SpriPreTrainedModel(PreTrainedModel):
             sites += [(stack, idx, layers[idx].get_submodule(layout.mlp_attr)) for idx in self.config.upcycled_layers(stack)]
         return sites
 
-    def moe_blocks(self) -> dict:
-        """Upcycled FFN blocks by layer index; by `"stack.index"` when both stacks of a seq2seq model are upcycled."""
-        sites = self.moe_sites()
-        if len(self.config.upcycled_stacks()) == 1:
-            return {idx: block for _, idx, block in sites}
-        return {f"{stack}.{idx}": block for stack, idx, block in sites}
+    def moe_blocks(self, stack: str | None = None) -> dict[int, SpriMoeBlock]:
+        """The upcycled FFN blocks of one stack, by layer index (`moe_sites()` lists every stack's).
+
+        `stack` defaults to the upcycled one; a seq2seq model with both stacks upcycled needs it named.
+        """
+        stacks = self.config.upcycled_stacks()
+        if stack is None:
+            if len(stacks) != 1:
+                raise ValueError(f"Several stacks are upcycled ({stacks}): pass moe_blocks(stack=...) with one of them.")
+            stack = stacks[0]
+        elif stack not in stacks:
+            raise ValueError(f"stack={stack!r} is not upcycled in this model; its upcycled stacks are {stacks}.")
+        return {idx: block for site, idx, block in self.moe_sites() if site == stack}
 
     def _swap_ffn_blocks(self):
         for stack in self.config.upcycled_stacks():

@@ -142,6 +142,21 @@ def test_labels_add_router_losses_and_router_logits_cover_both_stacks():
     assert [logits.shape for logits in out.router_logits] == [(14, 4)] * 2 + [(10, 4)] * 2
 
 
+def test_moe_blocks_are_keyed_by_layer_index_per_stack():
+    model = SpriForSeq2SeqLM.from_dense(tiny("marian"), num_experts=4, init="copy", upcycle="both")
+    sites = model.moe_sites()
+    for stack in ("encoder", "decoder"):
+        blocks = model.moe_blocks(stack)
+        assert blocks and all(isinstance(idx, int) for idx in blocks)
+        assert list(blocks.items()) == [(idx, block) for site, idx, block in sites if site == stack]
+    with pytest.raises(ValueError, match=r"pass moe_blocks\(stack=\.\.\.\)"):
+        model.moe_blocks()
+    decoder_only = SpriForSeq2SeqLM.from_dense(tiny("marian"), num_experts=4, init="copy")
+    assert list(decoder_only.moe_blocks()) == [idx for _, idx, _ in decoder_only.moe_sites()]
+    with pytest.raises(ValueError, match="stack='encoder' is not upcycled"):
+        decoder_only.moe_blocks("encoder")
+
+
 @pytest.mark.parametrize(
     "family, settings, message",
     [
