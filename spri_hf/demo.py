@@ -14,6 +14,7 @@ import time
 from importlib import resources
 
 import torch
+from transformers import DataCollatorForSeq2Seq
 
 
 LANGUAGES = {"de": "German", "ca": "Catalan", "sv": "Swedish", "id": "Indonesian"}
@@ -53,19 +54,10 @@ def tokenize(pairs: list[dict], tokenizer, max_length: int = 96):
     return Dataset.from_list(rows)
 
 
-class PadCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features):
-        length = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            pad = length - len(f["input_ids"])
-            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-            batch["labels"].append(f["labels"] + [-100] * pad)
-        return {key: torch.tensor(value) for key, value in batch.items()}
+def pad_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Right-padding collator: pads input_ids/attention_mask with the tokenizer, labels with -100."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 
 @torch.no_grad()
@@ -138,7 +130,7 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
 
     train_pairs, held_out = split_pairs(load_pairs())
     train_set, eval_set = tokenize(train_pairs, tokenizer), tokenize(held_out, tokenizer)
-    collator = PadCollator(tokenizer.pad_token_id)
+    collator = pad_collator(tokenizer)
     say(f"data: {len(train_set)} training pairs, {len(eval_set)} held-out pairs ({', '.join(LANGUAGES.values())})")
     losses = {"held_out_before": held_out_loss(model, eval_set, collator)}
 

@@ -2,6 +2,9 @@
 (function-local imports included: a local import that hides a cycle is still a cycle)."""
 
 import ast
+import configparser
+import re
+import sys
 from pathlib import Path
 
 
@@ -89,3 +92,30 @@ def test_the_checker_sees_local_imports_and_cycles():
     tree = ast.parse("def f():\n    from .modeling_spri import _private\n")
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
     assert _resolve("spri_hf.cli", node, False) == "spri_hf.modeling_spri"
+
+
+# installed with transformers' Trainer but imported by spri_hf only through it
+USED_WITHOUT_IMPORT = {"accelerate"}
+
+
+def third_party_imports() -> set[str]:
+    """Top-level names of the non-stdlib, non-spri_hf packages that spri_hf's modules import (local imports too)."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name != "spri_hf"}
+
+
+def install_requires() -> set[str]:
+    parser = configparser.ConfigParser()
+    parser.read(PACKAGE.parent / "setup.cfg")
+    lines = [line.strip() for line in parser["options"]["install_requires"].splitlines()]
+    return {re.split(r"[<>=!~\[ ;]", line)[0].replace("-", "_") for line in lines if line and not line.startswith("#")}
+
+
+def test_install_requires_lists_exactly_what_the_package_imports():
+    assert install_requires() == third_party_imports() | USED_WITHOUT_IMPORT
