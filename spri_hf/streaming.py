@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import transformers
+from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
@@ -148,68 +149,67 @@ class SafetensorsReader:
 
 
 class ShardWriter:
-    """Write tensors, in a fixed plan's order, straight into safetensors shards (header first, then the data)."""
+    """Write tensors, in a fixed plan's order, straight into safetensors shards (header first, then the data).
+
+    The shards are planned by `huggingface_hub.split_torch_state_dict_into_shards` (what `save_pretrained` uses) on
+    meta tensors of the plan; within a file the tensors lie in the order they are written. A shard's file is opened at
+    its first tensor and closed after its last, so a plan whose shards interleave keeps a few files open at once.
+    """
 
     def __init__(self, folder: str, plan: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int):
         self.folder = folder
-        shards, current, size = [], [], 0
-        for name, shape, dtype in plan:
-            nbytes = _numel(shape) * dtype.itemsize
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append((name, shape, dtype, nbytes))
-            size += nbytes
-        shards.append(current)
-        count = len(shards)
-        self.files = (
-            ["model.safetensors"]
-            if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        )
-        self.shards = shards
-        self.order = [entry[0] for shard in shards for entry in shard]
+        planned = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in plan}
+        split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_bytes)
+        self.sharded = split.is_sharded
+        self.file_of = dict(split.tensor_to_filename)
+        self.order = [name for name, _, _ in plan]
+        self.planned = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        # each file's tensors in the order they will be written
+        self.files: dict[str, list[str]] = {}
+        for name in self.order:
+            self.files.setdefault(self.file_of[name], []).append(name)
+        self.total_size = sum(_numel(shape) * dtype.itemsize for _, shape, dtype in plan)
         self.position = 0
-        self.shard = -1
-        self.handle = None
-        self.total_size = sum(entry[3] for shard in shards for entry in shard)
+        self.handles, self.left = {}, {file: len(names) for file, names in self.files.items()}
 
-    def _open_next(self):
-        if self.handle is not None:
-            self.handle.close()
-        self.shard += 1
+    def _open(self, file: str):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dtype, nbytes in self.shards[self.shard]:
+        for name in self.files[file]:
+            shape, dtype = self.planned[name]
+            nbytes = _numel(shape) * dtype.itemsize
             header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.handle = open(os.path.join(self.folder, self.files[self.shard]), "wb")
-        self.handle.write(struct.pack("<Q", len(raw)) + raw)
-        self.in_shard = 0
+        handle = open(os.path.join(self.folder, file), "wb")
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.handles[file] = handle
 
     def write(self, name: str, tensor: torch.Tensor):
         expected = self.order[self.position]
         if name != expected:
             raise RuntimeError(f"Internal error: wrote {name!r} where the plan has {expected!r}; please report it.")
-        if self.handle is None or self.in_shard == len(self.shards[self.shard]):
-            self._open_next()
-        _, shape, dtype, _ = self.shards[self.shard][self.in_shard]
-        if tuple(tensor.shape) != tuple(shape):
+        shape, dtype = self.planned[name]
+        if tuple(tensor.shape) != shape:
             raise RuntimeError(f"Internal error: {name!r} has shape {tuple(tensor.shape)}, planned {shape}.")
+        file = self.file_of[name]
+        if file not in self.handles:
+            self._open(file)
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        self.handle.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self.in_shard += 1
+        self.handles[file].write(data.reshape(-1).view(torch.uint8).numpy().data)
         self.position += 1
+        self.left[file] -= 1
+        if self.left[file] == 0:
+            self.handles.pop(file).close()
 
     def close(self):
-        if self.handle is not None:
-            self.handle.close()
+        for handle in self.handles.values():
+            handle.close()
+        self.handles = {}
         if self.position != len(self.order):
             raise RuntimeError(f"Internal error: {len(self.order) - self.position} planned tensors were not written.")
-        if len(self.files) > 1:
-            weight_map = {entry[0]: self.files[i] for i, shard in enumerate(self.shards) for entry in shard}
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        if self.sharded:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as handle:
                 json.dump(index, handle, indent=2, sort_keys=True)
 
