@@ -1,11 +1,13 @@
 """The model card of an SPRI checkpoint: what it was upcycled from, how, its size, its license, how to load it.
 
 Shipped to the Hub with the modeling code (so a model loaded with `trust_remote_code=True` still writes its card on
-`save_pretrained`); it imports nothing but the standard library and its sibling config module.
+`save_pretrained`); the card's metadata and file handling are huggingface_hub's `ModelCard` / `ModelCardData`.
 """
 
 import os
 import re
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_spri import UPCYCLING_SETTINGS
 
@@ -40,14 +42,18 @@ def _human(count: int) -> str:
     return str(count)
 
 
-def render_front_matter(model) -> list[str]:
+TAGS = ["spri", "mixture-of-experts", "upcycling", "custom_code"]
+
+
+def card_data(model) -> ModelCardData:
+    """The card's metadata: the base model's license, the base model (a Hub id only), library and tags."""
     config = model.config
-    lines = [f"license: {config.base_model_license or 'other'}"]
-    if _is_hub_id(config.base_model):
-        lines.append(f"base_model: {config.base_model}")
-    lines += ["library_name: transformers", "tags:"]
-    lines += [f"- {tag}" for tag in ("spri", "mixture-of-experts", "upcycling", "custom_code")]
-    return lines
+    return ModelCardData(
+        license=config.base_model_license or "other",
+        base_model=config.base_model if _is_hub_id(config.base_model) else None,
+        library_name="transformers",
+        tags=list(TAGS),
+    )
 
 
 def render_section(model, repo_id: str | None = None) -> str:
@@ -124,39 +130,29 @@ Qwen2-MoE and Qwen3-MoE checkpoints that need no custom code.
 
 
 def write_model_card(model, save_directory: str | os.PathLike, repo_id: str | None = None) -> str:
-    """Create `README.md` in `save_directory`, or update the SPRI section of an existing one (other text is kept).
-
-    Returns the path of the card.
-    """
+    """Create `README.md` in `save_directory`, or update the SPRI section of an existing one (other text is kept; a
+    card that states no license gets the base model's). Returns the path of the card."""
     path = os.path.join(save_directory, CARD_NAME)
     section = render_section(model, repo_id)
     if not os.path.isfile(path):
-        text = "---\n" + "\n".join(render_front_matter(model)) + "\n---\n\n" + section
+        metadata = card_data(model).to_yaml(original_order=["license", "base_model", "library_name", "tags"])
+        card = ModelCard(f"---\n{metadata}\n---\n\n{section}")
     else:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        card = ModelCard.load(path, ignore_metadata_errors=True)
+        text = card.text
         if SECTION_START in text and SECTION_END in text:
             before, rest = text.split(SECTION_START, 1)
-            after = rest.split(SECTION_END, 1)[1]
-            text = before + section.rstrip("\n") + after
+            text = before + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
         else:
             text = text.rstrip("\n") + "\n\n" + section
-        text = _ensure_license(text, model.config.base_model_license)
+        # the front matter is kept as written (key order included); only a missing license is added, first
+        raw = str(card)
+        front = raw[: len(raw) - len(card.text)] if card.data.to_dict() else ""
+        if front and model.config.base_model_license and not card.data.license:
+            front = f"---\nlicense: {model.config.base_model_license}\n" + front.removeprefix("---\n")
+        card = ModelCard(front + text)
     tmp_path = path + ".tmp"
     with open(tmp_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+        handle.write(str(card))
     os.replace(tmp_path, path)
     return path
-
-
-def _ensure_license(text: str, license_name: str | None) -> str:
-    """Add the base model's license to an existing card's front matter when the card states none."""
-    if not license_name or not text.startswith("---\n"):
-        return text
-    end = text.find("\n---", 4)
-    if end == -1:
-        return text
-    front = text[4:end]
-    if any(line.startswith("license:") for line in front.splitlines()):
-        return text
-    return f"---\nlicense: {license_name}\n{front}{text[end:]}"
