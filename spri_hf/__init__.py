@@ -19,7 +19,7 @@ from .callbacks import SpriMonitorCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
 from .initializers import thin_svd
-from .integrations import install_trainer_checkpoint_push_hook, install_trainer_model_card_hook
+from .integrations import SpriHubCallback, install_trainer_model_card_hook
 from .modeling_spri import (
     SpriForCausalLM,
     SpriForMaskedLM,
@@ -49,7 +49,6 @@ AutoModelForSpeechSeq2Seq.register(SpriConfig, SpriForSpeechSeq2Seq, exist_ok=Tr
 AutoModelForSequenceClassification.register(SpriConfig, SpriForSequenceClassification, exist_ok=True)
 AutoModelForMaskedLM.register(SpriConfig, SpriForMaskedLM, exist_ok=True)
 install_trainer_model_card_hook()
-install_trainer_checkpoint_push_hook()
 
 __all__ = [
     "FFN_LAYOUTS",
@@ -60,6 +59,7 @@ __all__ = [
     "SpriForSeq2SeqLM",
     "SpriForSequenceClassification",
     "SpriForSpeechSeq2Seq",
+    "SpriHubCallback",
     "SpriModel",
     "SpriMoeBlock",
     "SpriMonitorCallback",

@@ -1,11 +1,13 @@
-"""Small hooks into transformers' own tools, installed when `spri_hf` is imported."""
+"""Hooks into transformers' own tools: the Trainer card hook (installed when `spri_hf` is imported) and the
+checkpoint-push callback."""
 
 import functools
 import glob
 import os
 import shutil
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 def _is_spri_model(model) -> bool:
@@ -36,25 +38,20 @@ def install_trainer_model_card_hook():
     Trainer.create_model_card = create_model_card
 
 
-def install_trainer_checkpoint_push_hook():
+class SpriHubCallback(TrainerCallback):
     """Make the pushes Trainer makes at every save (`push_to_hub=True`) upload the SPRI code files and card too.
 
-    `Trainer._push_from_checkpoint` copies only the config and weights from the checkpoint folder to the folder it
-    uploads, so a mid-training revision on the Hub would have an `auto_map` naming code files it lacks. For SPRI
-    models the code files and the card are copied along. Other models are untouched. Idempotent.
+    Trainer copies only the config and weights from the checkpoint folder into the folder it uploads, so without this
+    a mid-training revision on the Hub has an `auto_map` naming code files it lacks. On `on_push_begin` (Trainer's
+    public hook, called right before that copy) the code files and the card of the checkpoint just saved are copied
+    along. `SpriTrainer` and `SpriSeq2SeqTrainer` add it themselves; with a plain `Trainer` pass
+    `callbacks=[SpriHubCallback()]`. Other models are untouched.
     """
-    original = getattr(Trainer, "_push_from_checkpoint", None)
-    if original is None or getattr(original, "_spri_hook", False):
-        return
 
-    @functools.wraps(original)
-    def _push_from_checkpoint(self, checkpoint_folder):
-        model = self.accelerator.unwrap_model(self.model)
-        if self.is_world_process_zero() and _is_spri_model(model):
-            for path in glob.glob(os.path.join(checkpoint_folder, "*.py")) + [os.path.join(checkpoint_folder, "README.md")]:
-                if os.path.isfile(path):
-                    shutil.copy(path, os.path.join(self.args.output_dir, os.path.basename(path)))
-        return original(self, checkpoint_folder)
-
-    _push_from_checkpoint._spri_hook = True
-    Trainer._push_from_checkpoint = _push_from_checkpoint
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or not _is_spri_model(model):
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        for path in glob.glob(os.path.join(checkpoint, "*.py")) + [os.path.join(checkpoint, "README.md")]:
+            if os.path.isfile(path):
+                shutil.copy(path, os.path.join(args.output_dir, os.path.basename(path)))

@@ -25,6 +25,8 @@ from transformers.optimization import get_scheduler
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from .integrations import SpriHubCallback
+
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,8 @@ class SpriTrainerMixin:
         self.switch_step: int | None = None  # global step after which the model is in stage 2; None: no stage 1
         self._stage_record = SpriStageRecord()
         self.add_callback(self._stage_record)
+        if not any(isinstance(callback, SpriHubCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(SpriHubCallback())  # mid-training pushes carry the code files and the card
 
     # ---- settings -------------------------------------------------------------------------------------------------
     def stage_setting(self, name: str):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from conftest import perturb_experts, tiny_dense, without_spri_hf
 from hub_server import LocalHub, hub_env, use_local_hub
-from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
+from spri_hf import SpriForCausalLM, SpriHubCallback, SpriTrainer, SpriTrainingArguments
 
 
 SHIPPED_CODE = {"configuration_spri.py", "modeling_spri.py", "architectures.py", "model_card.py", "persistence.py"}
@@ -176,7 +176,9 @@ def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_pat
         **({"stage1_steps": 2} if trainer_class is SpriTrainer else {}),
     )
     with use_local_hub(hub, tmp_path / "cache"):
-        trainer = trainer_class(model=model, args=args, train_dataset=_dataset())
+        # a plain Trainer gets the checkpoint-push callback by hand; SpriTrainer adds it itself
+        callbacks = [SpriHubCallback()] if trainer_class is Trainer else None
+        trainer = trainer_class(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
         trainer.train()
         # the pushes made at every save already carry the code files that config.json's auto_map names
         mid_training = hub.files(repo_id)
