@@ -9,6 +9,7 @@ The output is exactly what `from_dense` + `save_pretrained` would give (same ten
 model card); `tests/test_streaming.py` checks that bit for bit.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -16,10 +17,12 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import transformers
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
@@ -78,11 +81,23 @@ _CARRIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
-_MAX_HEADER = 100 * 1024 * 1024
+
+
+class TensorEntry(NamedTuple):
+    file: str
+    shape: tuple
+    dtype: torch.dtype
 
 
 class SafetensorsReader:
-    """Read single tensors of a safetensors checkpoint (one file or an index of shards) with plain file reads."""
+    """Single tensors of a safetensors checkpoint (one file or an index of shards), read with `safe_open`.
+
+    Each read opens its file, takes the one tensor and closes the file again, so only that tensor's pages stay mapped.
+    Measured here (a 1 GB file of 16 tensors of 64 MB, each read and summed, warm page cache, 2 shared cores):
+    `safe_open` per tensor 0.13 s and 288 MB peak RSS; the hand-written reader it replaced (seek + readinto a new
+    tensor) 4.1 s and 499 MB; one `safe_open` handle kept open for every tensor 0.13 s but 1248 MB (every page read
+    stays mapped until the handle closes).
+    """
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -103,49 +118,35 @@ class SafetensorsReader:
                 else ""
             )
             raise OSError(f"No safetensors weights (model.safetensors or model.safetensors.index.json) in {folder}.{hint}")
-        self.entries = {}
+        self.entries: dict[str, TensorEntry] = {}
         for file in files:
-            for name, entry in self._header(os.path.join(folder, file)).items():
-                self.entries[name] = (file, *entry)
+            path = os.path.join(folder, file)
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    dtype = _DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise OSError(f"{path}: tensor {name!r} has dtype {piece.get_dtype()}, which spri_hf cannot upcycle.")
+                    self.entries[name] = TensorEntry(file, tuple(piece.get_shape()), dtype)
 
     @staticmethod
-    def _header(path: str) -> dict:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            header = handle.read(size) if 0 < size <= _MAX_HEADER else b""
-            length = handle.seek(0, os.SEEK_END)
+    @contextlib.contextmanager
+    def _open(path: str):
         try:
-            meta = json.loads(header)
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict):
-            raise OSError(f"{path} is not a readable safetensors file (corrupt or truncated header).")
-        entries = {}
-        for name, info in meta.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise OSError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which spri_hf cannot upcycle.")
-            if 8 + size + end > length:
-                raise OSError(f"{path} is truncated: tensor {name!r} ends past the end of the file. Download or save it again.")
-            entries[name] = (tuple(info["shape"]), dtype, 8 + size + begin, end - begin)
-        return entries
+            handle = safe_open(path, framework="pt")
+        except SafetensorError as err:
+            raise OSError(
+                f"{path} is not a readable safetensors file (corrupt or truncated: {err}). Download or save it again."
+            ) from err
+        with handle:
+            yield handle
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
     def get(self, name: str) -> torch.Tensor:
-        file, shape, dtype, offset, nbytes = self.entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
-        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-        with open(os.path.join(self.folder, file), "rb") as handle:
-            handle.seek(offset)
-            if handle.readinto(buffer) != nbytes:
-                raise OSError(f"{os.path.join(self.folder, file)} is truncated at tensor {name!r}.")
-        return tensor
+        with self._open(os.path.join(self.folder, self.entries[name].file)) as handle:
+            return handle.get_tensor(name)
 
 
 class ShardWriter:
@@ -428,7 +429,7 @@ def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: 
     if dtype is None and isinstance(getattr(dense_config, "dtype", None), torch.dtype):
         dtype = dense_config.dtype
     if dtype is None:
-        floating = [entry[1] for entry in source.reader.entries.values() if entry[1].is_floating_point]
+        floating = [entry.dtype for entry in source.reader.entries.values() if entry.dtype.is_floating_point]
         dtype = max(set(floating), key=floating.count) if floating else torch.float32
     if config.init == "spri":
         getter = _ffn_getter(source, layouts)

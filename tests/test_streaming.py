@@ -129,6 +129,16 @@ def test_truncated_and_pickle_only_checkpoints_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_without_dtype_streams_in_the_weights_dtype(tmp_path):
+    # the dtype then comes from the safetensors headers (the most common floating dtype)
+    tiny_dense("llama").to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(config))
+    out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", num_experts=4)
+    assert SafetensorsReader(str(out)).entries["model.model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
 def test_shard_writer_files_read_back_with_safetensors(tmp_path):
     tensors = {f"t{i}": torch.randn(3, i + 1, dtype=dtype) for i, dtype in enumerate([torch.float32, torch.bfloat16] * 3)}
     tensors["scalar"] = torch.tensor(2.5)
