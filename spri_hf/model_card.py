@@ -19,7 +19,6 @@ SECTION_END = "<!-- spri_hf model card: end -->"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-
 def parameter_counts(model) -> tuple[int, int]:
     """`(total, active per token)`: routed expert tensors (leading dim = num_experts) count `top_k / num_experts`."""
     config = model.config

@@ -127,10 +127,6 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-
-
-
-
 def module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
     for name, module in root.named_modules():
         if module is target:
@@ -163,8 +159,6 @@ def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, 
             raise RuntimeError(f"Internal error: dense tensor {name!r} has no counterpart in the SPRI model.")
         names[name] = target
     return names
-
-
 
 
 def principal_of(config: SpriConfig, singular_values: torch.Tensor) -> int:

@@ -10,6 +10,7 @@ model card); `tests/test_streaming.py` checks that bit for bit.
 """
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -264,10 +265,14 @@ def _checkpoint_names(dense, checkpoint_keys) -> dict[str, str]:
     return names
 
 
-class _StreamingSource:
-    """The dense model's architecture on the meta device, with its tensors read from disk on demand."""
+class CheckpointSource:
+    """A dense safetensors folder as a tensor source: the dense architecture on the meta device, its tensors read from
+    disk on demand (one FFN at a time is loaded, then dropped again)."""
+
+    device = torch.device("cpu")
 
     def __init__(self, spri_class: type, folder: str, config):
+        self.folder = folder
         self.reader = SafetensorsReader(folder)
         auto_class = getattr(transformers, spri_class._dense_auto_class)
         with torch.device("meta"):
@@ -328,8 +333,56 @@ class _StreamingSource:
     def unload_module(module: torch.nn.Module):
         module.to("meta")
 
+    def fill_non_persistent_buffers(self, spri_inner):
+        """Rotary tables, position ids: in no file, so computed as transformers' from_pretrained does (the dense
+        class's init)."""
+        for module in spri_inner.modules():
+            if getattr(module, "_non_persistent_buffers_set", None):
+                spri_inner._init_weights(module)
 
-def _dense_groups(model, source: "_StreamingSource", layouts: dict) -> list[tuple[list[str], list[str]]]:
+    def generation_config(self):
+        path = os.path.join(self.folder, "generation_config.json")
+        return GenerationConfig.from_pretrained(self.folder) if os.path.isfile(path) else None
+
+
+class ModuleSource:
+    """A dense model in memory as a tensor source, with `CheckpointSource`'s interface (nothing to load or drop)."""
+
+    def __init__(self, spri_class: type, dense):
+        self.dense = dense
+        self.root = dense_root_of(spri_class, dense)
+        self.root_prefix = "" if self.root is dense else module_name(dense, self.root)
+        self.device = dense.device
+        self.tensors = dict(self.root.named_parameters(remove_duplicate=False))
+        self.tensors.update(self.root.named_buffers(remove_duplicate=False))
+
+    def key(self, root_name: str) -> str | None:
+        return root_name if root_name in self.tensors else None
+
+    def read(self, root_name: str, expected: torch.Tensor) -> torch.Tensor:
+        return self.tensors[root_name].detach()
+
+    def load_module(self, module, prefix, dtype):
+        pass
+
+    def unload_module(self, module):
+        pass
+
+    def fill_non_persistent_buffers(self, spri_inner):
+        """Copied from the dense model, as they are (a cast dense model has cast tables)."""
+        persistent = set(self.root.state_dict(keep_vars=True))
+        sources = {name: buffer for name, buffer in self.tensors.items() if name not in persistent}
+        targets = dict(spri_inner.named_buffers(remove_duplicate=False))
+        for name, buffer in sources.items():
+            if name in targets:
+                targets[name].copy_(buffer)
+
+    def generation_config(self):
+        config = getattr(self.dense, "generation_config", None)
+        return copy.deepcopy(config) if config is not None else None
+
+
+def _dense_groups(model, source, layouts: dict) -> list[tuple[list[str], list[str]]]:
     """`(dense names, SPRI names)` per dense tensor (tied tensors have several names), in the model's order."""
     dense_state = source.root.state_dict(keep_vars=True)
     names = dense_to_spri_names(model.config, source.root, layouts, model.model.state_dict(keep_vars=True), dense_state)
@@ -357,7 +410,7 @@ def _block_names(model) -> list[tuple[str, list[str]]]:
 
 def stream_tensors(
     spri_model,
-    source: "_StreamingSource",
+    source,
     layouts: dict,
     dtype: torch.dtype | None,
     *,
@@ -397,7 +450,7 @@ def stream_tensors(
         del tensors
 
 
-def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
+def _ffn_getter(source, layouts: dict) -> Callable:
     def get(stack: str, idx: int):
         layout = layouts[stack]
         owner = layout.ffn_owner(layout.layers(source.root)[idx])
@@ -412,35 +465,65 @@ def _ffn_getter(source: _StreamingSource, layouts: dict) -> Callable:
 
 
 def prepare(spri_class: type, folder: str, dtype: torch.dtype | None, settings: dict):
-    """`(spri_model on meta, source, layouts, output dtype)`, every setting validated before any weight is read."""
+    """`(spri_model on meta, source, layouts, output dtype)` of a dense safetensors folder, every setting validated
+    before any weight is read."""
     dense_config = dequantized_config(AutoConfig.from_pretrained(folder))
-    layouts = get_ffn_layouts(dense_config)
     settings.setdefault("base_model", folder)
     if "base_model_license" not in settings:
         settings["base_model_license"] = read_license(folder)
     config = make_config(dense_config, **settings)
-    stacks = config.upcycled_stacks()
-    if config.shared_expert is not None and any(layouts[stack].split for stack in stacks):
-        raise ValueError(
-            f"shared_expert={config.shared_expert!r} needs an FFN that is one module; a {dense_config.model_type} "
-            "block calls its FFN projections itself. Use shared_expert=None."
-        )
-    source = _StreamingSource(spri_class, folder, dense_config)
+    _check_shared_expert(config, dense_config)
+    source = CheckpointSource(spri_class, folder, dense_config)
     if dtype is None and isinstance(getattr(dense_config, "dtype", None), torch.dtype):
         dtype = dense_config.dtype
     if dtype is None:
         floating = [entry.dtype for entry in source.reader.entries.values() if entry.dtype.is_floating_point]
         dtype = max(set(floating), key=floating.count) if floating else torch.float32
+    model, layouts = skeleton(spri_class, config, source, dtype)
+    return model, source, layouts, dtype
+
+
+def prepare_module(spri_class: type, dense, settings: dict, may_fetch_card: bool = False):
+    """`(spri_model on meta, source, layouts, dtype)` of a dense model in memory (its dtype and device are kept)."""
+    source = ModuleSource(spri_class, dense)
+    settings.setdefault("base_model", dense.name_or_path or None)
+    if "base_model_license" not in settings:
+        settings["base_model_license"] = read_license(settings["base_model"], may_fetch_card)
+    config = make_config(dequantized_config(dense.config), **settings)
+    _check_shared_expert(config, dense.config)
+    for name, param in source.root.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ValueError(
+                f"The dense weight {name!r} contains NaN or infinite values; SPRI cannot decompose it. "
+                "Check the checkpoint (or the dtype it was loaded in) before upcycling."
+            )
+    model, layouts = skeleton(spri_class, config, source, dense.dtype)
+    return model, source, layouts, dense.dtype
+
+
+def _check_shared_expert(config: SpriConfig, dense_config):
+    layouts = get_ffn_layouts(dense_config)
+    if config.shared_expert is not None and any(layouts[stack].split for stack in config.upcycled_stacks()):
+        raise ValueError(
+            f"shared_expert={config.shared_expert!r} needs an FFN that is one module; a {dense_config.model_type} "
+            "block calls its FFN projections itself. Use shared_expert=None."
+        )
+
+
+def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
+    """`(spri_model, layouts)`: the residual rank measured on the source's FFNs (SPRI), then the model built on the
+    meta device (nothing is allocated, whatever the size)."""
+    layouts = get_ffn_layouts(config.base_config)
     if config.init == "spri":
         getter = _ffn_getter(source, layouts)
         config.residual_rank = max(
-            residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx)) for stack in stacks
+            residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
+            for stack in config.upcycled_stacks()
         )
-    # on the meta device: nothing is allocated, whatever the size (non-persistent buffers are computed when needed)
     with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
     model.tie_weights()
-    return model, source, layouts, dtype
+    return model, layouts
 
 
 def upcycle_checkpoint(
@@ -568,19 +651,27 @@ def upcycle_in_memory(
     """`from_dense` on a local safetensors folder without loading the dense model: the SPRI model is filled in place,
     so peak memory is the SPRI model plus one FFN layer's work."""
     model, source, layouts, dtype = prepare(spri_class, src, dtype, settings)
+    return fill_model(model, source, layouts, dtype, check_resources=check_resources, **kwargs)
+
+
+def fill_model(model, source, layouts: dict, dtype: torch.dtype, *, check_resources: bool = True, **kwargs):
+    """The in-memory sink: allocate `model` (built on meta) on the source's device and fill it from `stream_tensors`."""
     weights, work = tensor_bytes(model, dtype), layer_work_bytes(model)
-    check_fits(Estimate(weights, work, weights + work, 0), check=check_resources)
-    model.to_empty(device="cpu")
-    with torch.no_grad():  # non-persistent buffers (rotary tables, position ids) are in no file: computed as
-        for module in model.model.modules():  # transformers' from_pretrained does, by the dense class's init
-            if getattr(module, "_non_persistent_buffers_set", None):
-                model.model._init_weights(module)
+    check_fits(Estimate(weights, work, weights + work, 0), check=check_resources and source.device.type == "cpu")
+    model.to_empty(device=source.device)
     targets = model.model.state_dict(keep_vars=True)
+    filled = set()
     with torch.no_grad():
+        source.fill_non_persistent_buffers(model.model)
         for name, tensor in stream_tensors(model, source, layouts, dtype, **kwargs):
             targets[name].copy_(tensor)
+            filled.add(name)
+    unset = set(targets) - filled - {name.removeprefix("model.") for name in model.all_tied_weights_keys}
+    if unset:
+        raise RuntimeError(f"Internal error: upcycling left {sorted(unset)[:5]} unset; please report it.")
     model.tie_weights()
-    if model.can_generate() and os.path.isfile(os.path.join(src, "generation_config.json")):
-        model.generation_config = GenerationConfig.from_pretrained(src)
+    generation_config = source.generation_config()
+    if generation_config is not None and model.can_generate():
+        model.generation_config = generation_config
     model.apply_stage_trainability()
     return model.eval()
