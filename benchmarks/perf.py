@@ -518,12 +518,20 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
     _, _, spri_block = model.moe_sites()[0]
     native, native_config = native_block_like(spri_block, spec, device, dtype)
     blocks = {"spri": spri_block.train(), "native": native.train()}
+    # stage 1 of the same layer (shared base + residual factors), dispatched through the same experts implementation
+    stage1_model = SpriForCausalLM.from_dense(
+        qwen3_dense(spec), init="spri", stage=1, num_experts=spec["experts"], num_experts_per_tok=spec["top_k"]
+    ).to(device=device, dtype=dtype)
+    stage1_block = stage1_model.moe_sites()[0][2].train()
     figure.details = dict(spec, dtype=str(dtype), spri=type(spri_block).__name__,
-                          spri_experts=type(spri_block.experts).__name__, native=type(native).__name__)
+                          spri_experts=type(spri_block.experts).__name__, native=type(native).__name__,
+                          stage1_experts=type(stage1_block.experts).__name__,
+                          stage1_residual_rank=stage1_model.config.residual_rank)
     generator = torch.Generator().manual_seed(2)
     for implementation in IMPLEMENTATIONS:
         try:
             model.set_experts_implementation(implementation)  # checks that the device can run it
+            stage1_model.set_experts_implementation(implementation)
             native_config._experts_implementation = implementation  # the standalone block reads its config
         except (ValueError, ImportError, KeyError, RuntimeError) as err:
             figure.skipped.append(dict(setting=implementation, reason=str(err).splitlines()[0]))
@@ -556,7 +564,7 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
         log(f"  block: {setting}")
         floor = flop_floor(spec, tokens, device, dtype, generator)
         for metric, step in (("forward", forward), ("forward+backward", forward_backward)):
-            calls = {name: (lambda b=block: step(b)) for name, block in blocks.items()}
+            calls = {name: (lambda b=block: step(b)) for name, block in {**blocks, "stage1": stage1_block}.items()}
             calls["floor"] = floor[metric]
             seconds = time_side_by_side(calls, warmup=spec["warmup"], repeats=repeats, device=device)
             figure.add(setting, metric, "tokens/s", ("spri", tokens / seconds["spri"]),
@@ -564,6 +572,9 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
             figure.add(setting, f"{metric} vs FLOP floor", "tokens/s", ("spri", tokens / seconds["spri"]),
                        ("active-FLOP GEMMs", tokens / seconds["floor"]),
                        note="two dense GEMMs with exactly the routed experts' FLOPs (no routing, gather or scatter)")
+            figure.add(setting, f"stage 1 {metric} vs FLOP floor", "tokens/s",
+                       ("spri stage 1", tokens / seconds["stage1"]), ("active-FLOP GEMMs", tokens / seconds["floor"]),
+                       note="stage 1 forms W_i = S + B_i A_i in every forward (eager: the low-rank form instead)")
     return figure
 
 

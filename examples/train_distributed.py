@@ -160,6 +160,10 @@ def parse_args(argv=None):
         "--router-aux-loss-coef", type=float, default=0.01,
         help="0 makes the loss a plain token mean, so N processes equal one process with the same global batch",
     )
+    parser.add_argument(
+        "--experts-implementation", default=None, choices=("eager", "batched_mm", "grouped_mm"),
+        help="experts kernel of both stages (default: the model's, grouped_mm)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -181,6 +185,8 @@ def main(argv=None):
         dense, init="spri", num_experts=args.num_experts, num_experts_per_tok=args.top_k, diversity=0.3, seed=args.seed,
         router_aux_loss_coef=args.router_aux_loss_coef,
     ).train()
+    if args.experts_implementation is not None:
+        model.set_experts_implementation(args.experts_implementation)
     del dense
     dataset = ProgressionDataset(size=64, length=args.seq_len, vocab=vocab, seed=args.seed)
     counter = ExpertTokenCounter(model)

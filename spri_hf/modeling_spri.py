@@ -5,7 +5,9 @@ for a `SpriMoeBlock` = top-k router -> experts (+ optional always-on shared expe
 parametrizations (see SPRI.md, "Two-stage training"):
 
 - stage 1, `SpriResidualExperts`: one shared frozen base matrix per projection plus trainable low-rank residual
-  factors per expert (`W_i = S + B_i A_i`); the base product is computed once per token, not once per expert.
+  factors per expert (`W_i = S + B_i A_i`). Like stage 2 it dispatches through the experts implementation: "eager"
+  computes the base product once per token and the factors per expert; the kernels ("grouped_mm", "batched_mm") run
+  on the `W_i` formed in the forward (differentiable in the factors).
 - stage 2, `SpriExperts` and its variants: ordinary fused expert tensors in the transformers v5 layout, dispatched
   through `@use_experts_implementation` (`experts_implementation="eager" | "batched_mm" | "grouped_mm"`).
 
@@ -31,7 +33,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .architectures import FfnLayout, get_ffn_layouts
@@ -191,6 +193,30 @@ class SpriResidualExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        """Through `config._experts_implementation`, as the stage-2 experts: "eager" runs the low-rank form (the shared
+        base once per token, the factors per expert); "grouped_mm" / "batched_mm" (and any registered kernel) run on
+        the experts `W_i = S + B_i A_i`, formed in the forward (differentiable in the factors; the transient weights are
+        the size of the stage-2 experts, which stage 2 keeps as parameters anyway)."""
+        implementation = self.config._experts_implementation
+        if implementation in (None, "eager"):
+            return self.low_rank_forward(hidden_states, top_k_index, top_k_weights)
+        experts_forward = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, None)
+        return experts_forward(_FormedExperts(self), hidden_states, top_k_index, top_k_weights)
+
+    def formed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(gate_up or up (E, parts * I, H), down (E, H, I))` = shared + B_i A_i, in the autograd graph."""
+        parts = 2 if self.has_gate else 1
+        num_experts, inter, rank = self.num_experts, self.intermediate_dim, self.rank
+        factor_a = getattr(self, f"{self._prefix}_residual_a").view(num_experts, parts, rank, self.hidden_dim)
+        factor_b = getattr(self, f"{self._prefix}_residual_b").view(num_experts, parts, inter, rank)
+        up_delta = torch.matmul(factor_b, factor_a).reshape(num_experts, parts * inter, self.hidden_dim)
+        up = getattr(self, f"{self._prefix}_shared") + up_delta
+        down = self.down_shared + torch.bmm(self.down_residual_b, self.down_residual_a)
+        return up, down
+
+    def low_rank_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         # The shared base is applied once per token: S x for gate/up, and S (sum_k w_k h_k) for down.
         shared_up = F.linear(hidden_states, getattr(self, f"{self._prefix}_shared"))
         mixed_intermediate = hidden_states.new_zeros(hidden_states.shape[0], self.intermediate_dim)
@@ -225,17 +251,32 @@ class SpriResidualExperts(nn.Module):
         reference = self.down_shared
         with torch.device(reference.device):
             experts = experts_class_for(self.config, self.layout)(self.config, self.layout).to(reference.dtype)
-        parts = 2 if self.has_gate else 1
-        num_experts, inter, rank = self.num_experts, self.intermediate_dim, self.rank
-        factor_a = getattr(self, f"{self._prefix}_residual_a").view(num_experts, parts, rank, self.hidden_dim)
-        factor_b = getattr(self, f"{self._prefix}_residual_b").view(num_experts, parts, inter, rank)
-        up = getattr(self, f"{self._prefix}_shared") + torch.matmul(factor_b, factor_a).reshape(num_experts, -1, self.hidden_dim)
+        up, down = self.formed_weights()
         getattr(experts, "gate_up_proj" if self.has_gate else "up_proj").copy_(up)
-        experts.down_proj.copy_(self.down_shared + torch.bmm(self.down_residual_b, self.down_residual_a))
+        experts.down_proj.copy_(down)
         if self.has_bias:
             getattr(experts, f"{self._prefix}_proj_bias").copy_(getattr(self, f"{self._prefix}_proj_bias"))
             experts.down_proj_bias.copy_(self.down_proj_bias)
         return experts
+
+
+class _FormedExperts:
+    """Stage-1 experts seen as stage-2 ones (fused `W_i = S + B_i A_i`, same attributes) for an experts kernel."""
+
+    def __init__(self, residual: SpriResidualExperts):
+        stage2 = experts_class_for(residual.config, residual.layout)
+        self.config = residual.config
+        self.num_experts, self.act_fn = residual.num_experts, residual.act_fn
+        self.has_gate, self.has_bias = residual.has_gate, residual.has_bias
+        self.is_transposed, self.is_concatenated, self.has_post_expert_norm = False, True, False
+        self._is_expert_parallel = False
+        up, self.down_proj = residual.formed_weights()
+        setattr(self, "gate_up_proj" if self.has_gate else "up_proj", up)
+        if self.has_bias:
+            name = "gate_up_proj_bias" if self.has_gate else "up_proj_bias"
+            setattr(self, name, getattr(residual, name))
+            self.down_proj_bias = residual.down_proj_bias
+        self._apply_gate = stage2._apply_gate.__get__(self)
 
 
 class SpriMoeBlock(nn.Module):

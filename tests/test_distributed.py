@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_distributed.py"
 NUM_EXPERTS = 8
 # largest weight difference allowed between the 2-process run and one process with the same global batch (1.8e-4
-# measured on this machine, see test_two_process_training_keeps_ranks_in_sync)
+# measured on this machine with the eager experts, see test_two_process_training_keeps_ranks_in_sync; with grouped_mm,
+# whose different float rounding AdamW's sign-like first steps at lr 3e-2 magnify, 8.6e-3)
 TWO_PROCESS_ATOL = 1e-3
 
 
@@ -72,7 +73,7 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         str(SCRIPT), "--output-dir", str(output_dir), "--steps", "4", "--num-experts", str(NUM_EXPERTS), "--top-k", "1",
-        "--router-aux-loss-coef", "0",
+        "--router-aux-loss-coef", "0", "--experts-implementation", "eager",
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -82,7 +83,8 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     # runs differ only by float rounding, which AdamW's normalised steps magnify over 8 steps (measured 1.8e-4).
     single = subprocess.run(
         [sys.executable, str(SCRIPT), "--output-dir", str(tmp_path / "single"), "--steps", "4",
-         "--num-experts", str(NUM_EXPERTS), "--top-k", "1", "--batch-size", "2", "--router-aux-loss-coef", "0"],
+         "--num-experts", str(NUM_EXPERTS), "--top-k", "1", "--batch-size", "2", "--router-aux-loss-coef", "0",
+         "--experts-implementation", "eager"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-6000:]
@@ -106,7 +108,7 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     distributed, reference = load_file(output_dir / "rank0.safetensors"), load_file(tmp_path / "single" / "rank0.safetensors")
     assert distributed.keys() == reference.keys()
     worst = max((distributed[k] - reference[k]).abs().max().item() for k in reference)
-    assert worst < TWO_PROCESS_ATOL, worst
+    assert worst < TWO_PROCESS_ATOL, sorted(((distributed[k] - reference[k]).abs().max().item(), k) for k in reference)[-3:]
     # Trainer logs the loss averaged over ranks, so both ranks log the same numbers
     assert reports[0]["losses"] == reports[1]["losses"]
     # the ranks saw different shards of the data, so they routed differently

@@ -74,6 +74,29 @@ def test_experts_implementations_agree(family, input_ids):
     torch.testing.assert_close(outputs["grouped_mm"], outputs["eager"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama-bias"])
+def test_stage1_experts_dispatch_through_every_experts_implementation(family, input_ids):
+    # eager is the low-rank form (shared base once per token); the kernels run on W_i = S + B_i A_i formed in forward
+    model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5)
+    assert model.config.stage == 1
+    results = {}
+    for implementation in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[implementation] = (out.logits.detach(), grads)
+    logits, grads = results["eager"]
+    assert any("_residual_a" in name for name in grads) and not any("_shared" in name for name in grads)
+    for implementation in ("batched_mm", "grouped_mm"):
+        other_logits, other_grads = results[implementation]
+        torch.testing.assert_close(other_logits, logits, atol=ATOL, rtol=0)
+        assert other_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_experts_implementation_from_pretrained(tmp_path, input_ids):
     model = SpriForCausalLM.from_dense(tiny_dense("qwen3"), num_experts=4, stage=2, diversity=0.5)
     model.save_pretrained(tmp_path)

@@ -54,7 +54,8 @@ def test_tiny_preset_measures_every_figure(tmp_path):
     skipped = {skip["setting"] for skip in block["skipped"] if skip["reason"]}
     assert measured | skipped == {"eager", "batched_mm", "grouped_mm"}
     assert {row["metric"] for row in block["rows"]} == {
-        "forward", "forward+backward", "forward vs FLOP floor", "forward+backward vs FLOP floor"
+        "forward", "forward+backward", "forward vs FLOP floor", "forward+backward vs FLOP floor",
+        "stage 1 forward vs FLOP floor", "stage 1 forward+backward vs FLOP floor",
     }
     assert {row["reference_name"] for row in block["rows"]} == {"native", "active-FLOP GEMMs"}
     # (e) batch 1 and batch 8
