@@ -531,7 +531,7 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
     for implementation in IMPLEMENTATIONS:
         try:
             model.set_experts_implementation(implementation)  # checks that the device can run it
-            stage1_model.set_experts_implementation(implementation)
+            stage1_model.config.stage1_experts_implementation = implementation
             native_config._experts_implementation = implementation  # the standalone block reads its config
         except (ValueError, ImportError, KeyError, RuntimeError) as err:
             figure.skipped.append(dict(setting=implementation, reason=str(err).splitlines()[0]))

@@ -193,11 +193,14 @@ class SpriResidualExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Through `config._experts_implementation`, as the stage-2 experts: "eager" runs the low-rank form (the shared
-        base once per token, the factors per expert); "grouped_mm" / "batched_mm" (and any registered kernel) run on
-        the experts `W_i = S + B_i A_i`, formed in the forward (differentiable in the factors; the transient weights are
-        the size of the stage-2 experts, which stage 2 keeps as parameters anyway)."""
-        implementation = self.config._experts_implementation
+        """Through the experts-implementation interface, as the stage-2 experts (`config.stage1_experts_implementation`,
+        by default the model's on accelerators, "eager" on CPU): "eager" runs the low-rank form (the shared base once
+        per token, the factors per expert); "grouped_mm" / "batched_mm" (and any registered kernel) run on the experts
+        `W_i = S + B_i A_i`, formed in the forward (differentiable in the factors; the transient weights are the size
+        of the stage-2 experts, which stage 2 keeps as parameters anyway)."""
+        implementation = self.config.stage1_experts_implementation
+        if implementation is None:  # the model's on accelerators; the low-rank form on CPU (faster there)
+            implementation = "eager" if hidden_states.device.type == "cpu" else self.config._experts_implementation
         if implementation in (None, "eager"):
             return self.low_rank_forward(hidden_states, top_k_index, top_k_weights)
         experts_forward = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, None)

@@ -22,6 +22,7 @@ from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
 
 CONFIG_FIELDS = UPCYCLING_SETTINGS + (
     "stage",
+    "stage1_experts_implementation",
     "stage1_trainable",
     "stage2_frozen",
     "stage2_train_all",

@@ -33,6 +33,7 @@ def test_unsupported_architecture_names_it_and_lists_the_supported_ones():
         (dict(num_experts=10**9), r"num_experts=1000000000 must be between 1 and"),
         (dict(moe_layers=[0, 5]), r"moe_layers contains 5, outside the dense model's decoder layers 0..1"),
         (dict(init="copy", stage=1), r"stage=1 needs init='spri'"),
+        (dict(stage1_experts_implementation="fast"), r"stage1_experts_implementation='fast' is not supported"),
         (dict(num_experts=4, principal_ratio=0.9), r"residual rank of every FFN matrix is 3, smaller than num_experts=4"),
     ],
 )

@@ -80,8 +80,8 @@ def test_stage1_experts_dispatch_through_every_experts_implementation(family, in
     model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.5)
     assert model.config.stage == 1
     results = {}
-    for implementation in ("eager", "batched_mm", "grouped_mm"):
-        model.set_experts_implementation(implementation)
+    for implementation in ("eager", "batched_mm", "grouped_mm", None):
+        model.config.stage1_experts_implementation = implementation
         model.zero_grad(set_to_none=True)
         out = model(input_ids, labels=input_ids)
         out.loss.backward()
@@ -89,6 +89,9 @@ def test_stage1_experts_dispatch_through_every_experts_implementation(family, in
         results[implementation] = (out.logits.detach(), grads)
     logits, grads = results["eager"]
     assert any("_residual_a" in name for name in grads) and not any("_shared" in name for name in grads)
+    # the default on CPU is the low-rank form, exactly
+    assert torch.equal(results[None][0], logits) and all(torch.equal(results[None][1][n], grads[n]) for n in grads)
+    assert not torch.equal(results["grouped_mm"][0], logits)  # another computation (float rounding differs)
     for implementation in ("batched_mm", "grouped_mm"):
         other_logits, other_grads = results[implementation]
         torch.testing.assert_close(other_logits, logits, atol=ATOL, rtol=0)
