@@ -194,6 +194,7 @@ class Preset:
     max_target_tokens: int = 128
     max_train_sources: int | None = None
     max_eval_sources: int | None = None
+    langs: tuple[str, ...] | None = None  # only these languages of the data (None: all of them)
     eval_batch_size: int = 32
     # max_new_tokens per language: this percentile of its training targets' lengths (in tokens, with <eot>) + slack
     generation_percentile: float = 99.0
@@ -942,7 +943,7 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
         budget["learning_rate"], budget["learning_rates"] = method_learning_rate(preset, method), None
     else:
         budget = {key: value for key, value in budget.items() if key in ("model", "max_target_tokens",
-                  "max_eval_sources", "context_margin_s", "generation_percentile", "generation_slack")}  # fmt: skip
+                  "max_eval_sources", "langs", "context_margin_s", "generation_percentile", "generation_slack")}  # fmt: skip
     # as it reads back from JSON (tuples become lists), so a finished run is recognised
     return json.loads(json.dumps({
         "method": method.name,
@@ -1344,6 +1345,7 @@ def main(argv=None) -> int:
                         "OUT/lr-selection.json, then run the preset with them")  # fmt: skip
     parser.add_argument("--learning-rates", type=Path, default=None,
                         help="an lr-selection.json: use its chosen per-method learning rates")
+    parser.add_argument("--langs", default=None, help="comma-separated subset of the data's languages")
     parser.add_argument("--stage1-fraction", type=float, default=None)
     parser.add_argument("--stage1-lr-multiplier", type=float, default=None)
     args = parser.parse_args(argv)
@@ -1364,6 +1366,8 @@ def main(argv=None) -> int:
         preset = replace(preset, learning_rate=args.learning_rate)
     if args.context_margin is not None:
         preset = replace(preset, context_margin_s=args.context_margin)
+    if args.langs:
+        preset = replace(preset, langs=tuple(sorted(lang for lang in args.langs.split(",") if lang.strip())))
     if args.stage1_fraction is not None:
         preset = replace(preset, stage1_fraction=args.stage1_fraction)
     if args.stage1_lr_multiplier is not None:
@@ -1395,6 +1399,12 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     train_rows = load_split(data_dir, "train", preset.max_train_sources)
     eval_rows = load_split(data_dir, eval_split, preset.max_eval_sources)
     dev_rows = load_split(data_dir, "dev", preset.max_eval_sources) if preset.eval_every else []
+    if preset.langs is not None:
+        missing = sorted(set(preset.langs) - {row["lang"] for row in train_rows})
+        if missing:
+            raise ValueError(f"--langs names {missing}, which {data_dir} has no training pairs of")
+        train_rows, eval_rows, dev_rows = ([row for row in rows if row["lang"] in preset.langs]
+                                           for rows in (train_rows, eval_rows, dev_rows))  # fmt: skip
     extra_rows, extra_dir = [], None
     if test_pairs is not None:
         extra_dir = cache / f"test-pairs-{fingerprint(Path(test_pairs).read_bytes(), direction)}"

@@ -254,3 +254,18 @@ def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, 
     spri_run = json.loads((out / "runs" / "spri-seed0.json").read_text())
     assert [row["stage"] for row in spri_run["history"]] == [1, 2]
     assert (out / "models" / "spri-seed1" / "config.json").is_file()  # --keep-models
+
+
+def test_langs_restricts_every_split_and_is_part_of_the_spec(tiny_xx_en, tmp_path):
+    preset = quality.replace(quality.PRESETS["tiny"], methods=("source-copy", "dense"), langs=("de",))
+    out = tmp_path / "results"
+    summary = quality.run_benchmark(preset, tiny_xx_en, out, cache=tmp_path / "cache", log=lambda message: None)
+    test_rows = [json.loads(line) for line in (tiny_xx_en / "test.jsonl").read_text().splitlines()]
+    copy_run = json.loads((out / "runs" / "source-copy-seed0.json").read_text())
+    assert sorted(copy_run["hypotheses"]) == sorted(row["source_text"] for row in test_rows if row["lang"] == "de")
+    assert copy_run["spec"]["budget"]["langs"] == ["de"]
+    dense_run = json.loads((out / "runs" / "dense-seed0.json").read_text())
+    assert set(dense_run["metrics"]["per_lang"]) == {"de"}
+    with pytest.raises(ValueError, match=r"--langs names \['xx'\]"):
+        quality.run_benchmark(quality.replace(preset, langs=("xx",)), tiny_xx_en, tmp_path / "other",
+                              cache=tmp_path / "cache", log=lambda message: None)  # fmt: skip
