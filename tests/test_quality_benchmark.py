@@ -1,4 +1,4 @@
-"""benchmarks/quality.py end to end on its tiny preset: data builder -> encoder states -> every method trained two
+"""The quality benchmark (`python -m benchmarks.quality`) end to end on its tiny preset: data builder -> encoder states -> every method trained two
 steps -> greedy decoding -> sacrebleu -> routing diagnostics -> summary, tables and plots.
 
 The data comes from the real builder (`benchmarks.data.build`, tiny preset: Debian catalogs + espeak-ng speech).

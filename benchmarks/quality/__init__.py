@@ -1,0 +1,83 @@
+"""Quality benchmark: SPRI against dense fine-tuning and the upcycling baselines on speech translation.
+
+Whisper (the real Whisper base, or a tiny random one for the test suite) is fine-tuned on a CoVoST2-shaped set that
+`python -m benchmarks.data.build` writes, with the same budget for every method (steps, batch, schedule shape, data
+order and seed), every method through the product's own `SpriSeq2SeqTrainer` (dense too: it trains a plain model as
+`Seq2SeqTrainer` does), decoded with `generate`, and scored with sacrebleu (chrF++ primary, BLEU) per language, plus
+the teacher-forced cross-entropy of the references. Paired differences (sentence chrF++, 95% bootstrap interval over
+seeds and test sentences) against dense and the best upcycling baseline; routing diagnostics as JSON and PNG.
+
+    python -m benchmarks.data.build --direction xx-en --langs de,sv,ca,tr,id --train-sources 200 \
+        --dev-sources 40 --test-sources 60 --out benchmarks/data/covost_mini_xx_en
+    python -m benchmarks.quality --preset pilot --data benchmarks/data/covost_mini_xx_en --out benchmarks/results/pilot
+    python -m benchmarks.quality --preset cpu-xx-en --data benchmarks/data/covost_mini_xx_en \
+        --out benchmarks/results/cpu-xx-en --select-lr 1e-4,3e-4,1e-3
+
+Options: `--methods a,b` and `--seeds 0,1,2` override the preset; `--select-lr GRID` picks each method's learning rate
+on dev (seed 0) first, `--learning-rates FILE` reuses such a choice; `--stage1-fraction`, `--stage1-lr-multiplier`;
+`--test-pairs FILE` also scores every trained model on your own pairs (the builder's row format; the speech is
+synthesised); `--keep-models`; `--device cuda`; `--eval-split dev`; `--cache DIR` (encoder states and the converted
+Whisper folder, default ~/.cache/spri_hf/quality); `--context-check`.
+
+Presets:
+    tiny                 tiny random Whisper (byte-level tokenizer), a couple of steps, every method (the test suite).
+    pilot                real Whisper base, X->En: the untrained model, copying the source and dense, 150 steps,
+                         dev scored every 50 steps (does the reference method clearly learn?).
+    cpu-xx-en            the main comparison, X->En, 5 seeds.
+    cpu-xx-en-ablations  SPRI's open settings, 3 seeds.
+    gpu                  the paper's direction (En->XX, 15 languages), for an accelerator (`--device cuda`).
+
+Design (the same for every method; see docs/RESULTS.md):
+- The encoder is frozen and run once per clip; its states are cached in float16, every clip to one shared length (the
+  longest clip plus `context_margin_s`, its own trailing-silence states), so batches need no padding frames.
+- Decoder prompt `<|startoftranscript|><|xx|><|task|><|notimestamps|>`: X->En uses Whisper's native translate task;
+  En->XX uses the target-language token with the transcribe task. Prompt positions carry no loss.
+- CPU presets restrict the output vocabulary to the tokens of the target side (train, dev, test) plus the prompt
+  specials; every method and the untrained model share the restricted model.
+- Dense: every decoder parameter trains (embeddings too when `train_embeddings`). MoE methods: decoder FFNs
+  upcycled (`upcycle="decoder"`, `stage2_frozen` keeps the encoder and embeddings frozen); two-stage SPRI runs stage 1
+  for `stage1_fraction` of the steps at `stage1_lr_multiplier` x its rate (None: SpriTrainingArguments' default), then
+  SpriSeq2SeqTrainer's switch and re-warm-up; the other inits and `spri-stage2only` train stage 2 throughout.
+- The loss is the model's own: cross-entropy plus the router load-balancing loss for MoE models.
+
+Results: `<out>/runs/<method>-seed<k>.json` (written as each run ends; a rerun skips finished runs with the same
+spec), `<out>/summary.json`, `<out>/summary.md` and `<out>/plots/*.png`.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from dataclasses import replace  # noqa: E402  (presets are frozen dataclasses: replace(PRESETS[...], ...))
+
+from .data import language_token_id  # noqa: E402
+from .harness import (  # noqa: E402
+    CONTEXT_CHECK_MARGINS,
+    main,
+    paired_bootstrap,
+    paired_differences,
+    run_benchmark,
+    select_learning_rates,
+)
+from .methods import METHODS, PRESETS, Method, Preset  # noqa: E402
+from .models import tiny_whisper  # noqa: E402
+from .training import bleu_tokenizer  # noqa: E402
+
+__all__ = [
+    "CONTEXT_CHECK_MARGINS",
+    "METHODS",
+    "PRESETS",
+    "Method",
+    "Preset",
+    "bleu_tokenizer",
+    "language_token_id",
+    "main",
+    "paired_bootstrap",
+    "paired_differences",
+    "replace",
+    "run_benchmark",
+    "select_learning_rates",
+    "tiny_whisper",
+]

@@ -1,0 +1,7 @@
+"""`python -m benchmarks.quality`."""
+
+import sys
+
+from .harness import main
+
+sys.exit(main())

@@ -1,0 +1,649 @@
+"""Runs, resume, paired statistics, the summary and the command line."""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, replace
+from pathlib import Path
+
+
+import numpy as np
+import torch
+import transformers
+from transformers.modeling_outputs import BaseModelOutput
+
+import spri_hf
+
+from benchmarks.data import build as builder
+from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
+from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, read_wav, shared_context_frames
+from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, UPCYCLING_BASELINES, NOT_IN_SPEC
+from .models import build_model, load_dense, restrict_vocabulary, spri_settings
+from .plots import plot_routing, plot_summary
+from .routing import pairwise_distances, routing_diagnostics
+from .training import DevScores, bleu_tokenizer, method_learning_rate, score, teacher_forced_cross_entropy, train, translate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs, resume, summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: str, eval_split: str) -> dict:
+    budget = {key: value for key, value in asdict(preset).items() if key not in NOT_IN_SPEC}
+    if method.train:  # only the method's own rate is part of its spec
+        budget["learning_rate"], budget["learning_rates"] = method_learning_rate(preset, method), None
+    else:
+        budget = {key: value for key, value in budget.items() if key in ("model", "max_target_tokens",
+                  "max_eval_sources", "langs", "context_margin_s", "generation_percentile", "generation_slack")}  # fmt: skip
+    # as it reads back from JSON (tuples become lists), so a finished run is recognised
+    return json.loads(json.dumps({
+        "method": method.name,
+        "settings": method.settings,
+        "train": method.train,
+        "seed": seed if method.train or method.is_moe else 0,
+        "budget": budget,
+        "model": model_id,
+        "data": data_id,
+        "eval_split": eval_split,
+    }))
+
+
+def write_json(path: Path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+    os.replace(partial, path)
+
+
+def find_finished(spec: dict, path: Path, reuse: list[Path]) -> dict | None:
+    for candidate in [path] + [folder / "runs" / path.name for folder in reuse]:
+        if candidate.is_file():
+            result = json.loads(candidate.read_text())
+            if result.get("spec") == spec:
+                return result
+    return None
+
+
+def sentence_chrf(hypotheses: list[str], examples: list[Example]) -> list[float]:
+    """chrF++ of every sentence: the unit the paired bootstrap resamples."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF(word_order=2)
+    return [chrf.sentence_score(hypothesis, [example.reference]).score for hypothesis, example in zip(hypotheses, examples)]
+
+
+def evaluate_model(model, method: Method, examples, ctx: dict, with_cross_entropy: bool = True) -> dict:
+    """Translations, corpus and sentence scores, and teacher-forced cross-entropy of one model on `examples`."""
+    preset, device = ctx["preset"], ctx["device"]
+    clock = time.perf_counter()
+    if method.name == "source-copy":
+        hypotheses = [example.source_text for example in examples]
+    else:
+        hypotheses = translate(model, ctx["tokenizer"], examples, ctx["states"], preset, ctx["max_new_tokens"], device,
+                               ctx["direction"], ctx["vocabulary"])  # fmt: skip
+    result = {"generate_s": time.perf_counter() - clock, "hypotheses": hypotheses}
+    result["metrics"] = score(hypotheses, examples)
+    result["sentence_chrf"] = sentence_chrf(hypotheses, examples)
+    if with_cross_entropy and method.name != "source-copy":
+        result["metrics"]["cross_entropy"] = teacher_forced_cross_entropy(model, examples, ctx["states"], preset, device)
+    return result
+
+
+def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
+    preset, device = ctx["preset"], ctx["device"]
+    timings = {}
+    clock = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build_model(method, ctx["dense"], preset, seed).to(device)
+    timings["upcycle_s"] = time.perf_counter() - clock
+    distance_before = pairwise_distances(model) if method.is_moe else None
+    initial_settings = spri_settings(model)
+    history, dev_curve = [], []
+    if method.train:
+        callbacks = []
+        if preset.eval_every and ctx.get("dev_examples"):
+            def dev_score(current):
+                current.eval()
+                hyps = translate(current, ctx["tokenizer"], ctx["dev_examples"], ctx["states"], preset,
+                                 ctx["max_new_tokens"], device, ctx["direction"], ctx["vocabulary"])  # fmt: skip
+                row = score(hyps, ctx["dev_examples"])
+                log(f"    dev at this step: chrF++ {row['chrf']:.2f} BLEU {row['bleu']:.2f}")
+                return {"chrf": row["chrf"], "bleu": row["bleu"]}
+
+            callbacks.append(DevScores(preset.eval_every, dev_score))
+        clock = time.perf_counter()
+        history = train(model, method, ctx["train_examples"], ctx["states"], preset, seed, device, log, callbacks)
+        timings["train_s"] = time.perf_counter() - clock
+        dev_curve = callbacks[0].scores if callbacks else []
+    evaluation = evaluate_model(model, method, ctx["eval_examples"], ctx)
+    timings["generate_s"] = evaluation["generate_s"]
+    routing = None
+    if method.is_moe:
+        clock = time.perf_counter()
+        routing = routing_diagnostics(model, ctx["eval_examples"], ctx["states"], preset, device)
+        routing["pairwise_distance_before"] = distance_before
+        routing["pairwise_distance_after"] = pairwise_distances(model)
+        timings["routing_s"] = time.perf_counter() - clock
+    extra = {}
+    if ctx.get("extra_examples"):  # --test-pairs: the user's own pairs
+        extra_eval = evaluate_model(model, method, ctx["extra_examples"], ctx)
+        extra = {"metrics": extra_eval["metrics"], "hypotheses": extra_eval["hypotheses"]}
+    if ctx.get("keep_models") and method.train:
+        model.save_pretrained(ctx["out"] / "models" / f"{method.name}-seed{seed}")
+    samples = {}
+    for example, hypothesis in zip(ctx["eval_examples"], evaluation["hypotheses"]):
+        if example.lang not in samples:
+            samples[example.lang] = {"reference": example.reference, "hypothesis": hypothesis}
+    return {
+        "method": method.name,
+        "description": method.description,
+        "seed": seed,
+        "settings": initial_settings,
+        "learning_rate": method_learning_rate(preset, method) if method.train else None,
+        "metrics": evaluation["metrics"],
+        "routing": routing,
+        "history": history,
+        "dev_curve": dev_curve,
+        "timings": timings,
+        "samples": samples,
+        "hypotheses": evaluation["hypotheses"],
+        "sentence_chrf": evaluation["sentence_chrf"],
+        "test_pairs": extra or None,
+    }
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], samples: int = 2000, seed: int = 0) -> dict:
+    """Mean paired difference `a - b` with a 95% percentile interval, resampling seeds and sentences.
+
+    `a[s][j]`, `b[s][j]`: the score of sentence `j` under seed `s` (same sentences, same seed pairing). Each bootstrap
+    sample draws seeds and sentences with replacement and averages `a - b` over the drawn cells. A method without
+    seeds (one row) is paired with every seed of the other.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape[0] == 1 and b.shape[0] > 1:
+        a = np.repeat(a, b.shape[0], axis=0)
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        b = np.repeat(b, a.shape[0], axis=0)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same seeds x sentences, got {a.shape} and {b.shape}")
+    difference = a - b
+    rng = np.random.default_rng(seed)
+    seeds, sentences = difference.shape
+    draws = np.empty(samples)
+    for k in range(samples):
+        rows = rng.integers(0, seeds, seeds)
+        columns = rng.integers(0, sentences, sentences)
+        draws[k] = difference[np.ix_(rows, columns)].mean()
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"mean": float(difference.mean()), "low": float(low), "high": float(high),
+            "significant": bool(low > 0 or high < 0), "seeds": seeds, "sentences": sentences}  # fmt: skip
+
+
+def paired_differences(results: list[dict]) -> dict:
+    """Sentence chrF++ of every trained method against dense and against the best upcycling baseline."""
+    by_method = defaultdict(list)
+    for result in results:
+        if result.get("sentence_chrf") is not None:
+            by_method[result["method"]].append(result)
+    scores = {name: [run["sentence_chrf"] for run in sorted(runs, key=lambda r: r["seed"])]
+              for name, runs in by_method.items()}  # fmt: skip
+    means = {name: float(np.mean(rows)) for name, rows in scores.items()}
+    baselines = [name for name in UPCYCLING_BASELINES if name in scores]
+    best = max(baselines, key=means.get) if baselines else None
+    paired = {}
+    for name, rows in scores.items():
+        entry = {}
+        for reference in ("dense", best):
+            if reference and reference != name and reference in scores and len(scores[reference][0]) == len(rows[0]):
+                entry[f"vs_{reference}"] = paired_bootstrap(rows, scores[reference])
+        paired[name] = entry
+    return {"metric": "sentence chrF++", "best_baseline": best, "methods": paired}
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
+
+
+def summarise(results: list[dict], langs: list[str]) -> dict:
+    by_method = defaultdict(list)
+    for result in results:
+        by_method[result["method"]].append(result)
+    methods = {}
+    for name in [name for name in METHODS if name in by_method]:
+        runs = sorted(by_method[name], key=lambda r: r["seed"])
+        row = {
+            "description": runs[0]["description"],
+            "settings": runs[0]["settings"],
+            "seeds": [run["seed"] for run in runs],
+            "bleu": _mean_std([run["metrics"]["bleu"] for run in runs]),
+            "chrf": _mean_std([run["metrics"]["chrf"] for run in runs]),
+            "learning_rate": runs[0].get("learning_rate"),
+            "per_lang": {
+                lang: {
+                    "bleu": _mean_std([run["metrics"]["per_lang"][lang]["bleu"] for run in runs]),
+                    "chrf": _mean_std([run["metrics"]["per_lang"][lang]["chrf"] for run in runs]),
+                }
+                for lang in langs
+            },
+            "timings": {
+                key: statistics.fmean(run["timings"].get(key, 0.0) for run in runs)
+                for key in ("upcycle_s", "train_s", "generate_s", "routing_s")
+            },
+        }
+        if all("cross_entropy" in run["metrics"] for run in runs):
+            row["cross_entropy"] = _mean_std([run["metrics"]["cross_entropy"] for run in runs])
+        if all(run.get("test_pairs") for run in runs):
+            row["test_pairs"] = {key: _mean_std([run["test_pairs"]["metrics"][key] for run in runs])
+                                 for key in ("chrf", "bleu")}  # fmt: skip
+        if runs[0]["history"]:
+            curves = [[step["loss"] for step in run["history"]] for run in runs]
+            row["loss_curve"] = [statistics.fmean(losses) for losses in zip(*curves)]
+            row["trainable_params_last_step"] = runs[0]["history"][-1].get("trainable_params")
+        if runs[0]["routing"]:
+            row["routing"] = {
+                key: statistics.fmean(run["routing"]["mean"][key] for run in runs)
+                for key in ("cv", "max_share", "router_entropy", "language_expert_mi_bits")
+            } | {
+                "pairwise_distance_before": statistics.fmean(
+                    statistics.fmean(run["routing"]["pairwise_distance_before"]) for run in runs
+                ),
+                "pairwise_distance_after": statistics.fmean(
+                    statistics.fmean(run["routing"]["pairwise_distance_after"]) for run in runs
+                ),
+            }
+        methods[name] = row
+    return methods
+
+
+def _cell(stat: dict, digits: int = 2) -> str:
+    if len(stat["per_seed"]) > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def _setting_label(name: str, row: dict) -> str:
+    settings = row["settings"]
+    if not settings:
+        return {"source-copy": "the spoken source text", "dense-untrained": "zero-shot"}.get(name, "dense")
+    label = f"init={settings['init']}"
+    if settings["init"] == "spri":
+        label += (
+            f", {settings['spri_mode']}, div={settings['diversity']:g}" if settings["spri_mode"] == "balanced"
+            else f", partition mode, scale={settings['residual_scale']:g}"
+        )
+        label += f", pr={settings['principal_ratio']:g}, {settings['partition']}"
+        label += ", two-stage" if METHODS[name].two_stage else ", stage 2 only"
+    return label
+
+
+def markdown(summary: dict) -> str:
+    methods, langs = summary["methods"], summary["languages"]
+    header = ("| method | settings | lr | chrF++ | BLEU | test CE | ΔchrF++ vs dense [95% CI] | "
+              "ΔchrF++ vs best baseline [95% CI] | train s | generate s |")
+    paired = summary.get("paired", {}).get("methods", {})
+    best = summary.get("paired", {}).get("best_baseline")
+    lines = [
+        f"# Quality benchmark: preset `{summary['preset']}`",
+        "",
+        f"Model {summary['model']}; data {summary['data']['path']} ({summary['data']['train_pairs']} training pairs, "
+        f"{summary['data']['eval_pairs']} {summary['eval_split']} pairs, {len(langs)} languages); "
+        f"budget: {summary['budget']['steps']} steps x batch {summary['budget']['batch_size']}, "
+        f"lr {summary['budget']['learning_rate']:g}; seeds {summary['seeds']}; "
+        f"device {summary['environment']['device']}.",
+        "BLEU tokenisation: "
+        + ", ".join(f"{lang} `{tok}`" for lang, tok in summary["bleu_tokenize"].items() if tok != "13a")
+        + ", others `13a`. Scores are macro averages over languages; ± is the standard deviation over seeds.",
+        "",
+        "## Main comparison",
+        "",
+        "Δ columns: paired sentence-level chrF++ differences, 95% bootstrap interval over seeds and test sentences; "
+        f"best baseline = {best}. An interval that includes 0 is no difference.",
+        "",
+        header,
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def interval(name, against):
+        stat = paired.get(name, {}).get(f"vs_{against}")
+        if not stat:
+            return ""
+        mark = "" if stat["significant"] else " (n.s.)"
+        return f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]{mark}"
+
+    def row_line(name):
+        row = methods[name]
+        timings = row["timings"]
+        ce = _cell(row["cross_entropy"], 3) if row.get("cross_entropy") else ""
+        lr = f"{row['learning_rate']:g}" if row.get("learning_rate") else ""
+        return (
+            f"| {name} | {_setting_label(name, row)} | {lr} | {_cell(row['chrf'])} | {_cell(row['bleu'])} | {ce} | "
+            f"{interval(name, 'dense')} | {interval(name, best)} | {timings['train_s']:.0f} | "
+            f"{timings['generate_s']:.0f} |"
+        )
+
+    lines += [row_line(name) for name in HEADLINE_METHODS if name in methods]
+    for title, names in ABLATIONS.items():
+        names = [name for name in names if name in methods]
+        if len(names) < 2:
+            continue
+        lines += ["", f"## Ablation: {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [row_line(name) for name in names]
+    for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
+        lines += ["", f"## {title} per language", "", "| method | " + " | ".join(langs) + " | avg |",
+                  "|---" * (len(langs) + 2) + "|"]
+        for name, row in methods.items():
+            cells = [f"{row['per_lang'][lang][metric]['mean']:.1f}" for lang in langs]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {row[metric]['mean']:.2f} |")
+    moe = [name for name, row in methods.items() if row.get("routing")]
+    if moe:
+        lines += [
+            "",
+            "## Routing (evaluation set, teacher forcing; means over layers and seeds)",
+            "",
+            "| method | load CV | max expert share | router entropy (max {:.2f}) | language-expert MI (bits) | "
+            "pairwise expert distance before → after |".format(math.log(summary["budget"]["num_experts"])),
+            "|---|---|---|---|---|---|",
+        ]
+        for name in moe:
+            r = methods[name]["routing"]
+            lines.append(
+                f"| {name} | {r['cv']:.3f} | {r['max_share']:.3f} | {r['router_entropy']:.3f} | "
+                f"{r['language_expert_mi_bits']:.3f} | "
+                f"{r['pairwise_distance_before']:.4f} → {r['pairwise_distance_after']:.4f} |"
+            )
+    lines += ["", f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min "
+              f"(encoder states {summary['encoder_seconds']:.0f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+CONTEXT_CHECK_MARGINS = (0.0, 1.0, 2.0, 4.0, 8.0, 30.0)
+
+
+def context_check(dense, processor, data_dir: Path, rows: list[dict], preset: Preset, device, log) -> dict:
+    """Zero-shot English transcription of the evaluation clips with the encoder states trimmed at several margins.
+
+    chrF++ against the English source text: how much the trimmed context (`context_margin_s`) costs the untrained
+    model, with 30 s being Whisper's own full window.
+    """
+    from sacrebleu.metrics import CHRF
+
+    clips = list({row["source_id"]: row for row in rows}.values())
+    outputs = {margin: [] for margin in CONTEXT_CHECK_MARGINS}
+    with torch.no_grad():
+        for row in clips:
+            audio = read_wav(data_dir / row["audio"])
+            features = processor.feature_extractor([audio], sampling_rate=SAMPLING_RATE, return_tensors="pt")
+            states = dense.get_encoder()(features.input_features.to(device)).last_hidden_state
+            for margin in CONTEXT_CHECK_MARGINS:
+                frames = context_frames(len(audio), replace(preset, context_margin_s=margin))
+                ids = dense.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=states[:, :frames]),
+                    language="en", task="transcribe", max_new_tokens=96,
+                )
+                outputs[margin].append(processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip())
+    english = [row["en"] for row in clips]
+    chrf = CHRF(word_order=2)
+    result = {
+        "clips": len(clips),
+        "chrf_vs_source_by_margin_s": {
+            str(margin): chrf.corpus_score(outputs[margin], [english]).score for margin in CONTEXT_CHECK_MARGINS
+        },
+        "preset_margin_s": preset.context_margin_s,
+        "samples": [
+            {"en": en, **{str(margin): outputs[margin][i] for margin in CONTEXT_CHECK_MARGINS}}
+            for i, en in enumerate(english[:5])
+        ],
+    }
+    log(f"context check (English chrF++ by margin): {result['chrf_vs_source_by_margin_s']}")
+    return result
+
+
+def main(argv=None) -> int:
+    package_doc = sys.modules[__package__].__doc__
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=package_doc.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-xx-en")
+    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "covost_mini")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<preset>")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
+    parser.add_argument(
+        "--context-margin", type=float, default=None,
+        help="seconds of encoder states kept after each clip (presets: 4 on CPU, 30 = Whisper's full window)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument(
+        "--reuse", type=Path, action="append", default=[],
+        help="results folder to take finished runs with the same spec from (repeatable)",
+    )
+    parser.add_argument(
+        "--context-check", action="store_true",
+        help="also transcribe the evaluation clips in English with the encoder states trimmed at several margins",
+    )
+    parser.add_argument("--test-pairs", type=Path, default=None,
+                        help="also score the trained models on this pairs file (the builder's row format; its speech "
+                        "is synthesised with espeak-ng)")  # fmt: skip
+    parser.add_argument("--keep-models", action="store_true", help="save every trained model under OUT/models/")
+    parser.add_argument("--select-lr", default=None,
+                        help="comma-separated learning rates: pick each method's on dev (seed 0), write "
+                        "OUT/lr-selection.json, then run the preset with them")  # fmt: skip
+    parser.add_argument("--learning-rates", type=Path, default=None,
+                        help="an lr-selection.json: use its chosen per-method learning rates")
+    parser.add_argument("--langs", default=None, help="comma-separated subset of the data's languages")
+    parser.add_argument("--stage1-fraction", type=float, default=None)
+    parser.add_argument("--stage1-lr-multiplier", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    if args.methods:
+        unknown = [name for name in args.methods.split(",") if name not in METHODS]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        preset = replace(preset, methods=tuple(args.methods.split(",")))
+    if args.seeds:
+        preset = replace(preset, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+    if args.steps is not None:
+        preset = replace(preset, steps=args.steps)
+    if args.learning_rate is not None:
+        preset = replace(preset, learning_rate=args.learning_rate)
+    if args.context_margin is not None:
+        preset = replace(preset, context_margin_s=args.context_margin)
+    if args.langs:
+        preset = replace(preset, langs=tuple(sorted(lang for lang in args.langs.split(",") if lang.strip())))
+    if args.stage1_fraction is not None:
+        preset = replace(preset, stage1_fraction=args.stage1_fraction)
+    if args.stage1_lr_multiplier is not None:
+        preset = replace(preset, stage1_lr_multiplier=args.stage1_lr_multiplier)
+    out = args.out or ROOT / "benchmarks" / "results" / preset.name
+    device = torch.device(args.device)
+    if args.select_lr:
+        grid = [float(value) for value in args.select_lr.split(",")]
+        chosen = select_learning_rates(preset, grid, args.data, out / "lr-selection", device, args.cache)["chosen"]
+        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+    elif args.learning_rates:
+        chosen = json.loads(args.learning_rates.read_text())["chosen"]
+        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+    run_benchmark(preset, args.data, out, device, args.cache, args.reuse, args.eval_split, args.context_check,
+                  test_pairs=args.test_pairs, keep_models=args.keep_models)
+    return 0
+
+
+def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device("cpu"), cache: Path = DEFAULT_CACHE,
+                  reuse: list[Path] = (), eval_split: str = "test", check_context: bool = False,
+                  log=lambda message: print(message, flush=True), test_pairs: Path | None = None,
+                  keep_models: bool = False) -> dict:
+    """Run every (method, seed) of `preset` that `out` does not hold yet; write the summary, tables and plots."""
+    started = time.perf_counter()
+    data_dir, out = Path(data_dir), Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    direction = data_direction(data_dir)
+    train_rows = load_split(data_dir, "train", preset.max_train_sources)
+    eval_rows = load_split(data_dir, eval_split, preset.max_eval_sources)
+    dev_rows = load_split(data_dir, "dev", preset.max_eval_sources) if preset.eval_every else []
+    if preset.langs is not None:
+        missing = sorted(set(preset.langs) - {row["lang"] for row in train_rows})
+        if missing:
+            raise ValueError(f"--langs names {missing}, which {data_dir} has no training pairs of")
+        train_rows, eval_rows, dev_rows = ([row for row in rows if row["lang"] in preset.langs]
+                                           for rows in (train_rows, eval_rows, dev_rows))  # fmt: skip
+    extra_rows, extra_dir = [], None
+    if test_pairs is not None:
+        extra_dir = cache / f"test-pairs-{fingerprint(Path(test_pairs).read_bytes(), direction)}"
+        if not (extra_dir / "test.jsonl").is_file():
+            builder.synthesise_pairs(test_pairs, extra_dir, direction=direction)
+        extra_rows = load_split(extra_dir, "test")
+    langs = sorted({row["lang"] for row in eval_rows})
+    log(f"[{preset.name}] {direction}: {len(train_rows)} training pairs, {len(eval_rows)} {eval_split} pairs, "
+        f"languages {langs}")
+
+    all_rows = train_rows + eval_rows + dev_rows
+    dense, processor, model_id = load_dense(preset, sorted({row["lang"] for row in all_rows + extra_rows}), cache)
+    dense = dense.to(device)
+    tokenizer = processor.tokenizer
+    for lang in langs:
+        language_token_id(tokenizer, lang)
+    clock = time.perf_counter()
+    data_id = data_fingerprint(data_dir)
+    frames = shared_context_frames(data_dir, all_rows, preset)
+    if extra_rows:
+        frames = max(frames, shared_context_frames(extra_dir, extra_rows, preset))
+    states_dir = cache / f"encoder-states-{fingerprint(model_id)}"
+    states = encoder_states(dense, processor, data_dir, all_rows, frames, states_dir, device, log)
+    if extra_rows:
+        extra_states = encoder_states(dense, processor, extra_dir, extra_rows, frames, states_dir, device, log)
+        states.update({f"pairs:{name}": state for name, state in extra_states.items()})
+        extra_rows = [dict(row, audio=f"pairs:{row['audio']}") for row in extra_rows]
+    encoder_seconds = time.perf_counter() - clock
+    log(f"encoder states: {len(states)} clips, {frames} frames each, {encoder_seconds:.0f} s")
+    vocabulary = None
+    if preset.restrict_vocab:
+        texts = [row["target"] for row in all_rows + extra_rows]
+        dense, vocabulary = restrict_vocabulary(dense, tokenizer, texts, sorted({r["lang"] for r in all_rows + extra_rows}))
+        dense = dense.to(device)
+        model_id = f"{model_id}:vocab{fingerprint(vocabulary.kept)}"
+        log(f"output vocabulary restricted to {len(vocabulary.kept)} tokens (target side + prompt specials)")
+
+    def examples(rows):
+        return make_examples(rows, tokenizer, preset, direction, vocabulary)
+
+    train_examples = examples(train_rows)
+    eval_examples = examples(eval_rows)
+    lengths = defaultdict(list)
+    for example in train_examples:
+        lengths[example.lang].append(len(example.labels) - 3)
+    all_langs = sorted({row["lang"] for row in eval_rows + extra_rows})
+    max_new_tokens = {
+        lang: (math.ceil(np.percentile(lengths[lang], preset.generation_percentile)) if lengths[lang]
+               else preset.max_target_tokens) + preset.generation_slack
+        for lang in all_langs
+    }
+    ctx = dict(preset=preset, device=device, dense=dense, tokenizer=tokenizer, states=states, direction=direction,
+               train_examples=train_examples, eval_examples=eval_examples, max_new_tokens=max_new_tokens,
+               dev_examples=examples(dev_rows), extra_examples=examples(extra_rows), keep_models=keep_models,
+               out=out, vocabulary=vocabulary)  # fmt: skip
+
+    results = []
+    for method_name in preset.methods:
+        method = METHODS[method_name]
+        for seed in preset.seeds if method.train else preset.seeds[:1]:
+            seed = seed if method.train else 0
+            spec = run_spec(method, seed, preset, model_id, data_id, eval_split)
+            if test_pairs is not None:
+                spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
+            path = out / "runs" / f"{method.name}-seed{seed}.json"
+            result = find_finished(spec, path, [Path(folder) for folder in reuse])
+            if result is not None:
+                log(f"{method.name} seed {seed}: finished before, chrF++ {result['metrics']['chrf']:.2f}")
+                if not path.is_file() or json.loads(path.read_text()).get("spec") != spec:
+                    write_json(path, result)
+            else:
+                log(f"{method.name} seed {seed}: {method.description or method.settings}")
+                clock = time.perf_counter()
+                result = run_one(method, seed, ctx, log) | {"spec": spec}
+                result["timings"]["total_s"] = time.perf_counter() - clock
+                write_json(path, result)
+                log(f"    chrF++ {result['metrics']['chrf']:.2f} BLEU {result['metrics']['bleu']:.2f} "
+                    f"CE {result['metrics'].get('cross_entropy', float('nan')):.3f} ({result['timings']['total_s']:.0f} s)")
+            if result["routing"]:
+                plot_routing(result, out / "plots" / f"routing-{method.name}-seed{seed}.png")
+            results.append(result)
+
+    summary = {
+        "preset": preset.name,
+        "direction": direction,
+        "model": model_id,
+        "budget": {key: value for key, value in asdict(preset).items() if key not in ("name", "methods", "seeds")},
+        "seeds": list(preset.seeds),
+        "eval_split": eval_split,
+        "languages": langs,
+        "bleu_tokenize": {lang: bleu_tokenizer(lang) for lang in langs},
+        "max_new_tokens": max_new_tokens,
+        "data": {
+            "path": str(data_dir),
+            "fingerprint": data_id,
+            "train_pairs": len(train_rows),
+            "eval_pairs": len(eval_rows),
+            "context_frames": frames,
+            "test_pairs_file": str(test_pairs) if test_pairs else None,
+        },
+        "environment": {
+            "device": str(device) if device.type != "cpu"
+            else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "spri_hf": spri_hf.__version__,
+            "sacrebleu": __import__("sacrebleu").__version__,
+        },
+        "methods": summarise(results, all_langs if extra_rows else langs),
+        "paired": paired_differences(results),
+        "encoder_seconds": encoder_seconds,
+    }
+    if check_context:
+        summary["context_check"] = context_check(dense, processor, data_dir, eval_rows, preset, device, log)
+    summary["wall_seconds"] = time.perf_counter() - started
+    plot_summary(summary, out / "plots")
+    write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown(summary), encoding="utf-8")
+    log(f"wrote {out / 'summary.md'} ({summary['wall_seconds'] / 60:.1f} min)")
+    return summary
+
+
+def select_learning_rates(preset: Preset, grid: list[float], data_dir: Path, out: Path, device, cache: Path,
+                          log=print) -> dict:
+    """Seed 0 of every trained method at every rate of `grid` on the dev split; the best chrF++ per method."""
+    choice, table = {}, {}
+    for lr in grid:
+        trial = replace(preset, name=f"{preset.name}-lr{lr:g}", learning_rate=lr, learning_rates=(), seeds=(0,),
+                        methods=tuple(name for name in preset.methods if METHODS[name].train))  # fmt: skip
+        summary = run_benchmark(trial, data_dir, out / f"lr{lr:g}", device, cache, eval_split="dev", log=log)
+        for name, row in summary["methods"].items():
+            table.setdefault(name, {})[f"{lr:g}"] = row["chrf"]["mean"]
+    for name, scores in table.items():
+        choice[name] = float(max(scores, key=scores.get))
+    result = {"grid": grid, "dev_chrf": table, "chosen": choice}
+    write_json(out / "lr-selection.json", result)
+    log(f"learning rates chosen on dev: {choice}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

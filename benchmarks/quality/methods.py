@@ -1,0 +1,136 @@
+"""The methods of the comparison and the presets (the budget every method of a run shares)."""
+
+from dataclasses import dataclass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods and presets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison. `settings` go to `from_dense`; `None` is the dense model itself."""
+
+    name: str
+    settings: dict | None
+    train: bool = True
+    description: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.settings is not None
+
+    @property
+    def two_stage(self) -> bool:
+        # init="spri" starts in stage 1 unless a stage is given (spri_hf's own default)
+        return self.is_moe and self.settings.get("init", "spri") == "spri" and self.settings.get("stage") in (None, 1)
+
+
+def _methods() -> dict[str, Method]:
+    rows = [
+        Method("dense-untrained", None, train=False, description="Whisper base as it is (zero-shot reference)"),
+        Method("source-copy", None, train=False, description="the spoken source sentence, copied (trivial baseline)"),
+        Method("dense", None, description="dense full fine-tuning of the decoder"),
+        Method("copy", {"init": "copy"}, description="sparse upcycling: every expert a copy"),
+        Method("noise", {"init": "noise"}, description="copy + 1% relative Gaussian noise"),
+        Method("drop", {"init": "drop"}, description="Drop-Upcycling, 50% of neurons re-initialised"),
+        Method("random", {"init": "random"}, description="experts from scratch"),
+        Method("spri", {"init": "spri"}, description="SPRI, spri_hf defaults, two stages"),
+        Method("spri-stage2only", {"init": "spri", "stage": 2}, description="SPRI init, stage 2 throughout"),
+        Method("spri-div0", {"init": "spri", "diversity": 0.0},
+               description="control: two stages, per-expert low-rank adapters on an exact copy"),
+    ]
+    for diversity in (0.05, 0.2, 0.5):
+        settings = {"init": "spri", "spri_mode": "balanced", "diversity": diversity}
+        rows.append(Method(f"spri-div{diversity:g}", settings))
+    rows.append(Method("spri-partition", {"init": "spri", "spri_mode": "partition", "residual_scale": 1.0}))
+    for ratio in (0.25, 0.75, 0.9):
+        rows.append(Method(f"spri-pr{ratio:g}", {"init": "spri", "principal_ratio": ratio}))
+    rows.append(Method("spri-contiguous", {"init": "spri", "partition": "contiguous"}))
+    return {method.name: method for method in rows}
+
+
+METHODS = _methods()
+BASELINES = ("dense-untrained", "source-copy")
+MAIN_METHODS = BASELINES + ("dense", "copy", "noise", "drop", "random", "spri", "spri-stage2only", "spri-div0")
+# the upcycling baselines SPRI is compared with ("the best baseline": the best of these on the evaluation split)
+UPCYCLING_BASELINES = ("copy", "noise", "drop", "random")
+# rows of the main table and of the per-language plot
+HEADLINE_METHODS = MAIN_METHODS
+# ablation tables: which runs differ in one setting from the default `spri`
+ABLATIONS = {
+    "diversity (spri_mode balanced)": ("spri-div0", "spri-div0.05", "spri", "spri-div0.2", "spri-div0.5"),
+    "spri_mode": ("spri", "spri-partition"),
+    "principal_ratio": ("spri-pr0.25", "spri", "spri-pr0.75", "spri-pr0.9"),
+    "partition": ("spri", "spri-contiguous"),
+    "training stages": ("spri", "spri-stage2only"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that sets the budget; identical for every method of a run."""
+
+    name: str
+    model: str  # "whisper-base" or "tiny"
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 40
+    batch_size: int = 16
+    learning_rate: float = 3e-4  # every method's, unless `learning_rates` names it
+    # per-method learning rates chosen on dev (`--select-lr`): ((method, lr), ...)
+    learning_rates: tuple[tuple[str, float], ...] = ()
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # two-stage SPRI through SpriSeq2SeqTrainer: stage-1 length (fraction of the steps), its rate as a multiple of the
+    # method's (None: SpriTrainingArguments' default), the re-warm-up after the switch (fraction of stage 2)
+    stage1_fraction: float = 0.5
+    stage1_lr_multiplier: float | None = None
+    stage2_warmup_ratio: float = 0.1
+    train_embeddings: bool = False  # token embeddings (tied with the output projection)
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_target_tokens: int = 128
+    max_train_sources: int | None = None
+    max_eval_sources: int | None = None
+    langs: tuple[str, ...] | None = None  # only these languages of the data (None: all of them)
+    eval_batch_size: int = 32
+    # max_new_tokens per language: this percentile of its training targets' lengths (in tokens, with <eot>) + slack
+    generation_percentile: float = 99.0
+    generation_slack: int = 4
+    # seconds of encoder states kept after each clip: zero-shot English transcription of the test clips loses 12
+    # chrF++ with 1 s, none with 4 s (docs/RESULTS.md); 30 s is Whisper's own full window
+    context_margin_s: float = 4.0
+    context_bucket: int = 50
+    amp: bool = False  # bfloat16 autocast (accelerators)
+    eval_every: int = 0  # > 0: score the dev split every so many steps (the pilot's learning curve)
+    # output vocabulary restricted to the tokens of the target side (train, dev and test) + prompt specials: ~12x
+    # fewer logits per token; every method and the untrained model share it (CPU presets)
+    restrict_vocab: bool = False
+
+
+ALL_METHODS = tuple(METHODS)
+PRESETS = {
+    "tiny": Preset(
+        "tiny", "tiny", ALL_METHODS, steps=2, batch_size=4, learning_rate=1e-3, num_experts=4,
+        max_target_tokens=16, eval_batch_size=8, generation_slack=0, restrict_vocab=True,
+    ),
+    # X->English on espeak-ng speech of de, sv, ca, tr, id (`python -m benchmarks.data.build --preset cpu-xx-en`):
+    # Whisper's native translate task, so there is headroom above the zero-shot model and above copying the source
+    "pilot": Preset("pilot", "whisper-base", ("dense-untrained", "source-copy", "dense"), steps=150, eval_every=50,
+                    max_eval_sources=30, restrict_vocab=True),
+    "cpu-xx-en": Preset("cpu-xx-en", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=150,
+                        max_eval_sources=60, restrict_vocab=True),
+    "cpu-xx-en-ablations": Preset("cpu-xx-en-ablations", "whisper-base", tuple(dict.fromkeys(
+        name for names in ABLATIONS.values() for name in names)), seeds=(0, 1, 2), steps=150, max_eval_sources=60,
+        restrict_vocab=True),
+    # the paper's direction, 15 En->XX languages (`python -m benchmarks.data.build`), for an accelerator
+    "gpu": Preset(
+        "gpu", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=600, batch_size=32, learning_rate=1e-4,
+        train_embeddings=True, eval_batch_size=64, amp=True, context_margin_s=30.0,
+    ),
+}
+# fields of a Preset that are not part of a run's spec (they do not change its result)
+NOT_IN_SPEC = {"name", "methods", "seeds", "eval_batch_size"}

@@ -1,0 +1,185 @@
+"""Training through SpriSeq2SeqTrainer, decoding with generate, scoring (chrF++, BLEU, cross-entropy)."""
+
+import statistics
+import tempfile
+from collections import defaultdict
+
+
+import torch
+from transformers import (
+    TrainerCallback,
+)
+from transformers.modeling_outputs import BaseModelOutput
+
+
+from spri_hf import SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments
+from .data import Example, ExampleDataset, StatesCollator, Vocabulary, collate, whisper_language
+from .methods import Method, Preset
+from .models import freeze
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training, decoding, scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_arguments(preset: Preset, method: Method, seed: int, output_dir: str, device):
+    """The same budget for every method: steps, batch, schedule shape, warm-up, clipping, data order and seed.
+
+    The learning rate is the method's own (chosen on dev, `Preset.learning_rates`); for two-stage SPRI,
+    `SpriSeq2SeqTrainer` runs stage 1 for `stage1_fraction` of the steps at `stage1_lr_multiplier` x that rate, switches,
+    re-warms up over `stage2_warmup_ratio` of stage 2 and decays to zero at the last step.
+    """
+    stage1 = {}
+    if method.two_stage:
+        stage1 = dict(stage1_steps=preset.stage1_fraction, stage2_warmup_steps=preset.stage2_warmup_ratio)
+        if preset.stage1_lr_multiplier is not None:
+            stage1["stage1_learning_rate"] = preset.stage1_lr_multiplier * method_learning_rate(preset, method)
+    return SpriSeq2SeqTrainingArguments(
+        output_dir=output_dir,
+        max_steps=preset.steps,
+        per_device_train_batch_size=preset.batch_size,
+        learning_rate=method_learning_rate(preset, method),
+        lr_scheduler_type="linear",
+        warmup_steps=preset.warmup_ratio,
+        weight_decay=preset.weight_decay,
+        max_grad_norm=preset.max_grad_norm,
+        # fused AdamW: the per-parameter loop of the default CPU implementation costs as much as a Whisper base step
+        optim="adamw_torch_fused" if device.type in ("cpu", "cuda") else "adamw_torch",
+        seed=seed,
+        data_seed=seed,
+        bf16=preset.amp,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **stage1,
+    )
+
+
+def method_learning_rate(preset: Preset, method: Method) -> float:
+    return dict(preset.learning_rates).get(method.name, preset.learning_rate)
+
+
+class DevScores(TrainerCallback):
+    """Scores the dev examples every `every` steps (the pilot's learning curve): translation, not training."""
+
+    def __init__(self, every: int, score_fn):
+        self.every, self.score_fn, self.scores = every, score_fn, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.scores.append({"step": state.global_step, **self.score_fn(model)})
+            model.train()
+
+
+def train(model, method: Method, examples, states, preset: Preset, seed: int, device, log, callbacks=()) -> list[dict]:
+    """Fine-tune with `SpriSeq2SeqTrainer` (every method, dense included: it trains a plain model as Seq2SeqTrainer)."""
+    freeze(model, preset)
+    with tempfile.TemporaryDirectory(prefix="spri-quality-") as scratch:
+        trainer = SpriSeq2SeqTrainer(
+            model=model, args=training_arguments(preset, method, seed, scratch, device),
+            train_dataset=ExampleDataset(examples), data_collator=StatesCollator(states, model.config.pad_token_id),
+            callbacks=list(callbacks),
+        )  # fmt: skip
+        trainer.train()
+    history = []
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            history.append({"step": entry["step"], "stage": entry.get("stage"), "lr": entry["learning_rate"],
+                            "loss": entry["loss"], "grad_norm": entry.get("grad_norm")})  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if history:
+        history[-1]["trainable_params"] = trainable
+    for row in history:
+        if row is history[0] or row["step"] % max(1, preset.steps // 8) == 0 or row["step"] == preset.steps:
+            log(f"    step {row['step']}/{preset.steps} stage {row['stage']} loss {row['loss']:.3f} lr {row['lr']:.2e}")
+    model.eval()
+    return history
+
+
+def eval_batches(examples: list[Example], batch_size: int):
+    """Evaluation batches of one language each (one prompt per batch), in a fixed order."""
+    groups = defaultdict(list)
+    for index, example in enumerate(examples):
+        groups[example.lang].append(index)
+    for lang in sorted(groups):
+        indices = sorted(groups[lang], key=lambda i: examples[i].source_id)
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]
+
+
+@torch.no_grad()
+def translate(model, tokenizer, examples, states, preset: Preset, max_new_tokens: dict[str, int], device,
+              direction: str = "en-xx", vocabulary: Vocabulary | None = None) -> list[str]:
+    """Greedy translations through the model's own `generate` (Whisper's prompt, suppression and stopping rules)."""
+    task = "translate" if direction == "xx-en" else "transcribe"
+    hypotheses = [""] * len(examples)
+    for indices in eval_batches(examples, preset.eval_batch_size):
+        lang = examples[indices[0]].lang
+        encoder = torch.stack([states[examples[i].audio] for i in indices]).to(device=device, dtype=torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
+            generated = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder), language=whisper_language(lang),
+                task=task, max_new_tokens=max_new_tokens[lang], do_sample=False, num_beams=1,
+            )  # fmt: skip
+        sequences = [vocabulary.decode(row.tolist()) for row in generated] if vocabulary else generated
+        for i, text in zip(indices, tokenizer.batch_decode(sequences, skip_special_tokens=True)):
+            hypotheses[i] = text.strip()
+    return hypotheses
+
+
+@torch.no_grad()
+def teacher_forced_cross_entropy(model, examples, states, preset: Preset, device) -> float:
+    """Token-mean cross-entropy of the references (no router loss), the second metric."""
+    total, count = 0.0, 0
+    for indices in eval_batches(examples, preset.eval_batch_size):
+        batch = collate([examples[i] for i in indices], states, model.config.pad_token_id, device)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def bleu_tokenizer(lang: str) -> str:
+    """sacrebleu's tokenizer for a target language: "zh" for Chinese, MeCab for Japanese when installed."""
+    if lang.startswith("zh"):
+        return "zh"
+    if lang == "ja":
+        try:
+            from sacrebleu.tokenizers.tokenizer_ja_mecab import TokenizerJaMecab
+
+            TokenizerJaMecab()
+            return "ja-mecab"
+        except Exception:  # noqa: BLE001  (mecab-python3 / ipadic missing: sacrebleu[ja] not installed)
+            return "char"
+    return "13a"
+
+
+def score(hypotheses: list[str], examples: list[Example]) -> dict:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    by_lang = defaultdict(lambda: ([], []))
+    for hypothesis, example in zip(hypotheses, examples):
+        by_lang[example.lang][0].append(hypothesis)
+        by_lang[example.lang][1].append(example.reference)
+    per_lang = {}
+    chrf = CHRF(word_order=2)  # chrF++
+    for lang in sorted(by_lang):
+        hyps, refs = by_lang[lang]
+        tokenize = bleu_tokenizer(lang)
+        per_lang[lang] = {
+            "bleu": BLEU(tokenize=tokenize).corpus_score(hyps, [refs]).score,
+            "chrf": chrf.corpus_score(hyps, [refs]).score,
+            "bleu_tokenize": tokenize,
+            "sentences": len(hyps),
+        }
+    return {
+        "bleu": statistics.fmean(row["bleu"] for row in per_lang.values()),
+        "chrf": statistics.fmean(row["chrf"] for row in per_lang.values()),
+        "per_lang": per_lang,
+    }
