@@ -100,7 +100,7 @@ class SpriConfig(PreTrainedConfig):
             How stage-1 experts compute: `"eager"` is the low-rank form (the shared base once per token, the factors
             per expert); `"grouped_mm"` / `"batched_mm"` run those kernels on `W_i = S + B_i A_i` formed in the
             forward. `None` follows the model's `experts_implementation` on accelerators and uses the low-rank form on
-            CPU, where it measured faster (benchmarks/perf.py block figure, small preset, 512 tokens: forward+backward
+            CPU, where it measured faster (`python -m benchmarks.perf block`, small preset, 512 tokens: forward+backward
             at 0.78 of the FLOP floor vs 0.34 for grouped_mm on the formed weights).
         stage1_trainable (`list[str]`, *optional*):
             Extra parameter-name substrings left trainable in stage 1 (routers and residual factors always are).

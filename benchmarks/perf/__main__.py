@@ -1,0 +1,7 @@
+"""`python -m benchmarks.perf`."""
+
+import sys
+
+from .harness import main
+
+sys.exit(main())
