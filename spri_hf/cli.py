@@ -10,7 +10,8 @@ import torch
 
 from .resources import ResourceShortfall
 from .training_cli import TASKS, UPCYCLING_FLAGS, parse_layers, task_for, upcycling_fields
-from .utils import atomic_save, is_occupied, refuse_pickle_only
+from .persistence import refuse_pickle_only
+from .utils import atomic_save, is_occupied
 
 
 def _layers_arg(text: str) -> list[int]:
@@ -87,7 +88,8 @@ def cmd_upcycle(args) -> int:
         load_kwargs["gguf_file"] = args.gguf_file
     else:
         load_kwargs["use_safetensors"] = not args.allow_pickle
-        refuse_pickle_only(src, load_kwargs["use_safetensors"], fix="pass --allow-pickle")
+        if load_kwargs["use_safetensors"]:
+            refuse_pickle_only(src, fix="pass --allow-pickle")
     dense = dense_class.from_pretrained(src, **load_kwargs)
     loaded = time.perf_counter()
     model = spri_class.from_dense(dense, show_progress=True, **svd, **settings)

@@ -23,17 +23,18 @@ WEIGHTS_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safe
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def refuse_pickle_only_folder(folder) -> None:
-    """Raise a clear `OSError` if a local `folder` holds pickle weights and no safetensors file."""
-    folder = str(folder)
-    if not os.path.isdir(folder) or glob.glob(os.path.join(folder, "*.safetensors")):
+def refuse_pickle_only(folder, fix: str = "pass use_safetensors=False, then save_pretrained() to convert them") -> None:
+    """Raise a clear `OSError` if a local `folder` holds pickle weights and no safetensors file (unpickling can run
+    arbitrary code); `fix` says how to opt in."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
         return
-    pickled = sorted(name for name in os.listdir(folder) if name.endswith(PICKLE_SUFFIXES))
-    if pickled:
+    names = os.listdir(folder)
+    pickled = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+    if pickled and not any(name.endswith(".safetensors") for name in names):
         raise OSError(
             f"{folder} holds only pickle weights ({', '.join(pickled)}); spri_hf reads safetensors only, since "
-            "unpickling can run arbitrary code. If you trust the files, pass use_safetensors=False, then "
-            "save_pretrained() to convert them."
+            f"unpickling can run arbitrary code. If you trust the files, {fix}."
         )
 
 
@@ -44,7 +45,7 @@ def load_checkpoint(model_class, load: Callable, pretrained_model_name_or_path, 
     if kwargs.get("gguf_file") is None:
         kwargs.setdefault("use_safetensors", True)
     if kwargs.get("use_safetensors"):
-        refuse_pickle_only_folder(pretrained_model_name_or_path)
+        refuse_pickle_only(pretrained_model_name_or_path)
     try:
         return load(pretrained_model_name_or_path, *args, **kwargs)
     except SafetensorError as err:

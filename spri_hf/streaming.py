@@ -33,6 +33,7 @@ from . import initializers as spri_init
 from .architectures import get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .model_card import write_model_card
+from .persistence import replace_folder
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 from .recipe import (
     default_dtype,
@@ -46,7 +47,7 @@ from .recipe import (
     residual_rank,
     upcycle_layer,
 )
-from .utils import PICKLE_SUFFIXES
+from .persistence import PICKLE_SUFFIXES
 
 
 logger = logging.get_logger(__name__)
@@ -601,7 +602,7 @@ def upcycle_checkpoint(
                 writer.write(f"model.{name}", tensor)
             writer.close()
         _write_metadata(model, folder, staging, dtype)
-        _commit(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
@@ -632,17 +633,6 @@ def _write_metadata(model, folder: str, staging: str, dtype: torch.dtype):
         if os.path.isfile(os.path.join(folder, name)):
             shutil.copy2(os.path.join(folder, name), os.path.join(staging, name))
     write_model_card(model, staging)
-
-
-def _commit(staging: str, out_dir: str):
-    parent = os.path.dirname(out_dir)
-    if os.path.exists(out_dir):
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(backup, "old"))
-        os.rename(staging, out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(staging, out_dir)
 
 
 def upcycle_in_memory(

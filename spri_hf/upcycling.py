@@ -16,7 +16,7 @@ from transformers.utils import logging
 from . import initializers as spri_init
 from . import streaming
 from .recipe import CONFIG_FIELDS, dequantized_config, make_config
-from .utils import refuse_pickle_only
+from .persistence import refuse_pickle_only
 
 
 logger = logging.get_logger(__name__)
@@ -69,7 +69,8 @@ def upcycle(
         if load_kwargs.get("gguf_file") is None:
             # safetensors only (from a folder or the Hub) unless the caller opts in: unpickling can run code
             load_kwargs.setdefault("use_safetensors", True)
-            refuse_pickle_only(dense, load_kwargs["use_safetensors"], fix="pass use_safetensors=False to from_dense")
+            if load_kwargs["use_safetensors"]:
+                refuse_pickle_only(dense, fix="pass use_safetensors=False to from_dense")
         dense = auto_class.from_pretrained(dense, **load_kwargs)
     if not isinstance(dense, PreTrainedModel):
         raise TypeError(f"dense must be a PreTrainedModel, a local path or a Hub id, got {type(dense).__name__}.")
