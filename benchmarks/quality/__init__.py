@@ -7,22 +7,23 @@ order and seed), every method through the product's own `SpriSeq2SeqTrainer` (de
 the teacher-forced cross-entropy of the references. Paired differences (sentence chrF++, 95% bootstrap interval over
 seeds and test sentences) against dense and the best upcycling baseline; routing diagnostics as JSON and PNG.
 
-    python -m benchmarks.data.build --direction xx-en --langs de,sv,ca,tr,id --train-sources 200 \
-        --dev-sources 40 --test-sources 60 --out benchmarks/data/covost_mini_xx_en
-    python -m benchmarks.quality --preset pilot --data benchmarks/data/covost_mini_xx_en --out benchmarks/results/pilot
-    python -m benchmarks.quality --preset cpu-xx-en --data benchmarks/data/covost_mini_xx_en \
+    python -m benchmarks.data.build --direction xx-en --langs de,sv,ca,tr,id --disjoint-train --train-sources 300 \
+        --dev-sources 40 --test-sources 60 --out benchmarks/data/covost_xx_en_disjoint
+    python -m benchmarks.quality --preset pilot --data benchmarks/data/covost_xx_en_disjoint \
+        --out benchmarks/results/pilot-disjoint-4langs
+    python -m benchmarks.quality --preset cpu-xx-en --data benchmarks/data/covost_xx_en_disjoint \
         --out benchmarks/results/cpu-xx-en --select-lr 1e-4,3e-4,1e-3
 
 Options: `--methods a,b` and `--seeds 0,1,2` override the preset; `--select-lr GRID` picks each method's learning rate
 on dev (seed 0) first, `--learning-rates FILE` reuses such a choice; `--stage1-fraction`, `--stage1-lr-multiplier`;
-`--test-pairs FILE` also scores every trained model on your own pairs (the builder's row format; the speech is
+`--langs a,b` keeps only those languages of the data; `--test-pairs FILE` also scores every trained model on your own pairs (the builder's row format; the speech is
 synthesised); `--keep-models`; `--device cuda`; `--eval-split dev`; `--cache DIR` (encoder states and the converted
 Whisper folder, default ~/.cache/spri_hf/quality); `--context-check`.
 
 Presets:
     tiny                 tiny random Whisper (byte-level tokenizer), a couple of steps, every method (the test suite).
-    pilot                real Whisper base, X->En: the untrained model, copying the source and dense, 150 steps,
-                         dev scored every 50 steps (does the reference method clearly learn?).
+    pilot                real Whisper base, X->En (ca, de, id, sv): the untrained model, copying the source and
+                         dense, 400 steps, dev scored every 50 steps (does the reference method clearly learn?).
     cpu-xx-en            the main comparison, X->En, 5 seeds.
     cpu-xx-en-ablations  SPRI's open settings, 3 seeds.
     gpu                  the paper's direction (En->XX, 15 languages), for an accelerator (`--device cuda`).
