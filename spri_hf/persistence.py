@@ -71,7 +71,7 @@ def first_shape_mismatch(model_class, folder) -> str | None:
         expected = model_class(SpriConfig.from_pretrained(folder)).state_dict()
     for path in sorted(glob.glob(os.path.join(str(folder), "*.safetensors"))):
         with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 shape = list(handle.get_slice(name).get_shape())
                 if name in expected and list(expected[name].shape) != shape:
                     return (

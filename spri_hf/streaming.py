@@ -33,8 +33,7 @@ from . import initializers as spri_init
 from .architectures import get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .model_card import write_model_card
-from .persistence import replace_folder
-from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
+from .persistence import PICKLE_SUFFIXES, replace_folder
 from .recipe import (
     default_dtype,
     dense_root_of,
@@ -47,8 +46,7 @@ from .recipe import (
     residual_rank,
     upcycle_layer,
 )
-from .persistence import PICKLE_SUFFIXES
-
+from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
 
 logger = logging.get_logger(__name__)
 
@@ -124,7 +122,7 @@ class SafetensorsReader:
         for file in files:
             path = os.path.join(folder, file)
             with self._open(path) as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                     piece = handle.get_slice(name)
                     dtype = _DTYPES.get(piece.get_dtype())
                     if dtype is None:
@@ -184,7 +182,7 @@ class ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        handle = open(os.path.join(self.folder, file), "wb")
+        handle = open(os.path.join(self.folder, file), "wb")  # noqa: SIM115 (open until its last tensor; closed in write/close)
         handle.write(struct.pack("<Q", len(raw)) + raw)
         self.handles[file] = handle
 

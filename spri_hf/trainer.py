@@ -27,7 +27,6 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .integrations import SpriHubCallback
 
-
 logger = logging.getLogger(__name__)
 
 # stage1_learning_rate=None means this multiple of learning_rate: low-rank factors conventionally take about 10x the

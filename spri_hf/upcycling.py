@@ -15,9 +15,8 @@ from transformers.utils import logging
 
 from . import initializers as spri_init
 from . import streaming
-from .recipe import CONFIG_FIELDS, dequantized_config, make_config
 from .persistence import refuse_pickle_only
-
+from .recipe import CONFIG_FIELDS, dequantized_config, make_config
 
 logger = logging.get_logger(__name__)
 
