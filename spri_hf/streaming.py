@@ -269,6 +269,7 @@ class CheckpointSource:
     disk on demand (one FFN at a time is loaded, then dropped again)."""
 
     device = torch.device("cpu")
+    resident = False  # a loaded FFN goes back to meta after use: keep a copy of what is read
 
     def __init__(self, spri_class: type, folder: str, config):
         self.folder = folder
@@ -346,6 +347,8 @@ class CheckpointSource:
 
 class ModuleSource:
     """A dense model in memory as a tensor source, with `CheckpointSource`'s interface (nothing to load or drop)."""
+
+    resident = True  # its tensors stay where they are: read them without copying
 
     def __init__(self, spri_class: type, dense):
         self.dense = dense
@@ -456,7 +459,8 @@ def _ffn_getter(source, layouts: dict) -> Callable:
         source.load_module(owner, module_name(source.root, owner), None)
         try:
             matrices, _ = layout.ffn_weights(owner)
-            return {proj: weight.detach().clone() for proj, weight in matrices.items()}
+            matrices = {proj: weight.detach() for proj, weight in matrices.items()}
+            return matrices if source.resident else {proj: weight.clone() for proj, weight in matrices.items()}
         finally:
             source.unload_module(owner)
 
