@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,3 +270,20 @@ def test_langs_restricts_every_split_and_is_part_of_the_spec(tiny_xx_en, tmp_pat
     with pytest.raises(ValueError, match=r"--langs names \['xx'\]"):
         quality.run_benchmark(quality.replace(preset, langs=("xx",)), tiny_xx_en, tmp_path / "other",
                               cache=tmp_path / "cache", log=lambda message: None)  # fmt: skip
+
+
+def test_batches_cut_the_encoder_states_at_their_longest_clip():
+    from benchmarks.quality.data import Example, stack_states
+
+    # cached states run past each clip's end; a batch keeps what its longest clip needs, every clip its own states
+    states = {"a": torch.arange(10.0)[:, None].repeat(1, 2), "b": -torch.arange(10.0)[:, None].repeat(1, 2)}
+
+    def example(audio, frames):
+        return Example("de", audio, audio, [1], [1], "", "", frames)
+
+    batch = stack_states([example("a", 3), example("b", 6)], states)
+    assert batch.shape == (2, 6, 2)
+    assert torch.equal(batch[0, :, 0], torch.arange(6.0)) and torch.equal(batch[1, :, 0], -torch.arange(6.0))
+    assert stack_states([example("a", 4)], states).shape == (1, 4, 2)
+    # a clip of unknown need keeps everything that is cached
+    assert stack_states([example("a", 4), example("b", None)], states).shape == (2, 10, 2)

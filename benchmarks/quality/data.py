@@ -61,10 +61,12 @@ def wav_samples(path: Path) -> int:
         return handle.getnframes()
 
 
-def shared_context_frames(data_dir: Path, rows: list[dict], preset: Preset) -> int:
-    """One context length for every clip: the longest clip + the margin. Every clip keeps its own encoder states up to
-    there (the states of its trailing silence), so batches need no padded frames and any batch order works."""
-    return max(context_frames(wav_samples(data_dir / row["audio"]), preset) for row in rows)
+def note_context_frames(data_dir: Path, rows: list[dict], preset: Preset) -> int:
+    """Writes each row's own context need (`frames`: its clip + the margin) into it; returns the largest, the length
+    the encoder states are cached at. Batches then cut the states to their longest clip (`stack_states`)."""
+    for row in rows:
+        row["frames"] = context_frames(wav_samples(data_dir / row["audio"]), preset)
+    return max((row["frames"] for row in rows), default=0)
 
 
 def fingerprint(*parts) -> str:
@@ -134,6 +136,7 @@ class Example:
     labels: list[int]
     reference: str
     source_text: str  # what was spoken: the trivial "copy the source" output
+    frames: int | None = None  # encoder states this clip needs (its length + the margin); None: all that are cached
 
 
 def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str,
@@ -157,7 +160,7 @@ def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str,
         if vocabulary is not None:
             inputs, labels = vocabulary.encode(inputs), vocabulary.encode(labels)
         examples.append(Example(row["lang"], row["source_id"], row["audio"], inputs, [-100] * 3 + labels,
-                                row["target"], spoken))  # fmt: skip
+                                row["target"], spoken, row.get("frames")))  # fmt: skip
     return examples
 
 
@@ -177,10 +180,22 @@ def collate(examples: list[Example], states: dict[str, torch.Tensor], pad_id: in
     for row, example in enumerate(examples):
         decoder_input_ids[row, : len(example.decoder_input_ids)] = torch.tensor(example.decoder_input_ids)
         labels[row, : len(example.labels)] = torch.tensor(example.labels)
-    encoder = torch.stack([states[example.audio] for example in examples]).to(device=device, dtype=dtype)
+    encoder = stack_states(examples, states, device, dtype)
     batch = {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder), "decoder_input_ids": decoder_input_ids,
              "labels": labels}  # fmt: skip
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def stack_states(examples: list[Example], states: dict[str, torch.Tensor], device=None, dtype=torch.float32):
+    """The encoder states of a batch, cut to what its longest clip needs (`Example.frames`).
+
+    Every clip's cached states run past its end (the states of its trailing silence), so the shorter clips of a batch
+    keep at least their own length + margin and no frame is padding; cutting per batch instead of at the longest clip
+    of the data roughly halves the cross-attention work of the CPU presets.
+    """
+    needed = [example.frames for example in examples]
+    frames = None if None in needed else max(needed)
+    return torch.stack([states[example.audio][:frames] for example in examples]).to(device=device, dtype=dtype)
 
 
 class ExampleDataset(torch.utils.data.Dataset):

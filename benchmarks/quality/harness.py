@@ -22,7 +22,7 @@ import spri_hf
 
 from benchmarks.data import build as builder
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
-from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, read_wav, shared_context_frames
+from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, note_context_frames, read_wav
 from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, UPCYCLING_BASELINES, NOT_IN_SPEC
 from .models import build_model, load_dense, restrict_vocabulary, spri_settings
 from .plots import plot_routing, plot_summary
@@ -37,11 +37,13 @@ from .training import DevScores, bleu_tokenizer, method_learning_rate, score, te
 
 def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: str, eval_split: str) -> dict:
     budget = {key: value for key, value in asdict(preset).items() if key not in NOT_IN_SPEC}
+    budget["context"] = "longest clip of the batch"  # `stack_states`; earlier runs cut at the longest clip of the data
     if method.train:  # only the method's own rate is part of its spec
         budget["learning_rate"], budget["learning_rates"] = method_learning_rate(preset, method), None
     else:
         budget = {key: value for key, value in budget.items() if key in ("model", "max_target_tokens",
-                  "max_eval_sources", "langs", "context_margin_s", "generation_percentile", "generation_slack")}  # fmt: skip
+                  "max_eval_sources", "langs", "context_margin_s", "generation_percentile", "generation_slack",
+                  "context", "amp")}  # fmt: skip
     # as it reads back from JSON (tuples become lists), so a finished run is recognised
     return json.loads(json.dumps({
         "method": method.name,
@@ -522,9 +524,9 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         language_token_id(tokenizer, lang)
     clock = time.perf_counter()
     data_id = data_fingerprint(data_dir)
-    frames = shared_context_frames(data_dir, all_rows, preset)
+    frames = note_context_frames(data_dir, all_rows, preset)
     if extra_rows:
-        frames = max(frames, shared_context_frames(extra_dir, extra_rows, preset))
+        frames = max(frames, note_context_frames(extra_dir, extra_rows, preset))
     states_dir = cache / f"encoder-states-{fingerprint(model_id)}"
     states = encoder_states(dense, processor, data_dir, all_rows, frames, states_dir, device, log)
     if extra_rows:
@@ -532,7 +534,8 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         states.update({f"pairs:{name}": state for name, state in extra_states.items()})
         extra_rows = [dict(row, audio=f"pairs:{row['audio']}") for row in extra_rows]
     encoder_seconds = time.perf_counter() - clock
-    log(f"encoder states: {len(states)} clips, {frames} frames each, {encoder_seconds:.0f} s")
+    log(f"encoder states: {len(states)} clips, {frames} frames cached each (batches keep their longest clip's own "
+        f"need), {encoder_seconds:.0f} s")
     vocabulary = None
     if preset.restrict_vocab:
         texts = [row["target"] for row in all_rows + extra_rows]

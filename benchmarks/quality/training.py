@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 
 from spri_hf import SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments
-from .data import Example, ExampleDataset, StatesCollator, Vocabulary, collate, whisper_language
+from .data import Example, ExampleDataset, StatesCollator, Vocabulary, collate, stack_states, whisper_language
 from .methods import Method, Preset
 from .models import freeze
 
@@ -120,7 +120,7 @@ def translate(model, tokenizer, examples, states, preset: Preset, max_new_tokens
     hypotheses = [""] * len(examples)
     for indices in eval_batches(examples, preset.eval_batch_size):
         lang = examples[indices[0]].lang
-        encoder = torch.stack([states[examples[i].audio] for i in indices]).to(device=device, dtype=torch.float32)
+        encoder = stack_states([examples[i] for i in indices], states, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
             generated = model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder), language=whisper_language(lang),
