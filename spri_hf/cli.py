@@ -3,6 +3,7 @@
 import argparse
 import logging as logging_module
 import os
+import shlex
 import sys
 import time
 
@@ -128,7 +129,22 @@ def cmd_export_native(args) -> int:
         f"({size / 1e6:.1f} MB of weights); load {loaded - start:.1f}s, export {time.perf_counter() - loaded:.1f}s. "
         "It loads with plain transformers: AutoModelForCausalLM.from_pretrained(OUT)."
     )
+    print(serving_next_steps(out_dir))
     return 0
+
+
+def serving_next_steps(out_dir: str) -> str:
+    """The commands to run after `export-native` (docs/SERVING.md explains each, with the pitfalls)."""
+    quoted = shlex.quote(out_dir)
+    gguf = shlex.quote(f"{out_dir.rstrip(os.sep)}-f16.gguf")
+    return (
+        "Next, serve it:\n"
+        f"  vLLM:      vllm serve {quoted}\n"
+        f"  llama.cpp: python llama.cpp/convert_hf_to_gguf.py {quoted} --outtype f16 --outfile {gguf}\n"
+        f"             llama-cli -m {gguf} -p 'Hello' -n 32 --temp 0\n"
+        "  Ollama:    a Modelfile with `FROM <the .gguf file>`, then `ollama create NAME -f Modelfile`\n"
+        "See docs/SERVING.md for CPU settings, SGLang and the pitfalls of each engine."
+    )
 
 
 def cmd_inspect(args) -> int:

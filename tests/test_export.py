@@ -109,7 +109,10 @@ def test_export_native_command_line(tmp_path, capsys, input_ids):
     model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense("mistral"), num_experts=4))
     model.save_pretrained(tmp_path / "spri")
     assert cli_main(["export-native", str(tmp_path / "spri"), str(tmp_path / "native")]) == 0
-    assert "as MixtralForCausalLM" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "as MixtralForCausalLM" in printed
+    # the next commands name the folder just written
+    assert f"vllm serve {tmp_path / 'native'}" in printed and f"convert_hf_to_gguf.py {tmp_path / 'native'}" in printed
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
     torch.testing.assert_close(native(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
 
