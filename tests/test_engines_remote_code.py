@@ -123,7 +123,7 @@ def test_checkpoint_loads_as_remote_code_with_the_same_logits(loaded, checkpoint
     engine, results = loaded
     reference = checkpoints[1][case]
     result = results[case]
-    assert "error" not in result, f"{engine}: {case} did not load with trust_remote_code=True:\n{result.get('error')}"
+    assert "error" not in result, f"{engine}: {case} failed as remote code (load, forward or generate):\n{result.get('error')}"
     assert result["module"].startswith("transformers_modules."), (
         f"{engine}: {case} was built by {result['module']}, not by the checkpoint's remote code"
     )
