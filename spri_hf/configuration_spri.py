@@ -2,10 +2,17 @@
 
 from transformers import AutoConfig, PreTrainedConfig
 
+# `strict` is huggingface_hub's; taken through transformers so the Hub copy of this file imports transformers only.
+from transformers.configuration_utils import strict
+
 from .architectures import get_ffn_layouts
 
-# `strict` is huggingface_hub's; taken through transformers so the Hub copy of this file imports transformers only.
-from transformers.configuration_utils import SubConfigSpec, strict
+# This file is also the remote code of every checkpoint, so it must load in every transformers 5.x from 5.16 on (the
+# ones vLLM and SGLang pin), not only in the one spri_hf needs.
+try:  # transformers >= 5.20: `PreTrainedConfig.__post_init__` builds each sub-config from its `SubConfigSpec`
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # 5.16 - 5.19: a plain `sub_configs` map; the config builds its sub-config itself (__post_init__)
+    SubConfigSpec = None
 
 
 _INITS = ("spri", "copy", "noise", "drop", "random")
@@ -120,7 +127,10 @@ class SpriConfig(PreTrainedConfig):
     """
 
     model_type = "spri"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    else:
+        sub_configs = {"base_config": AutoConfig}
 
     base_config: dict | PreTrainedConfig | None = None
     num_experts: int = 8
@@ -156,6 +166,8 @@ class SpriConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.stage is None:
             self.stage = 1 if self.init == "spri" else 2
+        if SubConfigSpec is None:  # transformers < 5.20 (see the import): build `base_config` as 5.20's spec would
+            self.base_config = _sub_config(self.base_config, default_model_type="llama")
         super().__post_init__(**kwargs)
         # The wrapped dense model owns its embeddings: tying is decided by `base_config`.
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
@@ -273,6 +285,14 @@ class SpriConfig(PreTrainedConfig):
 
 # `save_pretrained` copies this file into every checkpoint and records it in `auto_map` (remote code).
 SpriConfig.register_for_auto_class()
+
+
+def _sub_config(value, default_model_type: str) -> PreTrainedConfig:
+    """A config instance from a config, a dict (its `model_type` or the default) or None (the default's defaults)."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    value = dict(value or {})
+    return AutoConfig.for_model(value.pop("model_type", default_model_type), **value)
 
 
 def _check_choice(name, value, allowed):

@@ -41,6 +41,11 @@ from .configuration_spri import SpriConfig
 from .model_card import write_model_card
 from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
 
+# This file is also the remote code of every checkpoint: it must load in every transformers 5.x from 5.16 on (the
+# ones vLLM and SGLang pin). transformers 5.24 renamed the key/value cache of forwards and outputs from
+# `past_key_values` to `cache`: the name this transformers uses.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class SpriRouter(nn.Module):
     """Top-k softmax router. Returns `(router_logits, top_k_weights, top_k_index)`."""
@@ -605,6 +610,8 @@ class SpriPreTrainedModel(PreTrainedModel):
         forward signatures (in the subclasses) let Trainer keep the right dataset columns; None means "not given".
         """
         inputs = {name: value for name, value in inputs.items() if value is not None}
+        if "cache" in inputs and CACHE_NAME != "cache":  # transformers < 5.24 calls it past_key_values
+            inputs[CACHE_NAME] = inputs.pop("cache")
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         if labels is not None:
@@ -655,7 +662,7 @@ class SpriModel(SpriPreTrainedModel):
         )  # fmt: skip
         return MoeModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.get("cache"),
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.get("router_logits"),
@@ -692,7 +699,7 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
             aux_loss=outputs.get("aux_loss"),
             z_loss=outputs.get("z_loss"),
             logits=outputs.logits,
-            cache=outputs.get("cache"),
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.get("router_logits"),
