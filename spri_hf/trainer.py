@@ -274,12 +274,12 @@ class SpriTrainerMixin:
         """The in-process switch runs under DDP and FSDP2; elsewhere, a clear error before stage 1 starts."""
         if self.is_deepspeed_enabled:
             raise ValueError(
-                "SpriTrainer cannot switch stages inside one run under DeepSpeed: the engine owns the optimizer (and, "
-                "with ZeRO-3, the partitioned stage-1 parameters that set_stage(2) replaces). Train in two launches: "
-                "stage 1 with max_steps=<stage-1 steps> and save_model() (ZeRO-3: "
-                "stage3_gather_16bit_weights_on_model_save=true), then SpriForCausalLM.from_pretrained(folder)"
-                ".set_stage(2) and a second SpriTrainer run with stage1_steps=0; or use FSDP2 (fsdp_config={'version': "
-                "2}), where the switch runs in one train() (docs/DISTRIBUTED.md)."
+                "SpriTrainer cannot switch stages inside one run under DeepSpeed: the engine owns the optimizer and "
+                "the checkpoints (and, with ZeRO-3, the partitioned stage-1 parameters that set_stage(2) replaces). "
+                "Use FSDP2 (fsdp_config={'version': 2}), where the switch runs inside one train(); or train in two "
+                "launches: stage 1 with the plain Trainer (the model's trainability is stage 1's) and save_model() "
+                "(ZeRO-3: stage3_gather_16bit_weights_on_model_save=true), then SpriForCausalLM.from_pretrained(folder)"
+                ".set_stage(2) and SpriTrainer with stage1_steps=0. See docs/DISTRIBUTED.md, 'DeepSpeed'."
             )
         version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 2
         if version != 2:
