@@ -44,7 +44,9 @@ def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().clone() for name, buffer in model.named_buffers() if name not in persistent}
 
 
-def rebuild_in_stage2(model: torch.nn.Module, is_main_process: bool) -> torch.nn.Module:
+def rebuild_in_stage2(
+    model: torch.nn.Module, is_main_process: bool, activation_checkpointing_kwargs: dict | None = None
+) -> torch.nn.Module:
     """A new, unsharded model of `model`'s class and config in stage 2, from `model`'s (FSDP-sharded) stage-1 weights:
     real weights on the main process, empty CPU storage elsewhere (filled by the broadcast when it is sharded)."""
     # collective: every rank all-gathers each parameter, only rank 0 keeps the (CPU) result
@@ -73,8 +75,10 @@ def rebuild_in_stage2(model: torch.nn.Module, is_main_process: bool) -> torch.nn
         new.set_experts_implementation(experts_implementation)
     new.generation_config = model.generation_config
     new.train(model.training)
-    if getattr(model, "is_gradient_checkpointing", False):
-        new.gradient_checkpointing_enable()
+    if model.is_activation_checkpointing:  # as Trainer enabled it on the stage-1 model
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        new.activation_checkpointing_enable(kwargs or None, every_n_layers=every_n_layers, offload=offload)
     return new
 
 

@@ -318,7 +318,9 @@ class SpriTrainerMixin:
 
             carried = fsdp.optimizer_state_by_name(model, old_optimizer) if carry else {}
             self.optimizer = old_optimizer = None
-            model = fsdp.rebuild_in_stage2(model, self.accelerator.is_main_process)
+            model = fsdp.rebuild_in_stage2(
+                model, self.accelerator.is_main_process, getattr(self.args, "activation_checkpointing_kwargs", None)
+            )
             self.model = self.model_wrapped = model
             self.model, optimizer = fsdp.prepare_rebuilt(self.accelerator, model, self.create_optimizer())
             self.model_wrapped, self.optimizer = self.model, optimizer
