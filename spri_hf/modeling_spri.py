@@ -39,6 +39,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import SpriConfig
 from .model_card import write_model_card
+from .parallel import add_expert_parallel_plans, check_distributed_config, writes_on_another_rank
 from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
 
 # This file is also the remote code of every checkpoint: it must load in every transformers 5.x from 5.16 on (the
@@ -98,8 +99,9 @@ class SpriExpertsBase(nn.Module):
     ) -> torch.Tensor:
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, tokens)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+            # one extra class: expert parallelism marks the routes to other ranks' experts with id num_experts
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E+1, k, tokens)
+            expert_hit = torch.greater(expert_mask[: self.num_experts].sum(dim=(-1, -2)), 0).nonzero()
         for expert_idx in expert_hit:
             expert_idx = expert_idx[0]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
@@ -383,6 +385,16 @@ class SpriPreTrainedModel(PreTrainedModel):
         self.post_init()
         self.apply_stage_trainability()
 
+    def init_parallel_plans(self) -> None:
+        """The dense family's tensor/expert/pipeline plans (inherited from the wrapped model) plus the MoE blocks'
+        entries (spri_hf/parallel.py), so that `from_pretrained(..., distributed_config=...)` shards SPRI models."""
+        super().init_parallel_plans()
+        add_expert_parallel_plans(self)
+
+    def _resolve_parallel_plans(self, distributed_config):
+        check_distributed_config(self, distributed_config)  # stage 1 and pipeline parallelism: a clear error
+        return super()._resolve_parallel_plans(distributed_config)
+
     @classmethod
     def _dense_class(cls, config: SpriConfig) -> type[PreTrainedModel]:
         get_ffn_layouts(config.base_config)  # clear error for unsupported families
@@ -500,6 +512,8 @@ class SpriPreTrainedModel(PreTrainedModel):
         The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
         folder loads with `trust_remote_code=True` where spri_hf is not installed.
         """
+        if writes_on_another_rank(self):  # sharded by from_pretrained(distributed_config=...): every rank gathers
+            kwargs["is_main_process"] = False
         if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub", False):
             super().save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", True):

@@ -173,6 +173,13 @@ class SpriTrainerMixin:
         self.add_callback(self._stage_record)
         if not any(isinstance(callback, SpriHubCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(SpriHubCallback())  # mid-training pushes carry the code files and the card
+        if getattr(self.args, "fsdp", None) and not self.is_fsdp_enabled and not self.is_fsdp_xla_enabled:
+            logger.warning(
+                "TrainingArguments(fsdp=...) is set, but accelerate did not enable FSDP (distributed type %s): "
+                "accelerate 1.15 enables FSDP on accelerator devices only, so these CPU processes train with DDP, "
+                "every rank holding the whole model (docs/DISTRIBUTED.md, 'FSDP').",
+                self.accelerator.distributed_type,
+            )
 
     # ---- settings -------------------------------------------------------------------------------------------------
     def stage_setting(self, name: str):
@@ -238,6 +245,7 @@ class SpriTrainerMixin:
             )
 
         if model is not None and model.config.stage == 1:
+            self.check_switch_is_supported()
             switch = _StageSwitch(self)
             self.add_callback(switch)
             load_best = self.args.load_best_model_at_end
@@ -262,6 +270,25 @@ class SpriTrainerMixin:
             return TrainOutput(stage2.global_step, loss, metrics)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
+    def check_switch_is_supported(self):
+        """The in-process switch runs under DDP and FSDP2; elsewhere, a clear error before stage 1 starts."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "SpriTrainer cannot switch stages inside one run under DeepSpeed: the engine owns the optimizer and "
+                "the checkpoints (and, with ZeRO-3, the partitioned stage-1 parameters that set_stage(2) replaces). "
+                "Use FSDP2 (fsdp_config={'version': 2}), where the switch runs inside one train(); or train in two "
+                "launches: stage 1 with the plain Trainer (the model's trainability is stage 1's) and save_model() "
+                "(ZeRO-3: stage3_gather_16bit_weights_on_model_save=true), then SpriForCausalLM.from_pretrained(folder)"
+                ".set_stage(2) and SpriTrainer with stage1_steps=0. See docs/DISTRIBUTED.md, 'DeepSpeed'."
+            )
+        version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 2
+        if version != 2:
+            raise ValueError(
+                f"fsdp_version={version}: SpriTrainer's in-process stage switch re-wraps the model with FSDP2 only. Set "
+                "fsdp_config={'version': 2} (accelerate launch --fsdp_version 2); FSDP1 is deprecated in transformers "
+                "5.x."
+            )
+
     def _planned_switch_step(self) -> int:
         total = self.planned_total_steps()
         switch = resolve_steps(self.stage_setting("stage1_steps"), total)
@@ -279,24 +306,43 @@ class SpriTrainerMixin:
 
     @torch.no_grad()
     def switch_to_stage2(self):
-        """`set_stage(2)` in the middle of training: new optimizer (carried state) and scheduler, same global step."""
+        """`set_stage(2)` in the middle of training: new optimizer (carried state) and scheduler, same global step.
+
+        Under FSDP2 the sharded stage-1 model is replaced by a new stage-2 model that accelerate shards afresh
+        (spri_hf/fsdp.py): `self.model` is a new object afterwards."""
         model = self.spri_model()
         old_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        carried = {}
-        if self.stage_setting("stage2_carry_optimizer_state") and old_optimizer is not None:
-            carried = {id(p): (p, old_optimizer.state[p]) for g in old_optimizer.param_groups for p in g["params"]}
-        model.set_stage(2)
-        self.optimizer = None
-        optimizer = self.create_optimizer()
-        kept = 0
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                old = carried.get(id(param))
-                if old is not None and old[0] is param and old[1]:
-                    optimizer.state[param] = old[1]
-                    kept += 1
+        carry = self.stage_setting("stage2_carry_optimizer_state") and old_optimizer is not None
+        if self.is_fsdp_enabled:
+            from . import fsdp
+
+            carried = fsdp.optimizer_state_by_name(model, old_optimizer) if carry else {}
+            self.optimizer = old_optimizer = None
+            model = fsdp.rebuild_in_stage2(
+                model, self.accelerator.is_main_process, getattr(self.args, "activation_checkpointing_kwargs", None)
+            )
+            self.model = self.model_wrapped = model
+            self.model, optimizer = fsdp.prepare_rebuilt(self.accelerator, model, self.create_optimizer())
+            self.model_wrapped, self.optimizer = self.model, optimizer
+            kept = fsdp.carry_optimizer_state(self.model, optimizer, carried)
+            fsdp.initialize_missing_state(optimizer)  # the switch checkpoint must hold state for every parameter
+        else:
+            carried = {}
+            if carry:
+                carried = {id(p): (p, old_optimizer.state[p]) for g in old_optimizer.param_groups for p in g["params"]}
+            model.set_stage(2)
+            self.optimizer = None
+            optimizer = self.create_optimizer()
+            kept = 0
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    old = carried.get(id(param))
+                    if old is not None and old[0] is param and old[1]:
+                        optimizer.state[param] = old[1]
+                        kept += 1
         self.lr_scheduler = self._two_stage_scheduler(optimizer, self.state.max_steps, last_epoch=self.state.global_step - 1)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = optimizer, self.lr_scheduler
+        self.callback_handler.model = self.model
         if self.state.best_model_checkpoint is not None:
             logger.info("SPRI stage switch: the best checkpoint so far is a stage-1 one; best-model tracking restarts.")
             self.state.best_model_checkpoint, self.state.best_metric, self.state.best_global_step = None, None, None

@@ -75,7 +75,8 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
         str(SCRIPT), "--output-dir", str(output_dir), "--steps", "4", "--num-experts", str(NUM_EXPERTS), "--top-k", "1",
         "--router-aux-loss-coef", "0", "--experts-implementation", "eager",
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this checkout's spri_hf
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     # the same global batch (2 sequences per step) in one process: the sequences of a step are the same ones. Without

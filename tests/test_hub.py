@@ -19,7 +19,9 @@ from hub_server import LocalHub, hub_env, use_local_hub
 from spri_hf import SpriForCausalLM, SpriHubCallback, SpriTrainer, SpriTrainingArguments
 
 
-SHIPPED_CODE = {"configuration_spri.py", "modeling_spri.py", "architectures.py", "model_card.py", "persistence.py"}
+SHIPPED_CODE = {
+    "configuration_spri.py", "modeling_spri.py", "architectures.py", "model_card.py", "persistence.py", "parallel.py"
+}
 # transformers itself depends on safetensors and huggingface_hub, so wherever it loads remote code they are installed
 ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "huggingface_hub"} | set(sys.stdlib_module_names)
 
