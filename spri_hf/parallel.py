@@ -22,8 +22,18 @@ says to switch to stage 2 first; so is pipeline parallelism (transformers' naive
 which the wrapper does not have). Shipped to the Hub with the modeling file: imports only torch and transformers.
 """
 
+import re
+
 import torch.distributed as dist
-from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+
+def layer_pattern(name: str) -> str:
+    """`model.layers.3.mlp` -> `model.layers.*.mlp`: module-list indices as the wildcards parallel plans use.
+
+    Written here rather than imported: this file is remote code of every checkpoint, and transformers < 5.20 has no
+    `transformers.distributed.parallel_utils`.
+    """
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
 def moe_block_paths(model) -> dict[str, object]:
@@ -32,7 +42,7 @@ def moe_block_paths(model) -> dict[str, object]:
     paths = {}
     for name, module in model.named_modules():
         if id(module) in layouts:
-            paths.setdefault(replace_layer_number_by_wildcard(name), layouts[id(module)])
+            paths.setdefault(layer_pattern(name), layouts[id(module)])
     return paths
 
 
