@@ -137,8 +137,8 @@ class Qwen2MoeFormat(NativeFormat):
         inter = config.base_config.intermediate_size
         return dict(
             _qwen_moe_fields(config),
-            # No shared expert: a zero-width one adds exactly nothing.
-            shared_expert_intermediate_size=inter if config.shared_expert == "dense" else 0,
+            # No shared expert: a width-1 all-zero one adds exactly nothing (see block_tensors).
+            shared_expert_intermediate_size=inter if config.shared_expert == "dense" else 1,
             qkv_bias=True,
         )
 
@@ -151,12 +151,17 @@ class Qwen2MoeFormat(NativeFormat):
             tensors["shared_expert.gate_proj.weight"] = shared.gate_proj.weight
             tensors["shared_expert.up_proj.weight"] = shared.up_proj.weight
             tensors["shared_expert.down_proj.weight"] = 2 * shared.down_proj.weight
+            tensors["shared_expert_gate.weight"] = router.new_zeros(1, router.shape[1])
         else:
-            inter, hidden = 0, router.shape[1]
-            tensors["shared_expert.gate_proj.weight"] = router.new_zeros(inter, hidden)
-            tensors["shared_expert.up_proj.weight"] = router.new_zeros(inter, hidden)
-            tensors["shared_expert.down_proj.weight"] = router.new_zeros(hidden, inter)
-        tensors["shared_expert_gate.weight"] = router.new_zeros(1, router.shape[1])
+            # Not zero-width: llama.cpp's qwen2moe needs a shared expert of nonzero width (a width-0 one fails its
+            # tensor-shape check), and it computes the gate's sigmoid as silu(z) / z, which is NaN at z = 0: a zero
+            # gate times a zero expert would be NaN there. An all-ones gate leaves z = sum(x), zero only by coincidence in
+            # practice, and the zero expert makes the product exactly 0 in both transformers and llama.cpp.
+            hidden = router.shape[1]
+            tensors["shared_expert.gate_proj.weight"] = router.new_zeros(1, hidden)
+            tensors["shared_expert.up_proj.weight"] = router.new_zeros(1, hidden)
+            tensors["shared_expert.down_proj.weight"] = router.new_zeros(hidden, 1)
+            tensors["shared_expert_gate.weight"] = router.new_ones(1, hidden)
         return tensors
 
 

@@ -53,16 +53,17 @@ TINY_CONFIGS = {
 FAMILIES = list(TINY_CONFIGS)
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, vocab_size: int = VOCAB):
     model_type = family.split("-")[0]
-    kwargs = dict(TINY_CONFIGS[family], vocab_size=VOCAB, num_hidden_layers=2)
+    kwargs = dict(TINY_CONFIGS[family], vocab_size=vocab_size, num_hidden_layers=2)
     kwargs.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_dense(family: str, seed: int = 0):
+def tiny_dense(family: str, seed: int = 0, vocab_size: int = VOCAB):
+    """A tiny random dense causal LM of `family`; `vocab_size` other than the default fits a real tokenizer to it."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size))
     # random init leaves FFN matrices close to rank-deficient noise; a visible bias makes bias handling testable
     with torch.no_grad():
         for name, param in model.named_parameters():
