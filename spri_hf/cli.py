@@ -141,7 +141,7 @@ def serving_next_steps(out_dir: str) -> str:
         "Next, serve it:\n"
         f"  vLLM:      vllm serve {quoted}\n"
         f"  llama.cpp: python llama.cpp/convert_hf_to_gguf.py {quoted} --outtype f16 --outfile {gguf}\n"
-        f"             llama-cli -m {gguf} -p 'Hello' -n 32 --temp 0\n"
+        f"             llama-completion -m {gguf} -p 'Hello' -n 32 --temp 0 -no-cnv\n"
         "  Ollama:    a Modelfile with `FROM <the .gguf file>`, then `ollama create NAME -f Modelfile`\n"
         "See docs/SERVING.md for CPU settings, SGLang and the pitfalls of each engine."
     )
