@@ -146,6 +146,13 @@ def serving_next_steps(out_dir: str) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.dense:
+        from transformers import AutoConfig
+
+        from .detection import describe
+
+        print(describe(AutoConfig.from_pretrained(args.path)))
+        return 0
     from .inspection import inspect_model, format_report
 
     model = _spri_checkpoint_class(args.path).from_pretrained(args.path)
@@ -212,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="per layer: experts, principal rank, residual share, expert distance")
     inspect.add_argument("path")
+    inspect.add_argument(
+        "--dense", action="store_true",
+        help="PATH is a dense model (folder or Hub id): print its FFN layout (the table entry, or what detection finds)",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     train = sub.add_parser(
