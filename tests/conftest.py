@@ -85,6 +85,12 @@ DETECTED_FAMILY_CONFIGS = {
     "arcee": dict(_LLAMA_LIKE, mlp_bias=True),  # plain up/down, relu2
     "gpt_bigcode": dict(n_embd=32, n_head=4, n_inner=48, n_positions=64),  # plain c_fc/c_proj with biases, Linear
 }
+TINY_CONFIGS.update({  # variants for export_native: what Mixtral / Qwen2-MoE can and cannot express
+    "seed_oss-nobias": dict(_LLAMA_LIKE, attention_bias=False),
+    "seed_oss-outbias": dict(_LLAMA_LIKE, attention_out_bias=True),
+    "smollm3-nope": dict(_LLAMA_LIKE, no_rope_layers=[1, 0]),
+    "ministral-mixed": dict(_LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"]),
+})
 TINY_CONFIGS.update(TABLE_FAMILY_CONFIGS)
 TINY_CONFIGS.update(DETECTED_FAMILY_CONFIGS)
 TABLE_FAMILIES, DETECTED_FAMILIES = list(TABLE_FAMILY_CONFIGS), list(DETECTED_FAMILY_CONFIGS)
