@@ -26,6 +26,7 @@ import contextvars
 import copy
 import inspect
 import itertools
+import logging
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -300,6 +301,9 @@ def _copy_difference(dense: nn.Module, layout: FfnLayout, input_ids: torch.Tenso
     spri_class = MODEL_FOR_CAUSAL_LM_MAPPING[SpriConfig]
     setattr(dense.config, DETECTED_LAYOUT_ATTR, {layout.stack: layout.to_dict()})
     token = _PROBING.set(True)
+    quiet = logging.getLogger("spri_hf")  # the probe's own memory estimate is not the user's run
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         moe = spri_class.from_dense(dense, init="copy", num_experts=2, num_experts_per_tok=1, check_resources=False)
         with torch.no_grad():
@@ -307,6 +311,7 @@ def _copy_difference(dense: nn.Module, layout: FfnLayout, input_ids: torch.Tenso
     except Exception:  # a wrong candidate may not even fit the model (shapes, paths): that candidate is rejected
         return float("inf")
     finally:
+        quiet.setLevel(level)
         _PROBING.reset(token)
         delattr(dense.config, DETECTED_LAYOUT_ATTR)
 
