@@ -1,6 +1,7 @@
 """Leave SPRI behind: export to transformers' native MoE formats, or fold the experts back into the dense model.
 
-- `export_native(model, out_dir)`: a Mixtral (Llama/Mistral bases), Qwen2-MoE (Qwen2) or Qwen3-MoE (Qwen3)
+- `export_native(model, out_dir)`: a Mixtral (Llama/Mistral/Ministral/SmolLM3/Seed-OSS bases), Qwen2-MoE (Qwen2,
+  Seed-OSS with q/k/v biases) or Qwen3-MoE (Qwen3)
   checkpoint that plain transformers loads with no custom code. Only exact exports are written: a model that no
   native format expresses exactly gets a `ValueError` saying why, and every export is checked numerically against
   the SPRI model before anything is written.
@@ -368,7 +369,8 @@ def _check_equal_logits(model, native, vocab_size: int):
 def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False, verify: bool = True):
     """Write `model` as a native transformers MoE checkpoint that loads with no custom code.
 
-    Llama and Mistral bases become Mixtral, Qwen2 becomes Qwen2-MoE (a dense shared expert is exact: zero shared
+    Llama, Mistral, Ministral, SmolLM3 and bias-free Seed-OSS bases become Mixtral, Qwen2 (and Seed-OSS with q/k/v
+    biases) becomes Qwen2-MoE (a dense shared expert is exact: zero shared
     gate, doubled shared down projection; non-upcycled layers stay dense via `mlp_only_layers`) and Qwen3 becomes
     Qwen3-MoE. A stage-1 model is exported after materialising its experts (`W_i = S + B_i A_i`) into a copy; the
     model passed in is not changed. Anything no native format expresses exactly raises a `ValueError` saying why.
