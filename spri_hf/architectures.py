@@ -121,7 +121,9 @@ class FfnLayout:
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown FfnLayout field(s) {unknown} in {DETECTED_LAYOUT_ATTR!r}; the fields are {sorted(known)}.")
+            raise ValueError(
+                f"Unknown FfnLayout field(s) {unknown} in {DETECTED_LAYOUT_ATTR!r}; the fields are {sorted(known)}."
+            )
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 

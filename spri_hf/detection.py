@@ -136,10 +136,13 @@ def _find_layers(model_type: str, base: nn.Module, num_layers: int) -> tuple[str
 def _ffn_of_block(model_type: str, idx: int, block: nn.Module) -> tuple[str | None, nn.Module, list[Projection]]:
     """`(mlp path or None for FFNs the block calls itself, owner module, projections of the FFN)`."""
     for name, sub in block.named_modules():
-        if any(word in name.lower() for word in _MIXTURE_WORDS) or any(p.ndim == 3 for p in sub.parameters(recurse=False)):
+        fused_experts = any(param.ndim == 3 for param in sub.parameters(recurse=False))
+        if fused_experts or any(word in name.lower() for word in _MIXTURE_WORDS):
             _refuse(model_type, f"block {idx} is already a mixture of experts ({name}: {type(sub).__name__})",
                     "a dense FFN (SPRI upcycles dense FFNs; a mixture's experts are not one FFN to decompose)")
-    children = [(name, child) for name, child in block.named_children() if not any(w in name.lower() for w in _ATTENTION_WORDS)]
+    children = [
+        (name, child) for name, child in block.named_children() if not any(w in name.lower() for w in _ATTENTION_WORDS)
+    ]
     containers = [(name, child) for name, child in children if _projection(name, child) is None and _projections(child)]
     direct = [_projection(name, child) for name, child in children if _projection(name, child) is not None]
     if len(containers) > 1:
@@ -160,7 +163,8 @@ def _check_ffn_module(model_type: str, name: str, module: nn.Module, projections
         _refuse(model_type, f"{name} ({type(module).__name__}) holds parameters besides its projections: {extra}",
                 "an FFN made of projections and a parameter-free activation (the experts would not carry these)")
     params = list(inspect.signature(module.forward).parameters.values())[1:]
-    required = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind in named]
     if required:
         _refuse(model_type, f"{name}.forward ({type(module).__name__}) takes extra inputs {required}",
                 "an FFN that is a function of the hidden states alone")
@@ -238,12 +242,16 @@ def _candidates(model_type: str, config) -> tuple[list[FfnLayout], str, list[str
         shapes = [dict(gated=True, gate=None, up=None, fused_gate_up=fused[0].path)]
     elif len(ups) == 2 and not fused:
         named_gate = [p for p in ups if "gate" in p.path.lower()]
-        orders = [(named_gate[0], next(p for p in ups if p is not named_gate[0]))] if len(named_gate) == 1 else list(itertools.permutations(ups))
+        if len(named_gate) == 1:  # the one named "gate" is the gate; otherwise the probe tries both orders
+            orders = [(named_gate[0], next(p for p in ups if p is not named_gate[0]))]
+        else:
+            orders = list(itertools.permutations(ups))
         shapes = [dict(gated=True, gate=gate.path, up=up.path) for gate, up in orders]
     elif len(ups) == 1 and not fused:
         shapes = [dict(gated=False, gate=None, up=ups[0].path)]
     else:
-        _refuse(model_type, found, "two hidden->I projections (gate, up), one hidden->2I ([gate; up]) or one hidden->I (up)")
+        _refuse(model_type, found,
+                "two hidden->I projections (gate, up), one hidden->2I ([gate; up]) or one hidden->I (up)")
 
     notes = []
     dropouts = [m.p for m in owner.modules() if isinstance(m, nn.Dropout)] if split == () else []
@@ -308,7 +316,8 @@ def _copy_difference(dense: nn.Module, layout: FfnLayout, input_ids: torch.Tenso
         moe = spri_class.from_dense(dense, init="copy", num_experts=2, num_experts_per_tok=1, check_resources=False)
         with torch.no_grad():
             return (moe(input_ids).logits - reference).abs().max().item()
-    except (ValueError, TypeError, RuntimeError, AttributeError, KeyError, IndexError):  # a wrong candidate may not even fit the model (shapes, paths): that candidate is rejected
+    # a wrong candidate may not even fit the model (shapes, paths): that candidate is rejected
+    except (ValueError, TypeError, RuntimeError, AttributeError, KeyError, IndexError):
         return float("inf")
     finally:
         quiet.setLevel(level)
@@ -358,8 +367,8 @@ def detect_ffn_layout(config) -> Detection:
             if key is not None:
                 _VERIFIED[key] = detection
             return detection
-        tried.append(f"{'gated' if layout.gated else 'plain'} {layout.gate or layout.fused_gate_up or ''}/{layout.up or ''}/"
-                     f"{layout.down} with config.{layout.act_attr}: {difference:.3g}")
+        projections = f"{layout.gate or layout.fused_gate_up or ''}/{layout.up or ''}/{layout.down}"
+        tried.append(f"{'gated' if layout.gated else 'plain'} {projections} with config.{layout.act_attr}: {difference:.3g}")
     _refuse(model_type, f"{found}; the copy upcycle of each candidate layout differs from the dense probe's logits "
             f"(max |difference|: {'; '.join(tried)})",
             "an FFN that computes down(act(gate(x)) * up(x)) or down(act(up(x))) on the hidden states alone")

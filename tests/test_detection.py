@@ -165,3 +165,10 @@ def test_encoder_families_without_an_entry_are_refused_by_name():
     config = AutoConfig.for_model("distilbert", dim=32, hidden_dim=48, n_layers=1, n_heads=4, vocab_size=VOCAB)
     with pytest.raises(FfnDetectionError, match=r"Cannot upcycle 'distilbert'.*no causal-LM model.*decoder-only model"):
         detect_ffn_layout(config)
+
+
+def test_a_damaged_stored_layout_names_the_bad_field():
+    config = tiny_config("olmo3")
+    setattr(config, DETECTED_LAYOUT_ATTR, {"decoder": {"layers_attr": "layers", "mlp_path": "mlp"}})
+    with pytest.raises(ValueError, match=r"Unknown FfnLayout field\(s\) \['mlp_path'\] in 'spri_ffn_layout'"):
+        get_ffn_layout(config)
