@@ -6,7 +6,11 @@ a function of the config when the layout depends on it (T5 v1.0 vs gated v1.1). 
 with the modeling code, so it imports nothing but the standard library.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+
+# A family without a table entry is upcycled with a layout inferred and verified by `spri_hf.detection`; the verified
+# layout travels in the dense config under this attribute, so a saved checkpoint (and its remote code) reads it back.
+DETECTED_LAYOUT_ATTR = "spri_ffn_layout"
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,28 @@ class FfnLayout:
         """`ffn_weights` of block `idx` of this stack of `model`."""
         return self.ffn_weights(self.ffn_owner(self.layers(model)[idx]))
 
+    # ---- a layout as JSON (how a detected layout is stored in the dense config) -------------------------------------
+    def to_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FfnLayout":
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown FfnLayout field(s) {unknown} in {DETECTED_LAYOUT_ATTR!r}; the fields are {sorted(known)}."
+            )
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
 
 _LLAMA_LIKE = FfnLayout(layers_attr="layers")
+
+# GPT-J and CodeGen: `fc_in` / `fc_out` with biases, width `n_inner` (None: 4 * hidden), dropout on the FFN output
+_GPTJ_LIKE = FfnLayout(
+    layers_attr="h", gated=False, gate=None, up="fc_in", down="fc_out", act_attr="activation_function",
+    intermediate_attr="n_inner", bias=True, dropout_attr="resid_pdrop",
+)
 
 
 def _bart_like(stack: str) -> FfnLayout:
@@ -190,6 +214,41 @@ FFN_LAYOUTS: dict = {
     "gpt_neox": FfnLayout(
         layers_attr="layers", gated=False, gate=None, up="dense_h_to_4h", down="dense_4h_to_h", bias=True
     ),
+    # gated gate/up/down like Llama (each checked in transformers 5.24's modeling file; the block only calls mlp(x))
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,  # parallel attention + FFN in the block: the FFN itself is Llama's
+    "cohere2": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "ministral": _LLAMA_LIKE,
+    "granite": FfnLayout(layers_attr="layers", bias="mlp_bias"),  # residual_multiplier is applied by the block
+    "smollm3": FfnLayout(layers_attr="layers", bias="mlp_bias"),
+    "helium": FfnLayout(layers_attr="layers", bias="mlp_bias"),
+    "seed_oss": FfnLayout(layers_attr="layers", bias="mlp_bias", dropout_attr="residual_dropout"),
+    "ernie4_5": FfnLayout(layers_attr="layers", bias="use_bias"),
+    "glm": FfnLayout(layers_attr="layers", gate=None, up=None, fused_gate_up="gate_up_proj"),  # [gate; up]
+    # plain up/down
+    "nemotron": FfnLayout(layers_attr="layers", gated=False, gate=None, bias="mlp_bias"),  # relu2
+    "starcoder2": FfnLayout(
+        layers_attr="layers", gated=False, gate=None, up="c_fc", down="c_proj", bias="use_bias",
+        dropout_attr="residual_dropout",
+    ),
+    "phi": FfnLayout(layers_attr="layers", gated=False, gate=None, up="fc1", down="fc2", bias=True),
+    "gptj": _GPTJ_LIKE,
+    "codegen": _GPTJ_LIKE,
+    "gpt_neo": FfnLayout(
+        layers_attr="h", gated=False, gate=None, up="c_fc", down="c_proj", act_attr="activation_function", bias=True,
+        dropout_attr="resid_dropout",
+    ),
+    "falcon": FfnLayout(
+        layers_attr="h", gated=False, gate=None, up="dense_h_to_4h", down="dense_4h_to_h", act_attr="activation",
+        intermediate_attr="ffn_hidden_size", bias="bias",
+    ),
+    # OPT's block calls fc1 / activation_fn / fc2 itself (on tokens flattened to 2D)
+    "opt": FfnLayout(
+        layers_attr="decoder.layers", mlp_attr="fc1", gated=False, gate=None, up="fc1", down="fc2",
+        split=("fc2", "activation_fn"), act_attr="activation_function", intermediate_attr="ffn_dim", bias="enable_bias",
+    ),
     # encoder-decoder
     "whisper": _BART_LIKE,
     "speech_to_text": _BART_LIKE,
@@ -209,10 +268,15 @@ FFN_LAYOUTS: dict = {
 def get_ffn_layouts(config) -> dict[str, FfnLayout]:
     """The FFN layout of every stack of `config`'s family, by stack name; a `ValueError` lists the supported ones."""
     model_type = config if isinstance(config, str) else config.model_type
+    detected = None if isinstance(config, str) else getattr(config, DETECTED_LAYOUT_ATTR, None)
+    if model_type not in FFN_LAYOUTS and detected:
+        layouts = (FfnLayout.from_dict(values) for values in detected.values())
+        return {layout.stack: layout for layout in layouts}
     if model_type not in FFN_LAYOUTS:
         raise ValueError(
-            f"Architecture {model_type!r} is not supported by SPRI upcycling. Supported model types: "
-            f"{', '.join(sorted(FFN_LAYOUTS))}. Adding one is a single entry in spri_hf/architectures.py."
+            f"Architecture {model_type!r} has no FFN layout: it has no entry in spri_hf/architectures.py (whose model "
+            f"types are {', '.join(sorted(FFN_LAYOUTS))}) and no layout detected by spri_hf (upcycling detects one "
+            "for decoder-only models; `spri-hf inspect --dense SRC` shows what it finds)."
         )
     entry = FFN_LAYOUTS[model_type]
     if callable(entry):

@@ -51,7 +51,6 @@ def cmd_upcycle(args) -> int:
     from transformers import AutoConfig
 
     from . import modeling_spri
-    from .architectures import get_ffn_layout
     from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .recipe import dequantized_config, make_config
 
@@ -62,8 +61,7 @@ def cmd_upcycle(args) -> int:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
     # Validate everything that can be validated from the config alone, before loading any weight.
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
-    get_ffn_layout(base_config)
-    make_config(dequantized_config(base_config), **settings)
+    make_config(dequantized_config(base_config), **settings)  # detects the FFN of a family without a table entry
     task = args.task if args.task != "auto" else task_for(base_config)
     spri_class = getattr(modeling_spri, TASKS[task])
     dense_class = getattr(transformers, spri_class._dense_auto_class)
@@ -148,6 +146,13 @@ def serving_next_steps(out_dir: str) -> str:
 
 
 def cmd_inspect(args) -> int:
+    if args.dense:
+        from transformers import AutoConfig
+
+        from .detection import describe
+
+        print(describe(AutoConfig.from_pretrained(args.path)))
+        return 0
     from .inspection import inspect_model, format_report
 
     model = _spri_checkpoint_class(args.path).from_pretrained(args.path)
@@ -214,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="per layer: experts, principal rank, residual share, expert distance")
     inspect.add_argument("path")
+    inspect.add_argument(
+        "--dense", action="store_true",
+        help="PATH is a dense model (folder or Hub id): print its FFN layout (the table entry, or what detection finds)",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     train = sub.add_parser(

@@ -1,6 +1,7 @@
 """Leave SPRI behind: export to transformers' native MoE formats, or fold the experts back into the dense model.
 
-- `export_native(model, out_dir)`: a Mixtral (Llama/Mistral bases), Qwen2-MoE (Qwen2) or Qwen3-MoE (Qwen3)
+- `export_native(model, out_dir)`: a Mixtral (Llama/Mistral/Ministral/SmolLM3/Seed-OSS bases), Qwen2-MoE (Qwen2,
+  Seed-OSS with q/k/v biases) or Qwen3-MoE (Qwen3)
   checkpoint that plain transformers loads with no custom code. Only exact exports are written: a model that no
   native format expresses exactly gets a `ValueError` saying why, and every export is checked numerically against
   the SPRI model before anything is written.
@@ -24,7 +25,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from .architectures import FfnLayout
+from .architectures import FfnLayout, get_ffn_layout
 from .configuration_spri import SpriConfig
 from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
 from .recipe import default_dtype, module_name
@@ -81,11 +82,12 @@ def _dense_layers(config: SpriConfig) -> list[int]:
 class MixtralFormat(NativeFormat):
     model_type = "mixtral"
     config_class = MixtralConfig
-    sources = ("llama", "mistral")
+    sources = ("llama", "mistral", "ministral", "smollm3", "seed_oss")
 
     def unsupported_reason(self, config):
-        reasons = _common_reasons(config, "Mixtral")
-        if getattr(config.base_config, "attention_bias", False):
+        base = config.base_config
+        reasons = _common_reasons(config, "Mixtral") + _attention_reasons(base, "Mixtral")
+        if getattr(base, "attention_bias", False):
             reasons.append("the attention projections have biases (attention_bias=True); Mixtral's have none")
         if config.shared_expert is not None:
             reasons.append("Mixtral has no shared expert (a Qwen2 base exports a dense shared expert exactly)")
@@ -93,17 +95,38 @@ class MixtralFormat(NativeFormat):
             reasons.append(f"layers {_dense_layers(config)} are dense and every Mixtral layer is a MoE layer")
         if not config.norm_topk_prob:
             reasons.append("norm_topk_prob=False and Mixtral always renormalises the top-k routing weights")
+        layer_types = set(getattr(base, "layer_types", None) or ())
+        if len(layer_types) > 1:
+            reasons.append(
+                "the layers mix sliding-window and full attention (layer_types) and Mixtral applies one sliding_window "
+                "to every layer"
+            )
         return "; ".join(reasons) or None
 
     def moe_fields(self, config):
+        base = config.base_config
+        layer_types = set(getattr(base, "layer_types", None) or ())
+        # SmolLM3 keeps a sliding_window value while its layers use full attention: Mixtral would apply it
+        sliding = None if layer_types == {"full_attention"} else getattr(base, "sliding_window", None)
         return dict(
             num_local_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok,
             router_aux_loss_coef=native_aux_loss_coef(config),
             router_jitter_noise=0.0,
             output_router_logits=False,
-            sliding_window=getattr(config.base_config, "sliding_window", None),
+            sliding_window=sliding,
         )
+
+
+def _attention_reasons(base, name: str) -> list[str]:
+    """What the attention of the newer Llama-like bases (SmolLM3, Seed-OSS) does that a native MoE's does not."""
+    reasons = []
+    no_rope = [idx for idx, has_rope in enumerate(getattr(base, "no_rope_layers", None) or ()) if not has_rope]
+    if no_rope:
+        reasons.append(f"layers {no_rope} use no rotary embedding (NoPE, no_rope_layers) and every {name} layer applies RoPE")
+    if getattr(base, "attention_out_bias", False):
+        reasons.append(f"the attention output projection has a bias (attention_out_bias=True); {name}'s has none")
+    return reasons
 
 
 def native_aux_loss_coef(config: SpriConfig) -> float:
@@ -131,7 +154,23 @@ def _qwen_moe_fields(config: SpriConfig) -> dict:
 class Qwen2MoeFormat(NativeFormat):
     model_type = "qwen2_moe"
     config_class = Qwen2MoeConfig
-    sources = ("qwen2",)
+    sources = ("qwen2", "seed_oss")
+
+    def unsupported_reason(self, config):
+        base = config.base_config
+        if base.model_type == "qwen2":
+            return None
+        reasons = _common_reasons(config, "Qwen2-MoE") + _attention_reasons(base, "Qwen2-MoE")
+        if not getattr(base, "attention_bias", True):
+            reasons.append("the q/k/v projections have no biases (attention_bias=False) and Qwen2-MoE's have them")
+        return "; ".join(reasons) or None
+
+    def native_config(self, config):
+        native = super().native_config(config)
+        head_dim = getattr(config.base_config, "head_dim", None)
+        if head_dim is not None and head_dim != native.hidden_size // native.num_attention_heads:
+            native.head_dim = head_dim  # Seed-OSS: Qwen2-MoE's attention reads config.head_dim when it is set
+        return native
 
     def moe_fields(self, config):
         inter = config.base_config.intermediate_size
@@ -183,24 +222,56 @@ class Qwen3MoeFormat(NativeFormat):
 NATIVE_FORMATS: tuple[NativeFormat, ...] = (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat())
 
 
+# Why the gated-SiLU families without a native format have none (checked in transformers 5.24's modeling files).
+_NO_NATIVE_REASONS = {
+    "olmo": "its LayerNorm has no weights (OlmoLayerNorm), where Mixtral's RMSNorm has",
+    "olmo2": "it normalises q and k (q_norm / k_norm) and puts its norms after attention and FFN",
+    "olmo3": "it normalises q and k (q_norm / k_norm) and puts its norms after attention and FFN",
+    "exaone4": "it normalises q and k (q_norm / k_norm) and puts its norms after attention and FFN",
+    "cohere": "its blocks run attention and FFN in parallel from one LayerNorm and it scales the logits (logit_scale)",
+    "cohere2": "its blocks run attention and FFN in parallel from one LayerNorm and it scales the logits (logit_scale)",
+    "stablelm": "it uses LayerNorm with biases and partial rotary embeddings",
+    "granite": "it scales embeddings, residuals, attention and logits (embedding_multiplier, residual_multiplier, ...)",
+    "helium": "its rotary embedding rotates interleaved (even/odd) channels",
+    "ernie4_5": "its rotary embedding rotates interleaved (even/odd) channels",
+    "glm": "its rotary embedding is partial and rotates interleaved (even/odd) channels",
+    "glm4": "its rotary embedding is partial and interleaved, and it has norms after attention and FFN",
+}
+
+
+def _no_native_reason(config: SpriConfig) -> str:
+    base = config.base_config
+    layout = get_ffn_layout(base)
+    activation = layout.activation(base)
+    if not layout.gated:
+        return (f"its FFN is plain up/down ({activation}, no gate) and every native MoE expert is a gated SiLU FFN")
+    if activation not in ("silu", "swish"):
+        return f"its FFN's activation is {activation} and native MoE experts use SiLU"
+    return _NO_NATIVE_REASONS.get(base.model_type, "its decoder block differs from Mixtral's and Qwen-MoE's")
+
+
 def native_format_for(config: SpriConfig) -> NativeFormat:
     """The native format of `config`'s dense family, or a `ValueError` saying why there is none."""
     model_type = config.base_config.model_type
-    target = next((fmt for fmt in NATIVE_FORMATS if model_type in fmt.sources), None)
-    if target is None:
+    targets = [fmt for fmt in NATIVE_FORMATS if model_type in fmt.sources]
+    if not targets:
         supported = ", ".join(f"{'/'.join(fmt.sources)} -> {fmt.model_type}" for fmt in NATIVE_FORMATS)
         raise ValueError(
-            f"No native transformers MoE format expresses a {model_type!r} base exactly (supported: {supported}). "
+            f"No native transformers MoE format expresses a {model_type!r} base exactly: {_no_native_reason(config)} "
+            f"(supported: {supported}). "
             "Share the SPRI checkpoint itself (push_to_hub: it loads with trust_remote_code=True), or use "
             "spri_hf.fold_to_dense for a dense model."
         )
-    reason = target.unsupported_reason(config)
-    if reason is not None:
+    reasons = {fmt.model_type: fmt.unsupported_reason(config) for fmt in targets}
+    exact = next((fmt for fmt in targets if reasons[fmt.model_type] is None), None)
+    if exact is None:  # a base with two candidate formats (Seed-OSS) says why neither fits
+        reason = "; ".join(f"{name}: {why}" if len(targets) > 1 else why for name, why in reasons.items())
+        names = " or ".join(fmt.model_type for fmt in targets)
         raise ValueError(
-            f"This {model_type} SPRI model cannot be exported to {target.model_type} exactly: {reason}. Nothing "
+            f"This {model_type} SPRI model cannot be exported to {names} exactly: {reason}. Nothing "
             "was written; no approximate export is made."
         )
-    return target
+    return exact
 
 
 def _stage2_experts(block: SpriMoeBlock):
@@ -298,7 +369,8 @@ def _check_equal_logits(model, native, vocab_size: int):
 def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False, verify: bool = True):
     """Write `model` as a native transformers MoE checkpoint that loads with no custom code.
 
-    Llama and Mistral bases become Mixtral, Qwen2 becomes Qwen2-MoE (a dense shared expert is exact: zero shared
+    Llama, Mistral, Ministral, SmolLM3 and bias-free Seed-OSS bases become Mixtral, Qwen2 (and Seed-OSS with q/k/v
+    biases) becomes Qwen2-MoE (a dense shared expert is exact: zero shared
     gate, doubled shared down projection; non-upcycled layers stay dense via `mlp_only_layers`) and Qwen3 becomes
     Qwen3-MoE. A stage-1 model is exported after materialising its experts (`W_i = S + B_i A_i`) into a copy; the
     model passed in is not changed. Anything no native format expresses exactly raises a `ValueError` saying why.

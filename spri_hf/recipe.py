@@ -18,6 +18,7 @@ from transformers import MODEL_MAPPING, PreTrainedModel
 from . import initializers as spri_init
 from .architectures import FfnLayout
 from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
+from .detection import attach_ffn_layout
 
 
 CONFIG_FIELDS = UPCYCLING_SETTINGS + (
@@ -40,6 +41,7 @@ def make_config(base_config, **settings) -> SpriConfig:
         raise TypeError(f"Unknown SPRI setting(s) {unknown}; the settings are {list(CONFIG_FIELDS)}.")
     if "initializer_range" not in settings:
         settings["initializer_range"] = getattr(base_config, "initializer_range", None) or 0.02
+    attach_ffn_layout(base_config)  # a family without a table entry: its layout detected and verified, or refused
     try:
         return SpriConfig(base_config=base_config, **settings)
     except StrictDataclassError as err:

@@ -505,7 +505,7 @@ def prepare_module(spri_class: type, dense, settings: dict, may_fetch_card: bool
 
 
 def _check_shared_expert(config: SpriConfig, dense_config):
-    layouts = get_ffn_layouts(dense_config)
+    layouts = get_ffn_layouts(config.base_config)  # carries the detected layout of a family without a table entry
     if config.shared_expert is not None and any(layouts[stack].split for stack in config.upcycled_stacks()):
         raise ValueError(
             f"shared_expert={config.shared_expert!r} needs an FFN that is one module; a {dense_config.model_type} "

@@ -249,7 +249,6 @@ def train(script: TrainScriptArguments, upcycling, training) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from . import modeling_spri
-    from .architectures import get_ffn_layout
     from .trainer import SpriSeq2SeqTrainer, SpriTrainer, resolve_steps, total_optimizer_steps
     from .recipe import make_config
 
@@ -267,8 +266,7 @@ def train(script: TrainScriptArguments, upcycling, training) -> int:
         )
     settings = upcycling_settings(upcycling)
     if not is_spri:  # validated from the config alone, before any weight is loaded
-        get_ffn_layout(base)
-        make_config(base, **settings)
+        make_config(base, **settings)  # also detects the FFN of a family without a table entry
 
     rows = load_rows(script, script.dataset_split)
     tokenizer = AutoTokenizer.from_pretrained(script.model, **load)

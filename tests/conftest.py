@@ -52,6 +52,49 @@ TINY_CONFIGS = {
 }
 FAMILIES = list(TINY_CONFIGS)
 
+# The families added by issue 17, one tiny config each (hidden 32, 2 layers): `TABLE_FAMILIES` have an entry in
+# spri_hf/architectures.py, `DETECTED_FAMILIES` are upcycled through FFN detection (spri_hf/detection.py).
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+TABLE_FAMILY_CONFIGS = {
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "cohere2": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "ministral": _LLAMA_LIKE,
+    "granite": dict(_LLAMA_LIKE, mlp_bias=True, residual_multiplier=0.5, embedding_multiplier=2.0),
+    "smollm3": _LLAMA_LIKE,
+    "helium": dict(_LLAMA_LIKE, mlp_bias=True),
+    "seed_oss": _LLAMA_LIKE,
+    "ernie4_5": dict(_LLAMA_LIKE, use_bias=True),
+    "glm": _LLAMA_LIKE,  # fused gate_up_proj
+    "nemotron": dict(_LLAMA_LIKE, mlp_bias=True),  # plain up/down, relu2
+    "starcoder2": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2),
+    "phi": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4),  # gelu_new
+    "gptj": dict(n_embd=32, n_head=4, rotary_dim=4, n_positions=64, n_inner=48),
+    "codegen": dict(n_embd=32, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64, n_inner=48),
+    "gpt_neo": dict(hidden_size=32, num_heads=4, attention_types=[[["global", "local"], 1]], intermediate_size=48,
+                    max_position_embeddings=64, window_size=16),
+    "falcon": dict(hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, bias=True),
+    "opt": dict(hidden_size=32, ffn_dim=48, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+}
+DETECTED_FAMILY_CONFIGS = {
+    "olmo3": _LLAMA_LIKE,
+    "exaone4": _LLAMA_LIKE,
+    "glm4": _LLAMA_LIKE,  # fused gate_up_proj
+    "arcee": dict(_LLAMA_LIKE, mlp_bias=True),  # plain up/down, relu2
+    "gpt_bigcode": dict(n_embd=32, n_head=4, n_inner=48, n_positions=64),  # plain c_fc/c_proj with biases, Linear
+}
+TINY_CONFIGS.update({  # variants for export_native: what Mixtral / Qwen2-MoE can and cannot express
+    "seed_oss-nobias": dict(_LLAMA_LIKE, attention_bias=False),
+    "seed_oss-outbias": dict(_LLAMA_LIKE, attention_out_bias=True),
+    "smollm3-nope": dict(_LLAMA_LIKE, no_rope_layers=[1, 0]),
+    "ministral-mixed": dict(_LLAMA_LIKE, layer_types=["sliding_attention", "full_attention"]),
+})
+TINY_CONFIGS.update(TABLE_FAMILY_CONFIGS)
+TINY_CONFIGS.update(DETECTED_FAMILY_CONFIGS)
+TABLE_FAMILIES, DETECTED_FAMILIES = list(TABLE_FAMILY_CONFIGS), list(DETECTED_FAMILY_CONFIGS)
+
 
 def tiny_config(family: str, vocab_size: int = VOCAB):
     model_type = family.split("-")[0]

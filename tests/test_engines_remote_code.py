@@ -47,6 +47,9 @@ MODELS = {
     "llama": lambda: _causal("llama"),
     "qwen3": lambda: _causal("qwen3"),
     "gpt2": lambda: _causal("gpt2"),
+    "olmo3": lambda: _causal("olmo3"),  # no table entry: the detected layout travels in the config
+    "falcon": lambda: _causal("falcon"),
+    "opt": lambda: _causal("opt"),  # an FFN the block calls itself
     "t5": lambda: _seq2seq("t5"),
     "whisper": _speech,
 }

@@ -8,16 +8,19 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_dense
-from spri_hf import SpriForCausalLM
+from spri_hf import SpriConfig, SpriForCausalLM
 from spri_hf.cli import main as cli_main
 
 
 def test_unsupported_architecture_names_it_and_lists_the_supported_ones():
-    config = AutoConfig.for_model("opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                  vocab_size=50, word_embed_proj_dim=16)
+    config = AutoConfig.for_model("bloom", hidden_size=16, n_layer=1, n_head=2, vocab_size=50)
     dense = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=r"'opt' is not supported.*gpt2.*llama.*qwen3"):
+    # upcycling tries detection first (tests/test_detection.py), which says what it found and what is missing
+    with pytest.raises(ValueError, match=r"Cannot upcycle 'bloom'.*takes extra inputs \['residual'\]"):
         SpriForCausalLM.from_dense(dense)
+    # a config that reaches the model without a detected layout gets the list of the table's families
+    with pytest.raises(Exception, match=r"'bloom' has no FFN layout.*gpt2.*llama.*qwen3"):  # strict-dataclass wrapper
+        SpriConfig(base_config=config)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,10 @@ EXPORTS = {
     "qwen2-some-layers": ("qwen2", dict(moe_layers=[1]), "Qwen2MoeForCausalLM"),
     "qwen3->qwen3_moe": ("qwen3", {}, "Qwen3MoeForCausalLM"),
     "qwen3-some-layers-unnormalised": ("qwen3", dict(moe_layers=[0], norm_topk_prob=False), "Qwen3MoeForCausalLM"),
+    "ministral->mixtral": ("ministral", {}, "MixtralForCausalLM"),
+    "smollm3->mixtral": ("smollm3", {}, "MixtralForCausalLM"),
+    "seed_oss->qwen2_moe": ("seed_oss", {}, "Qwen2MoeForCausalLM"),  # q/k/v biases (attention_bias=True)
+    "seed_oss-nobias->mixtral": ("seed_oss-nobias", {}, "MixtralForCausalLM"),
 }
 
 
@@ -84,6 +88,13 @@ def test_exported_checkpoint_loads_where_spri_hf_is_not_importable(tmp_path, inp
         ("mistral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
         ("llama-bias", {}, "mlp_bias=True"),
         ("qwen3", dict(shared_expert="dense"), "Qwen3-MoE has no shared expert"),
+        ("olmo", {}, "'olmo' base exactly: its LayerNorm has no weights"),
+        ("helium", {}, "rotates interleaved"),
+        ("nemotron", {}, "its FFN is plain up/down \\(relu2, no gate\\)"),
+        ("gpt_bigcode", {}, "its FFN is plain up/down \\(gelu_pytorch_tanh, no gate\\)"),  # a detected family
+        ("smollm3-nope", {}, "layers \\[1\\] use no rotary embedding \\(NoPE"),
+        ("ministral-mixed", {}, "mix sliding-window and full attention"),
+        ("seed_oss-outbias", {}, "mixtral or qwen2_moe exactly: mixtral: .*attention_out_bias=True.*qwen2_moe: .*attention_out_bias"),
     ],
 )
 def test_export_native_refuses_what_no_native_format_expresses_and_writes_nothing(family, settings, reason, tmp_path):
