@@ -117,8 +117,9 @@ from transformers import {auto}
 model = {auto}.from_pretrained("{repo}", trust_remote_code=True)
 ```
 
-`spri_hf.export_native(model, out_dir)` turns Llama/Mistral, Qwen2 and Qwen3 based checkpoints into plain Mixtral,
-Qwen2-MoE and Qwen3-MoE checkpoints that need no custom code.
+`spri_hf.export_native(model, out_dir)` turns Llama, Mistral, Ministral, SmolLM3, Seed-OSS, Qwen2 and Qwen3 based
+checkpoints into plain Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints that need no custom code, where that format
+computes the same function (it says why when it does not).
 
 ## License
 
