@@ -256,8 +256,52 @@ class SpriConfig(PreTrainedConfig):
             raise
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
-        # Generation builds its cache from the text config: that is the wrapped dense model's.
+        """The config of the text model: this config itself where a fused-MoE engine can run the experts (see
+        `fused_moe_unsupported_reason`), so that engines reading the text config (vLLM's Transformers backend)
+        see the MoE fields, with every dense field read through from `base_config` (`__getattr__`); otherwise the
+        wrapped dense model's (generation builds its cache from it either way)."""
+        if self.fused_moe_unsupported_reason() is None:
+            return self
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    def fused_moe_unsupported_reason(self) -> str | None:
+        """Why a fused-MoE kernel (vLLM's `FusedMoE`: `down(silu(gate(x)) * up(x))` per expert, no biases) cannot run
+        these experts, or `None` when it can (stage 2, gated SiLU FFNs without biases, a decoder-only model)."""
+        base = self.__dict__.get("base_config")
+        if not isinstance(base, PreTrainedConfig):
+            return "the config has no base_config"
+        if getattr(base, "is_encoder_decoder", False):
+            return f"{base.model_type} is an encoder-decoder model"
+        try:
+            layouts = get_ffn_layouts(base)
+        except (ValueError, TypeError) as err:
+            return str(err)
+        if list(layouts) != ["decoder"]:
+            return f"{base.model_type} is not a decoder-only model"
+        layout = layouts["decoder"]
+        if self.stage != 2:
+            return (
+                "stage 1 keeps low-rank residual factors (W_i = S + B_i A_i), which a fused MoE kernel has no form "
+                "for: call set_stage(2) before saving, or export_native"
+            )
+        if not layout.gated:
+            return f"{base.model_type}'s FFN is not gated (down(act(up(x)))) and fused MoE kernels compute gated experts"
+        if layout.activation(base) not in ("silu", "swish"):
+            return (
+                f"{base.model_type}'s experts use the {layout.activation(base)!r} activation and fused MoE kernels "
+                "compute SiLU"
+            )
+        if layout.has_bias(base):
+            return f"{base.model_type}'s FFNs have biases (mlp_bias=True) and fused MoE kernels run experts without"
+        return None
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails. Where this config is its own text config (get_text_config), the
+        # dense fields (hidden_size, num_attention_heads, ...) are the base config's.
+        base = self.__dict__.get("base_config")
+        if name.startswith("_") or not isinstance(base, PreTrainedConfig) or self.fused_moe_unsupported_reason():
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(base, name)
 
     def upcycled_stacks(self) -> list[str]:
         """The FFN stacks that are mixtures of experts ("encoder", "decoder")."""

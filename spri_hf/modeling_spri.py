@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import SpriConfig
@@ -512,6 +513,7 @@ class SpriPreTrainedModel(PreTrainedModel):
         The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
         folder loads with `trust_remote_code=True` where spri_hf is not installed.
         """
+        record_base_model_class(self.config)
         if writes_on_another_rank(self):  # sharded by from_pretrained(distributed_config=...): every rank gathers
             kwargs["is_main_process"] = False
         if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub", False):
@@ -657,6 +659,7 @@ def _is_expert_parameter(name: str) -> bool:
 class SpriModel(SpriPreTrainedModel):
     """The upcycled backbone (no LM head): returns hidden states and, on request, router logits."""
 
+    @can_return_tuple  # return_dict=False (vLLM's Transformers backend passes it) gives a tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -689,6 +692,7 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
     _dense_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
     _dense_auto_class = "AutoModelForCausalLM"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -829,6 +833,15 @@ class SpriForMaskedLM(_SpriEncoderTaskModel):
 
     _dense_mapping = MODEL_FOR_MASKED_LM_MAPPING
     _dense_auto_class = "AutoModelForMaskedLM"
+
+
+def record_base_model_class(config: SpriConfig):
+    """Name `SpriModel` as the checkpoint's `AutoModel` in `config.auto_map` (kept with the entry of the saved class):
+    vLLM's Transformers backend builds the backbone with `AutoModel.from_config(config, trust_remote_code=True)` and
+    adds its own LM head. Only decoder-only models: for them `SpriModel` wraps the dense family's backbone."""
+    if list(get_ffn_layouts(config.base_config)) == ["decoder"]:
+        module = SpriModel.__module__.rsplit(".", 1)[-1]
+        config.auto_map = dict(getattr(config, "auto_map", None) or {}, AutoModel=f"{module}.SpriModel")
 
 
 # `save_pretrained` copies this file, its relative imports and an `auto_map` into every checkpoint (remote code).
