@@ -256,33 +256,34 @@ class SpriConfig(PreTrainedConfig):
             raise
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
-        """The config of the text model: this config itself where a fused-MoE engine can run the experts (see
-        `fused_moe_unsupported_reason`), so that engines reading the text config (vLLM's Transformers backend)
-        see the MoE fields, with every dense field read through from `base_config` (`__getattr__`); otherwise the
-        wrapped dense model's (generation builds its cache from it either way)."""
-        if self.fused_moe_unsupported_reason() is None:
+        """The config of the text model. For decoder-only models this config itself, with every dense field read
+        through from `base_config` (`__getattr__`): engines that read the text config (vLLM's Transformers backend)
+        then see the MoE fields (`num_experts`, `num_experts_per_tok`, `norm_topk_prob`) next to the dense ones.
+        Otherwise the wrapped dense model's (generation builds its cache from it either way)."""
+        if self._is_decoder_only():
             return self
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    def _is_decoder_only(self) -> bool:
+        base = self.__dict__.get("base_config")
+        if not isinstance(base, PreTrainedConfig) or getattr(base, "is_encoder_decoder", False):
+            return False
+        try:
+            return list(get_ffn_layouts(base)) == ["decoder"]
+        except (ValueError, TypeError):
+            return False
 
     def fused_moe_unsupported_reason(self) -> str | None:
         """Why a fused-MoE kernel (vLLM's `FusedMoE`: `down(silu(gate(x)) * up(x))` per expert, no biases) cannot run
         these experts, or `None` when it can (stage 2, gated SiLU FFNs without biases, a decoder-only model)."""
-        base = self.__dict__.get("base_config")
-        if not isinstance(base, PreTrainedConfig):
-            return "the config has no base_config"
-        if getattr(base, "is_encoder_decoder", False):
-            return f"{base.model_type} is an encoder-decoder model"
-        try:
-            layouts = get_ffn_layouts(base)
-        except (ValueError, TypeError) as err:
-            return str(err)
-        if list(layouts) != ["decoder"]:
-            return f"{base.model_type} is not a decoder-only model"
-        layout = layouts["decoder"]
+        if not self._is_decoder_only():
+            return "only decoder-only models have a fused-MoE counterpart"
+        base = self.base_config
+        layout = get_ffn_layouts(base)["decoder"]
         if self.stage != 2:
             return (
                 "stage 1 keeps low-rank residual factors (W_i = S + B_i A_i), which a fused MoE kernel has no form "
-                "for: call set_stage(2) before saving, or export_native"
+                "for"
             )
         if not layout.gated:
             return f"{base.model_type}'s FFN is not gated (down(act(up(x)))) and fused MoE kernels compute gated experts"
@@ -298,10 +299,9 @@ class SpriConfig(PreTrainedConfig):
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails. Where this config is its own text config (get_text_config), the
         # dense fields (hidden_size, num_attention_heads, ...) are the base config's.
-        base = self.__dict__.get("base_config")
-        if name.startswith("_") or not isinstance(base, PreTrainedConfig) or self.fused_moe_unsupported_reason():
+        if name.startswith("_") or not self._is_decoder_only():
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(base, name)
+        return getattr(self.__dict__["base_config"], name)
 
     def upcycled_stacks(self) -> list[str]:
         """The FFN stacks that are mixtures of experts ("encoder", "decoder")."""

@@ -377,6 +377,7 @@ class SpriPreTrainedModel(PreTrainedModel):
     _dense_auto_class = "AutoModel"
 
     def __init__(self, config: SpriConfig):
+        _check_vllm_can_run(config)
         super().__init__(config)
         dense_class = self._dense_class(config)
         # The experts live in this wrapper; the dense architecture has none and refuses an experts implementation.
@@ -646,6 +647,21 @@ class SpriPreTrainedModel(PreTrainedModel):
         if output_router_logits:
             outputs["router_logits"] = tuple(router_logits)
         return outputs
+
+
+def _check_vllm_can_run(config: SpriConfig):
+    """vLLM's Transformers backend (it sets the attention implementation to "vllm") replaces every experts module
+    whose parameters are all 3D by its fused MoE, which computes `down(silu(gate(x)) * up(x))`: refuse the stage-2
+    experts it would compute wrongly (another activation, ungated FFNs) rather than serve wrong text."""
+    if getattr(config, "_attn_implementation", None) != "vllm" or config.stage != 2:
+        return  # stage 1's shared base is 2D: vLLM leaves those experts to this file's eager forward
+    reason = config.fused_moe_unsupported_reason()
+    if reason is not None:
+        raise ValueError(
+            f"This SPRI checkpoint cannot run in vLLM's Transformers backend: {reason}. Serve its native export "
+            "instead (spri_hf.export_native / `spri-hf export-native`, for Llama, Mistral, Qwen2 and Qwen3 bases), or "
+            "run it with transformers."
+        )
 
 
 def _is_router_or_residual(name: str) -> bool:
