@@ -120,7 +120,9 @@ def test_export_native_command_line(tmp_path, capsys, input_ids):
     printed = capsys.readouterr().out
     assert "as MixtralForCausalLM" in printed
     # the next commands name the folder just written
-    assert f"vllm serve {tmp_path / 'native'}" in printed and f"convert_hf_to_gguf.py {tmp_path / 'native'}" in printed
+    assert f"vllm serve {tmp_path / 'native'}" in printed
+    assert f"python -m vllm.entrypoints.openai.api_server --model {tmp_path / 'native'}" in printed
+    assert f"convert_hf_to_gguf.py {tmp_path / 'native'}" in printed
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
     torch.testing.assert_close(native(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
 
