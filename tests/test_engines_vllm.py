@@ -262,7 +262,8 @@ def test_stage1_spri_checkpoint_runs_eagerly_in_the_transformers_backend(models,
     assert "(SpriMoeBlock) -> MoERunner" not in run["log"], (
         f"{vllm.name}: stage-1 experts were replaced by vLLM's fused MoE, which cannot compute them"
     )
-    _assert_same_tokens(vllm.name, "the llama-stage1 SPRI checkpoint (Transformers backend, eager experts, fp32)", model, run)
+    what = "the llama-stage1 SPRI checkpoint (Transformers backend, eager experts, fp32)"
+    _assert_same_tokens(vllm.name, what, model, run)
 
 
 def test_experts_a_fused_moe_would_compute_wrongly_are_refused_with_the_reason(models, vllm):

@@ -285,7 +285,8 @@ def test_decoder_config_is_its_own_text_config_and_says_what_a_fused_moe_cannot_
     assert config.get_text_config() is config
     # the MoE fields next to the dense ones, read through from the base config
     assert (config.num_experts, config.num_experts_per_tok) == (4, 2)
-    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (base.hidden_size, base.num_hidden_layers, base.vocab_size)
+    for name in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        assert getattr(config, name) == getattr(base, name), name
     assert config.num_attention_heads == base.num_attention_heads
     with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
         config.not_a_field
