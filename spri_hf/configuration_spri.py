@@ -331,6 +331,14 @@ class SpriConfig(PreTrainedConfig):
 SpriConfig.register_for_auto_class()
 
 
+def record_base_model_class(config: SpriConfig):
+    """Name `SpriModel` as the checkpoint's `AutoModel` in `config.auto_map` (next to the saved class's entry): vLLM's
+    Transformers backend builds the backbone with `AutoModel.from_config(config, trust_remote_code=True)` and adds its
+    own LM head. Decoder-only models only: there `SpriModel` wraps the dense family's backbone."""
+    if config._is_decoder_only():
+        config.auto_map = dict(getattr(config, "auto_map", None) or {}, AutoModel="modeling_spri.SpriModel")
+
+
 def _sub_config(value, default_model_type: str) -> PreTrainedConfig:
     """A config instance from a config, a dict (its `model_type` or the default) or None (the default's defaults)."""
     if isinstance(value, PreTrainedConfig):
@@ -349,4 +357,4 @@ def _check_unit_interval(name, value):
         raise ValueError(f"{name}={value} is outside [0, 1]; pass a value between 0 and 1.")
 
 
-__all__ = ["SpriConfig"]
+__all__ = ["SpriConfig", "record_base_model_class"]

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.utils.generic import can_return_tuple
 
 from .architectures import FfnLayout, get_ffn_layouts
-from .configuration_spri import SpriConfig
+from .configuration_spri import SpriConfig, record_base_model_class
 from .model_card import write_model_card
 from .parallel import add_expert_parallel_plans, check_distributed_config, writes_on_another_rank
 from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
@@ -849,15 +849,6 @@ class SpriForMaskedLM(_SpriEncoderTaskModel):
 
     _dense_mapping = MODEL_FOR_MASKED_LM_MAPPING
     _dense_auto_class = "AutoModelForMaskedLM"
-
-
-def record_base_model_class(config: SpriConfig):
-    """Name `SpriModel` as the checkpoint's `AutoModel` in `config.auto_map` (kept with the entry of the saved class):
-    vLLM's Transformers backend builds the backbone with `AutoModel.from_config(config, trust_remote_code=True)` and
-    adds its own LM head. Only decoder-only models: for them `SpriModel` wraps the dense family's backbone."""
-    if list(get_ffn_layouts(config.base_config)) == ["decoder"]:
-        module = SpriModel.__module__.rsplit(".", 1)[-1]
-        config.auto_map = dict(getattr(config, "auto_map", None) or {}, AutoModel=f"{module}.SpriModel")
 
 
 # `save_pretrained` copies this file, its relative imports and an `auto_map` into every checkpoint (remote code).

@@ -31,9 +31,8 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from . import initializers as spri_init
 from .architectures import get_ffn_layouts
-from .configuration_spri import SpriConfig
+from .configuration_spri import SpriConfig, record_base_model_class
 from .model_card import write_model_card
-from .modeling_spri import record_base_model_class
 from .persistence import PICKLE_SUFFIXES, replace_folder
 from .recipe import (
     default_dtype,
