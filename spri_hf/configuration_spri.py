@@ -256,8 +256,52 @@ class SpriConfig(PreTrainedConfig):
             raise
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
-        # Generation builds its cache from the text config: that is the wrapped dense model's.
+        """The config of the text model. For decoder-only models this config itself, with every dense field read
+        through from `base_config` (`__getattr__`): engines that read the text config (vLLM's Transformers backend)
+        then see the MoE fields (`num_experts`, `num_experts_per_tok`, `norm_topk_prob`) next to the dense ones.
+        Otherwise the wrapped dense model's (generation builds its cache from it either way)."""
+        if self._is_decoder_only():
+            return self
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    def _is_decoder_only(self) -> bool:
+        base = self.__dict__.get("base_config")
+        if not isinstance(base, PreTrainedConfig) or getattr(base, "is_encoder_decoder", False):
+            return False
+        try:
+            return list(get_ffn_layouts(base)) == ["decoder"]
+        except (ValueError, TypeError):
+            return False
+
+    def fused_moe_unsupported_reason(self) -> str | None:
+        """Why a fused-MoE kernel (vLLM's `FusedMoE`: `down(silu(gate(x)) * up(x))` per expert, no biases) cannot run
+        these experts, or `None` when it can (stage 2, gated SiLU FFNs without biases, a decoder-only model)."""
+        if not self._is_decoder_only():
+            return "only decoder-only models have a fused-MoE counterpart"
+        base = self.base_config
+        layout = get_ffn_layouts(base)["decoder"]
+        if self.stage != 2:
+            return (
+                "stage 1 keeps low-rank residual factors (W_i = S + B_i A_i), which a fused MoE kernel has no form "
+                "for"
+            )
+        if not layout.gated:
+            return f"{base.model_type}'s FFN is not gated (down(act(up(x)))) and fused MoE kernels compute gated experts"
+        if layout.activation(base) not in ("silu", "swish"):
+            return (
+                f"{base.model_type}'s experts use the {layout.activation(base)!r} activation and fused MoE kernels "
+                "compute SiLU"
+            )
+        if layout.has_bias(base):
+            return f"{base.model_type}'s FFNs have biases (mlp_bias=True) and fused MoE kernels run experts without"
+        return None
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails. Where this config is its own text config (get_text_config), the
+        # dense fields (hidden_size, num_attention_heads, ...) are the base config's.
+        if name.startswith("_") or not self._is_decoder_only():
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.__dict__["base_config"], name)
 
     def upcycled_stacks(self) -> list[str]:
         """The FFN stacks that are mixtures of experts ("encoder", "decoder")."""
@@ -287,6 +331,14 @@ class SpriConfig(PreTrainedConfig):
 SpriConfig.register_for_auto_class()
 
 
+def record_base_model_class(config: SpriConfig):
+    """Name `SpriModel` as the checkpoint's `AutoModel` in `config.auto_map` (next to the saved class's entry): vLLM's
+    Transformers backend builds the backbone with `AutoModel.from_config(config, trust_remote_code=True)` and adds its
+    own LM head. Decoder-only models only: there `SpriModel` wraps the dense family's backbone."""
+    if config._is_decoder_only():
+        config.auto_map = dict(getattr(config, "auto_map", None) or {}, AutoModel="modeling_spri.SpriModel")
+
+
 def _sub_config(value, default_model_type: str) -> PreTrainedConfig:
     """A config instance from a config, a dict (its `model_type` or the default) or None (the default's defaults)."""
     if isinstance(value, PreTrainedConfig):
@@ -305,4 +357,4 @@ def _check_unit_interval(name, value):
         raise ValueError(f"{name}={value} is outside [0, 1]; pass a value between 0 and 1.")
 
 
-__all__ = ["SpriConfig"]
+__all__ = ["SpriConfig", "record_base_model_class"]

@@ -11,6 +11,7 @@ Each native format is one small `NativeFormat` class: `unsupported_reason(config
 builds the target config and `block_tensors` maps one MoE block. Adding a format is adding one class.
 """
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -344,14 +345,42 @@ def to_native(model: SpriForCausalLM):
     return native.eval()
 
 
+@contextlib.contextmanager
+def _experts_formed_like(model: SpriPreTrainedModel, native: PreTrainedModel):
+    """Within the context, stage-1 experts compute on their formed weights `W_i = S + B_i A_i` (what `set_stage(2)`
+    and the export hold) with the native model's experts implementation, instead of the low-rank form.
+
+    The low-rank form rounds differently (`S x + B_i (A_i x)` vs `(S + B_i A_i) x`); where a router is nearly tied,
+    that rounding alone can send a token to another expert and move the logits far beyond float rounding, although
+    the export equals `set_stage(2)` exactly. The export is what stage 2 computes, so it is checked against that.
+    Kernels (grouped_mm, batched_mm) form the weights per layer in the forward; "eager" swaps in materialised copies.
+    """
+    blocks = [block for _, _, block in model.moe_sites() if isinstance(block.experts, SpriResidualExperts)]
+    implementation = getattr(native.config, "_experts_implementation", None) or "eager"
+    config, previous = model.config, model.config.stage1_experts_implementation
+    residual = {id(block): block.experts for block in blocks}
+    try:
+        if implementation == "eager":
+            for block in blocks:
+                block.experts = block.experts.materialize()
+        else:
+            config.stage1_experts_implementation = implementation
+        yield
+    finally:
+        config.stage1_experts_implementation = previous
+        for block in blocks:
+            block.experts = residual[id(block)]
+
+
 def _check_equal_logits(model, native, vocab_size: int):
-    """Refuse an export whose logits differ from the SPRI model's (a silent approximation is never written)."""
+    """Refuse an export whose logits differ from the SPRI model's (a silent approximation is never written); stage-1
+    models are compared on their formed experts (`_experts_formed_like`)."""
     device = next(model.parameters()).device
     probe = torch.arange(1, 17, device=device).remainder(vocab_size - 1).add(1)[None]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _experts_formed_like(model, native):
             expected = model(probe).logits.float()
             got = native(probe).logits.float()
     finally:

@@ -35,9 +35,10 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from .architectures import FfnLayout, get_ffn_layouts
-from .configuration_spri import SpriConfig
+from .configuration_spri import SpriConfig, record_base_model_class
 from .model_card import write_model_card
 from .parallel import add_expert_parallel_plans, check_distributed_config, writes_on_another_rank
 from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
@@ -376,6 +377,7 @@ class SpriPreTrainedModel(PreTrainedModel):
     _dense_auto_class = "AutoModel"
 
     def __init__(self, config: SpriConfig):
+        _check_vllm_can_run(config)
         super().__init__(config)
         dense_class = self._dense_class(config)
         # The experts live in this wrapper; the dense architecture has none and refuses an experts implementation.
@@ -512,6 +514,7 @@ class SpriPreTrainedModel(PreTrainedModel):
         The modeling and configuration code is saved next to the weights and `config.json` gets an `auto_map`, so the
         folder loads with `trust_remote_code=True` where spri_hf is not installed.
         """
+        record_base_model_class(self.config)
         if writes_on_another_rank(self):  # sharded by from_pretrained(distributed_config=...): every rank gathers
             kwargs["is_main_process"] = False
         if not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub", False):
@@ -646,6 +649,21 @@ class SpriPreTrainedModel(PreTrainedModel):
         return outputs
 
 
+def _check_vllm_can_run(config: SpriConfig):
+    """vLLM's Transformers backend (it sets the attention implementation to "vllm") replaces every experts module
+    whose parameters are all 3D by its fused MoE, which computes `down(silu(gate(x)) * up(x))`: refuse the stage-2
+    experts it would compute wrongly (another activation, ungated FFNs) rather than serve wrong text."""
+    if getattr(config, "_attn_implementation", None) != "vllm" or config.stage != 2:
+        return  # stage 1's shared base is 2D: vLLM leaves those experts to this file's eager forward
+    reason = config.fused_moe_unsupported_reason()
+    if reason is not None:
+        raise ValueError(
+            f"This SPRI checkpoint cannot run in vLLM's Transformers backend: {reason}. Serve its native export "
+            "instead (spri_hf.export_native / `spri-hf export-native`, for Llama, Mistral, Qwen2 and Qwen3 bases), or "
+            "run it with transformers."
+        )
+
+
 def _is_router_or_residual(name: str) -> bool:
     return ".router." in name or "_residual_a" in name or "_residual_b" in name
 
@@ -657,6 +675,7 @@ def _is_expert_parameter(name: str) -> bool:
 class SpriModel(SpriPreTrainedModel):
     """The upcycled backbone (no LM head): returns hidden states and, on request, router logits."""
 
+    @can_return_tuple  # return_dict=False (vLLM's Transformers backend passes it) gives a tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -689,6 +708,7 @@ class SpriForCausalLM(SpriPreTrainedModel, GenerationMixin):
     _dense_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
     _dense_auto_class = "AutoModelForCausalLM"
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -31,7 +31,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from . import initializers as spri_init
 from .architectures import get_ffn_layouts
-from .configuration_spri import SpriConfig
+from .configuration_spri import SpriConfig, record_base_model_class
 from .model_card import write_model_card
 from .persistence import PICKLE_SUFFIXES, replace_folder
 from .recipe import (
@@ -627,6 +627,7 @@ def _write_metadata(model, folder: str, staging: str, dtype: torch.dtype):
     config = model.config
     config.dtype = str(dtype).split(".")[1]
     config.architectures = [type(model).__name__]
+    record_base_model_class(config)  # AutoModel -> SpriModel, as save_pretrained writes it
     custom_object_save(model, staging, config=config)
     config.save_pretrained(staging)
     if model.can_generate() and os.path.isfile(os.path.join(folder, "generation_config.json")):

@@ -56,25 +56,28 @@ def engine_env(name: str, steps: list[list[str]], timeout: float = 3600) -> Path
     return venv
 
 
-def _check(name: str, command: list[str], timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
+def _check(
+    name: str, command: list[str], timeout: float, env=None, cwd=None, check=True
+) -> subprocess.CompletedProcess:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as error:
         raise EngineError(f"[{name}] {' '.join(command)} ran past {timeout:.0f} s") from error
-    if done.returncode != 0:
+    if check and done.returncode != 0:
         raise EngineError(f"[{name}] {' '.join(command)} exited {done.returncode}:\n{_tail(done.stdout + done.stderr)}")
     return done
 
 
 def run_in(venv: Path, name: str, args: list[str], timeout: float = 1800, env: dict | None = None,
-           cwd=None) -> subprocess.CompletedProcess:
+           cwd=None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python args...` in `venv` (tests never reach the network: HF_HUB_OFFLINE=1); raises EngineError naming
-    the engine (with its version, when the caller puts it in `name`) and the output tail on failure."""
+    the engine (with its version, when the caller puts it in `name`) and the output tail on failure, unless
+    `check=False` (a test that expects the failure reads the whole output)."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VIRTUAL_ENV=str(venv),
                     PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
     full_env.pop("PYTHONPATH", None)
     full_env.update(env or {})
-    return _check(name, [str(venv / "bin" / "python"), *args], timeout=timeout, env=full_env, cwd=cwd)
+    return _check(name, [str(venv / "bin" / "python"), *args], timeout=timeout, env=full_env, cwd=cwd, check=check)
 
 
 def installed_version(venv: Path, distribution: str) -> str:

@@ -103,6 +103,7 @@ def test_push_to_hub_then_load_with_and_without_spri_hf_and_push_again(hub, tmp_
     assert config["auto_map"] == {
         "AutoConfig": "configuration_spri.SpriConfig",
         "AutoModelForCausalLM": "modeling_spri.SpriForCausalLM",
+        "AutoModel": "modeling_spri.SpriModel",  # the backbone vLLM's Transformers backend builds
     }
     for name in SHIPPED_CODE:  # the uploaded code needs only torch and transformers (and its relative siblings)
         assert _third_party_imports(files[name].decode()) <= ALLOWED_IMPORTS, name

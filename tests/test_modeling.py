@@ -1,5 +1,7 @@
 """Upcycled models of every supported family: dense equivalence, stages, routing losses, save/load, generate."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
@@ -262,3 +264,61 @@ def test_config_round_trip_keeps_settings(tmp_path):
     config = SpriConfig.from_pretrained(tmp_path)
     assert config.spri_mode == "partition" and config.residual_scale == 0.5 and config.stage == 1
     assert config.base_config.model_type == "phi3" and config.residual_rank == model.config.residual_rank
+
+
+# ---- what engines that read the text config see (vLLM's Transformers backend, tests/test_engines_vllm.py) -----------
+@pytest.mark.parametrize(
+    "family, stage, reason",
+    [
+        ("llama", 2, None),
+        ("qwen3", 2, None),
+        ("phi3", 2, None),
+        ("llama", 1, "stage 1 keeps low-rank residual factors"),
+        ("gpt2", 2, "not gated"),
+        ("gemma2", 2, "'gelu_pytorch_tanh' activation"),
+        ("llama-bias", 2, "biases"),
+    ],
+)
+def test_decoder_config_is_its_own_text_config_and_says_what_a_fused_moe_cannot_run(family, stage, reason):
+    model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4).set_stage(stage)
+    config, base = model.config, model.config.base_config
+    assert config.get_text_config() is config
+    # the MoE fields next to the dense ones, read through from the base config
+    assert (config.num_experts, config.num_experts_per_tok) == (4, 2)
+    for name in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        assert getattr(config, name) == getattr(base, name), name
+    assert config.num_attention_heads == base.num_attention_heads
+    with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
+        config.not_a_field
+    got = config.fused_moe_unsupported_reason()
+    assert (got is None) if reason is None else (reason in got), got
+    # generation builds its cache from this text config
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_encoder_decoder_text_config_is_the_base_models():
+    from conftest import tiny
+    from spri_hf import SpriForSeq2SeqLM
+
+    config = SpriForSeq2SeqLM.from_dense(tiny("t5"), num_experts=4).config
+    assert config.get_text_config() is not config
+    assert "decoder-only" in config.fused_moe_unsupported_reason()
+    with pytest.raises(AttributeError):
+        config.d_model  # dense fields are read through only where the config is its own text config
+
+
+def test_saved_causal_lm_names_its_backbone_for_automodel_and_returns_tuples(tmp_path):
+    model = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4).set_stage(2).eval()
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_spri.SpriModel"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_spri.SpriForCausalLM"
+    backbone = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        hidden = backbone(ids, return_dict=False)  # as vLLM's Transformers backend calls it
+        assert isinstance(hidden, tuple)
+        torch.testing.assert_close(hidden[0], model.model.model(ids).last_hidden_state)
+        logits = model(ids, return_dict=False)
+        assert isinstance(logits, tuple) and torch.equal(logits[0], model(ids).logits)
