@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 _CONSOLE_SCRIPT = _os.path.basename(_sys.argv[0]) == "spri-hf" if _sys.argv else False
 
 if not _CONSOLE_SCRIPT:
+    from . import api
     from .api import *  # noqa: F403
-    from .api import __all__  # noqa: F401
+
+    __all__ = api.__all__
 else:
 
     def __getattr__(name: str):
