@@ -460,6 +460,16 @@ def svd_worker_count(svd_device=None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _single_threaded_worker():
     # each worker's LAPACK / BLAS calls use one thread (threaded eigh spins badly on shared cores); with OpenMP this
     # is per thread, so the caller's own thread count is untouched
@@ -627,10 +637,12 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
     layouts = get_ffn_layouts(config.base_config)
     if config.init == "spri":
         getter = _ffn_getter(source, layouts)
-        config.residual_rank = max(
-            residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
-            for stack in config.upcycled_stacks()
-        )
+        # single-threaded as the upcycling workers are: the same singular values, so the same principal ranks
+        with _threads(1):
+            config.residual_rank = max(
+                residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
+                for stack in config.upcycled_stacks()
+            )
     with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
         model = spri_class(config)
     model.tie_weights()
