@@ -556,16 +556,21 @@ def _after(pool: ThreadPoolExecutor, parts: dict[str, Future], assemble: Callabl
             if left[0]:
                 return
         failed = next((part for part in parts.values() if part.cancelled() or part.exception() is not None), None)
+        decomposed = {proj: part.result() for proj, part in parts.items()} if failed is None else None
+        # the parts' callbacks refer to `parts`: emptied, no reference cycle keeps a layer's float64 work alive
+        # until the garbage collector happens to run
+        parts.clear()
         if failed is not None:
             forward(failed)
             return
         try:
-            pool.submit(assemble, {proj: part.result() for proj, part in parts.items()}).add_done_callback(forward)
+            pool.submit(assemble, decomposed).add_done_callback(forward)
         except RuntimeError as err:  # the pool is shutting down (an error elsewhere)
             result.set_exception(err)
+        del decomposed
 
     result.set_running_or_notify_cancel()
-    for part in parts.values():
+    for part in list(parts.values()):  # a part already done runs `part_done` here, and the last one empties `parts`
         part.add_done_callback(part_done)
     return result
 
