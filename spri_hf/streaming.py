@@ -30,6 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.initialization import no_init_weights
 from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -284,7 +285,7 @@ class CheckpointSource:
         self.folder = folder
         self.reader = SafetensorsReader(folder)
         auto_class = getattr(transformers, spri_class._dense_auto_class)
-        with torch.device("meta"):
+        with torch.device("meta"), no_init_weights():
             dense = auto_class.from_config(config)
         self.dense = dense
         self.root = dense_root_of(spri_class, dense)
@@ -648,7 +649,8 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
                 residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
                 for stack in config.upcycled_stacks()
             )
-    with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
+    # on meta the weight initialisation computes nothing but costs a second of decompositions: skipped
+    with torch.no_grad(), default_dtype(dtype), torch.device("meta"), no_init_weights():
         model = spri_class(config)
     model.tie_weights()
     return model, layouts
