@@ -482,8 +482,8 @@ def _upcycled_layers(spri_model, source, layouts, dtype, *, show_progress, svd_m
 
     Each matrix's SVD and shared base (`recipe.decompose`) is one task, and once a layer's are done its assembly
     (the random draws, factors, casts: `upcycle_layer`) is another, so the SVDs of a layer and of the next layers run
-    at once. At most `workers + 1` layers are in flight (read, decomposed or waiting to be written): memory stays a
-    few layers' float64 work. Every task runs single-threaded and the random draws of a layer happen in one task in a
+    at once. At most enough layers to keep every worker busy are in flight, plus one (two with two workers and three
+    matrices a layer): memory stays a few layers' float64 work. Every task runs single-threaded and the random draws of a layer happen in one task in a
     fixed order, so the tensors are bit-identical whatever the number of workers.
     """
     config = spri_model.config
@@ -526,8 +526,10 @@ def _upcycled_layers(spri_model, source, layouts, dtype, *, show_progress, svd_m
                 else:
                     layer = pool.submit(assemble, stack, idx, matrices, biases, None)
                 in_flight.append((module_name(spri_model.model, block), layer))
+                # enough layers to keep every worker busy, plus the one being assembled and written
+                limit = -(-workers // (len(matrices) if per_matrix else 1)) + 1
                 del matrices, biases
-                while in_flight and (len(in_flight) > workers or position == len(sites) - 1):
+                while in_flight and (len(in_flight) >= limit or position == len(sites) - 1):
                     block_name, layer = in_flight.popleft()
                     tensors = layer.result()
                     progress.update()
