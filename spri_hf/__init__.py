@@ -2,77 +2,34 @@
 
 Importing the package registers `model_type="spri"` with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
 `AutoModelForSeq2SeqLM`, `AutoModelForSpeechSeq2Seq`, `AutoModelForSequenceClassification` and `AutoModelForMaskedLM`.
+The public names live in `spri_hf/api.py`; this file re-exports them.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForSpeechSeq2Seq,
-)
-
-from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
-from .callbacks import SpriMonitorCallback, add_spri_monitor
-from .configuration_spri import SpriConfig
-from .export import export_native, fold_to_dense
-from .initializers import thin_svd
-from .integrations import SpriHubCallback, install_trainer_model_card_hook
-from .modeling_spri import (
-    SpriForCausalLM,
-    SpriForMaskedLM,
-    SpriForSeq2SeqLM,
-    SpriForSequenceClassification,
-    SpriForSpeechSeq2Seq,
-    SpriModel,
-    SpriMoeBlock,
-    SpriPreTrainedModel,
-)
-from .streaming import upcycle_checkpoint
-from .trainer import (
-    SpriSeq2SeqTrainer,
-    SpriSeq2SeqTrainingArguments,
-    SpriTrainer,
-    SpriTrainingArguments,
-)
+import os as _os
+import sys as _sys
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register("spri", SpriConfig, exist_ok=True)
-AutoModel.register(SpriConfig, SpriModel, exist_ok=True)
-AutoModelForCausalLM.register(SpriConfig, SpriForCausalLM, exist_ok=True)
-AutoModelForSeq2SeqLM.register(SpriConfig, SpriForSeq2SeqLM, exist_ok=True)
-AutoModelForSpeechSeq2Seq.register(SpriConfig, SpriForSpeechSeq2Seq, exist_ok=True)
-AutoModelForSequenceClassification.register(SpriConfig, SpriForSequenceClassification, exist_ok=True)
-AutoModelForMaskedLM.register(SpriConfig, SpriForMaskedLM, exist_ok=True)
-install_trainer_model_card_hook()
+# The `spri-hf` console script parses its arguments before it imports torch and transformers, so that `--help` and
+# argument errors answer at once; once it knows the command it imports what that command needs (`spri_hf.cli`).
+# Every other `import spri_hf` imports and registers everything right here.
+_CONSOLE_SCRIPT = _os.path.basename(_sys.argv[0]) == "spri-hf" if _sys.argv else False
 
-__all__ = [
-    "FFN_LAYOUTS",
-    "FfnLayout",
-    "SpriConfig",
-    "SpriForCausalLM",
-    "SpriForMaskedLM",
-    "SpriForSeq2SeqLM",
-    "SpriForSequenceClassification",
-    "SpriForSpeechSeq2Seq",
-    "SpriHubCallback",
-    "SpriModel",
-    "SpriMoeBlock",
-    "SpriMonitorCallback",
-    "SpriPreTrainedModel",
-    "SpriSeq2SeqTrainer",
-    "SpriSeq2SeqTrainingArguments",
-    "SpriTrainer",
-    "SpriTrainingArguments",
-    "add_spri_monitor",
-    "export_native",
-    "fold_to_dense",
-    "get_ffn_layout",
-    "get_ffn_layouts",
-    "thin_svd",
-    "upcycle_checkpoint",
-]
+if not _CONSOLE_SCRIPT:
+    from . import api
+    from .api import *  # noqa: F403
+
+    __all__ = api.__all__
+else:
+
+    def __getattr__(name: str):
+        """The public names on first use (the console script's process, after its arguments were parsed)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from . import api
+
+        try:
+            return getattr(api, name)
+        except AttributeError:
+            raise AttributeError(f"module 'spri_hf' has no attribute {name!r}") from None

@@ -1,4 +1,8 @@
-"""`spri-hf`: upcycle, inspect and demo from the command line."""
+"""`spri-hf`: upcycle, inspect and demo from the command line.
+
+The arguments are parsed before torch and transformers are imported (the flags come from `cli_flags`, which reads
+them without importing either), so `--help` and argument errors answer at once; each command imports what it needs.
+"""
 
 import argparse
 import logging as logging_module
@@ -7,12 +11,7 @@ import shlex
 import sys
 import time
 
-import torch
-
-from .resources import ResourceShortfall
-from .training_cli import TASKS, UPCYCLING_FLAGS, parse_layers, task_for, upcycling_fields
-from .persistence import refuse_pickle_only
-from .utils import atomic_save, is_occupied
+from .cli_flags import TASKS, UPCYCLING_FLAGS, parse_layers, upcycling_flag_specs
 
 
 def _layers_arg(text: str) -> list[int]:
@@ -25,13 +24,23 @@ def _layers_arg(text: str) -> list[int]:
 def _add_settings(parser: argparse.ArgumentParser):
     """The upcycling flags, with SpriConfig's defaults and help (the same ones `spri-hf train` generates)."""
     group = parser.add_argument_group("SPRI settings (see SpriConfig)")
-    for name, flag_type, spec in upcycling_fields():
+    for name, flag_type, default, help_text in upcycling_flag_specs():
         flag = "--" + name.replace("_", "-")
         if name == "norm_topk_prob":
-            group.add_argument("--no-norm-topk-prob", dest=name, action="store_false", help="do not " + spec.metadata["help"])
+            group.add_argument("--no-norm-topk-prob", dest=name, action="store_false", help="do not " + help_text)
             continue
         parse = _layers_arg if name == "moe_layers" else getattr(flag_type, "__args__", (flag_type,))[0]
-        group.add_argument(flag, type=parse, default=spec.default, help=spec.metadata["help"])
+        group.add_argument(flag, type=parse, default=default, help=help_text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _spri_checkpoint_class(path):
@@ -46,16 +55,30 @@ def _spri_checkpoint_class(path):
     return spri_class
 
 
+def _show_progress(args) -> bool:
+    """The progress bar (layers, rate, ETA) goes to stderr when it is a terminal, unless --no-progress."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def cmd_upcycle(args) -> int:
+    import torch
     import transformers
     from transformers import AutoConfig
 
     from . import modeling_spri
-    from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
+    from .initializers import check_device
+    from .persistence import refuse_pickle_only
     from .recipe import dequantized_config, make_config
+    from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
+    from .training_cli import task_for
+    from .utils import atomic_save, is_occupied
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
-    svd = {"svd_method": args.svd_method, "svd_device": args.svd_device, "check_resources": not args.no_resource_check}
+    svd = {
+        "svd_method": args.svd_method, "svd_device": check_device(args.svd_device, "--svd-device"),
+        "svd_workers": args.svd_workers, "check_resources": not args.no_resource_check,
+    }  # fmt: skip
+    progress = _show_progress(args)
     out_dir = os.path.abspath(args.out)
     if is_occupied(out_dir) and not args.overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
@@ -72,7 +95,7 @@ def cmd_upcycle(args) -> int:
         # safetensors: streamed tensor by tensor and layer by layer, written shard by shard
         upcycle_checkpoint(
             src, out_dir, spri_class=spri_class, dtype=args.dtype, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size, show_progress=True, **svd, **settings,
+            max_shard_size=args.max_shard_size, show_progress=progress, **svd, **settings,
         )
         config = spri_class.config_class.from_pretrained(out_dir)
         print(
@@ -91,7 +114,7 @@ def cmd_upcycle(args) -> int:
             refuse_pickle_only(src, fix="pass --allow-pickle")
     dense = dense_class.from_pretrained(src, **load_kwargs)
     loaded = time.perf_counter()
-    model = spri_class.from_dense(dense, show_progress=True, **svd, **settings)
+    model = spri_class.from_dense(dense, show_progress=progress, **svd, **settings)
     upcycled = time.perf_counter()
     del dense
     atomic_save(model, out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
@@ -110,6 +133,7 @@ def cmd_export_native(args) -> int:
     from . import SpriForCausalLM
     from .export import export_native, native_format_for
     from .modeling_spri import SpriConfig
+    from .utils import is_occupied
 
     out_dir = os.path.abspath(args.out)
     if is_occupied(out_dir) and not args.overwrite:
@@ -203,7 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--svd-method", default="auto", choices=["auto", "gram", "full"],
         help="auto/gram: eigh of the smaller Gram matrix in float64 (fast, exact); full: torch.linalg.svd",
     )
-    upcycle.add_argument("--svd-device", default=None, help="run the SVDs there, e.g. cuda (default: cpu)")
+    upcycle.add_argument(
+        "--svd-device", default=None, help="run the SVDs there, each layer's as one batch, e.g. cuda (default: cpu)"
+    )
+    upcycle.add_argument(
+        "--svd-workers", type=_positive_int, default=None,
+        help="SVDs computed at once on the CPU, each single-threaded (default: the cores this process may use); "
+        "the output is bit-identical whatever the number",
+    )
+    upcycle.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bar (it is shown on stderr, with an ETA, only when stderr is a terminal)",
+    )
     upcycle.add_argument(
         "--no-resource-check", action="store_true",
         help="upcycle even when the memory / disk estimate says it will not fit",
@@ -244,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_for(command: str):
+    """What a command needs of the package beyond its own imports: the Auto-class registration (so SPRI checkpoints
+    load by `model_type`), and for training the whole public API (the Trainer card hook)."""
+    if command in ("train", "demo"):
+        from . import api  # noqa: F401
+    else:
+        from .registration import register_auto_classes
+
+        register_auto_classes()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # spri_hf's INFO messages (the memory / disk estimate before upcycling) go to stderr on the command line
@@ -253,9 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging_module.INFO)
     try:
+        _load_for(args.command)
         return args.func(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:
-        message = err.with_override("--no-resource-check") if isinstance(err, ResourceShortfall) else str(err)
+        resources = sys.modules.get("spri_hf.resources")  # a resource shortfall comes from there, once it is imported
+        shortfall = resources is not None and isinstance(err, resources.ResourceShortfall)
+        message = err.with_override("--no-resource-check") if shortfall else str(err)
         print(f"spri-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -64,6 +64,63 @@ def thin_svd(
         right = scaled / torch.where(s > 0, s, torch.ones_like(s))[:, None]  # V_a^T; zero rows where s == 0
         u, vh = (right.T, left.T) if transpose else (left, right)
     return u.to(weight.device), s.to(weight.device), vh.to(weight.device)
+def thin_svds(
+    weights: list[torch.Tensor], method: str = "auto", device: torch.device | str | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`thin_svd` of each of `weights`. On an accelerator the matrices whose Gram matrices have one size (a gated
+    FFN's gate, up and down all do) are solved as one batch there; on the CPU one after another, as `thin_svd`.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd_method={method!r} is not supported; choose one of {SVD_METHODS}.")
+    target = torch.device(device) if device is not None else (weights[0].device if weights else torch.device("cpu"))
+    if target.type == "cpu" or len(weights) < 2:
+        return [thin_svd(weight, method, device) for weight in weights]
+    results = [None] * len(weights)
+    batches = {}  # the oriented shape (p, q), p <= q -> indices
+    for i, weight in enumerate(weights):
+        batches.setdefault(tuple(sorted(weight.shape)), []).append(i)
+    for indices in batches.values():
+        oriented = [weights[i].detach().to(device=target, dtype=torch.float64) for i in indices]
+        oriented = torch.stack([w.T if w.shape[0] > w.shape[1] else w for w in oriented])
+        left, s, right = _batched_svd(oriented, method)
+        for j, i in enumerate(indices):
+            home = weights[i].device
+            u, vh = (right[j].T, left[j].T) if weights[i].shape[0] > weights[i].shape[1] else (left[j], right[j])
+            results[i] = (u.to(home), s[j].to(home), vh.to(home))
+    return results
+
+
+def _batched_svd(a: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(U, s, Vh)` of a batch `a` (B, p, q), p <= q, float64: `thin_svd`'s algorithm with a batch dimension."""
+    if method == "full":
+        return torch.linalg.svd(a, full_matrices=False)
+    _, eigenvectors = torch.linalg.eigh(a @ a.mT)
+    scaled = eigenvectors.mT @ a
+    s, order = scaled.norm(dim=-1).sort(dim=-1, descending=True)
+    left = eigenvectors.gather(-1, order[:, None, :].expand_as(eigenvectors))
+    scaled = scaled.gather(-2, order[:, :, None].expand_as(scaled))
+    right = scaled / torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    return left, s, right
+
+
+def check_device(device: torch.device | str | None, setting: str = "svd_device") -> torch.device | None:
+    """`device` as a `torch.device`, or a `ValueError` naming it when it is unknown or not available here."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError("the meta device holds no values")
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:  # unknown name, no such device, torch built without it
+        reason = str(err).splitlines()[0].split(". ")[0]
+        raise ValueError(
+            f"{setting}={str(device)!r} is not available on this machine ({reason}); leave it unset to compute the "
+            "SVDs on the CPU."
+        ) from None
+    return device
+
+
 INITS = ("spri", "copy", "noise", "drop", "random")
 
 
@@ -145,17 +202,47 @@ def spri_residual_factors(
     `factor_a` (N, k, n) such that `factor_b[i] @ factor_a[i] = c * R_i`. Groups smaller than `k` are zero padded;
     zero rows/columns receive zero gradients, so padding never changes training.
     """
+    svd = svd if svd is not None else thin_svd(weight)
+    shared = spri_shared(weight, svd, principal=principal, shared_coef=shared_coef)
+    factor_b, factor_a = spri_factors(
+        svd, num_experts, principal=principal, expert_coef=expert_coef, partition=partition,
+        rank_per_expert=rank_per_expert, generator=generator,
+    )  # fmt: skip
+    return shared, factor_b, factor_a
+
+
+def spri_shared(
+    weight: torch.Tensor, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, principal: int, shared_coef: float
+) -> torch.Tensor:
+    """The shared base `S = P + b * R` of one matrix (the heavy, random-free half of `spri_residual_factors`)."""
     w = weight.detach().to(torch.float64)
-    u, s, vh = svd if svd is not None else thin_svd(w)
+    if shared_coef == 1.0:  # S = W whatever P is
+        return w.clone() if w is weight else w
+    u, s, vh = svd
+    principal_part = (u[:, :principal] * s[:principal]) @ vh[:principal]
+    # P + b (W - P), one pass over the matrix instead of two temporaries
+    return principal_part.mul_(1.0 - shared_coef).add_(w, alpha=shared_coef)
+
+
+def spri_factors(
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    num_experts: int,
+    *,
+    principal: int,
+    expert_coef: float,
+    partition: str = "interleaved",
+    rank_per_expert: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(factor_b, factor_a)` of `spri_residual_factors`: the residual groups (the only random draw) as factors."""
+    u, s, vh = svd
     q = s.numel()
     groups = partition_residual(q, principal, num_experts, partition, generator)
     k = rank_per_expert if rank_per_expert is not None else residual_rank_per_expert(q - principal, num_experts)
     k = max(k, 1)
-    principal_part = (u[:, :principal] * s[:principal]) @ vh[:principal]
-    shared = principal_part + shared_coef * (w - principal_part)
-    m, n = w.shape
-    factor_b = w.new_zeros(num_experts, m, k)
-    factor_a = w.new_zeros(num_experts, k, n)
+    m, n = u.shape[0], vh.shape[1]
+    factor_b = u.new_zeros(num_experts, m, k)
+    factor_a = u.new_zeros(num_experts, k, n)
     # c * U diag(s) V^T = (sign(c) U sqrt(|c| s)) (sqrt(|c| s) V^T); with c == 0 keep A = sqrt(s) V^T and B = 0 so
     # the factors can still learn (as LoRA starts from B = 0).
     sign = -1.0 if expert_coef < 0 else 1.0
@@ -169,7 +256,7 @@ def spri_residual_factors(
         else:
             factor_b[i, :, :g] = sign * u[:, group] * root
             factor_a[i, :g] = root[:, None] * vh[group]
-    return shared, factor_b, factor_a
+    return factor_b, factor_a
 
 
 def materialize_experts(shared: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ other's internals.
 from contextlib import contextmanager
 import copy
 import os
+from typing import NamedTuple
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -200,6 +201,25 @@ def residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrice
     return max(largest, 1)
 
 
+class Decomposed(NamedTuple):
+    """One FFN matrix's SVD and what SPRI makes of it before any random draw (see `decompose`)."""
+
+    svd: tuple
+    principal: int
+    shared: torch.Tensor
+
+
+def decompose(config: SpriConfig, weight: torch.Tensor, svd: tuple) -> Decomposed:
+    """The random-free, heavy part of SPRI for one matrix: its principal rank and shared base `S = P + b R`.
+
+    Layers' matrices can be decomposed in any order and on any thread; `upcycle_layer` then draws the layer's random
+    stream in its fixed order, so the result does not depend on how the work was scheduled.
+    """
+    shared_coef, _ = spri_init.spri_coefficients(config.num_experts, config.spri_mode, config.diversity, config.residual_scale)
+    principal = principal_of(config, svd[1])
+    return Decomposed(svd, principal, spri_init.spri_shared(weight, svd, principal=principal, shared_coef=shared_coef))
+
+
 def upcycle_layer(
     config: SpriConfig,
     layout: FfnLayout,
@@ -210,12 +230,15 @@ def upcycle_layer(
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
     out_dtype: torch.dtype | None = None,
+    decomposed: dict | None = None,
 ) -> dict:
     """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block.
 
     Computed in float64; with `out_dtype` each projection's experts are cast as soon as they are made (the streaming
     upcycler keeps one layer's float64 work at a time this way). `layer_key` seeds the layer's random stream (the
-    layer index; encoder layers are offset).
+    layer index; encoder layers are offset). `decomposed` (`{projection: decompose(...)}`) gives the SVDs made
+    elsewhere (the streaming upcycler's workers); without it the layer's SVDs are made here, as one batch on an
+    accelerator `svd_device`.
     """
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
@@ -229,23 +252,19 @@ def upcycle_layer(
     prefix = "gate_up" if layout.gated else "up"
 
     if config.init == "spri":
-        shared_coef, expert_coef = spri_init.spri_coefficients(
-            num_experts, config.spri_mode, config.diversity, config.residual_scale
-        )
+        _, expert_coef = spri_init.spri_coefficients(num_experts, config.spri_mode, config.diversity, config.residual_scale)
+        if decomposed is None:
+            svds = spri_init.thin_svds(list(matrices.values()), svd_method, svd_device)
+            decomposed = {proj: decompose(config, w, svd) for (proj, w), svd in zip(matrices.items(), svds)}
         factors = {}
-        for proj, weight in matrices.items():
-            svd = spri_init.thin_svd(weight, svd_method, svd_device)
-            factors[proj] = spri_init.spri_residual_factors(
-                weight,
-                num_experts,
-                principal=principal_of(config, svd[1]),
-                shared_coef=shared_coef,
-                expert_coef=expert_coef,
-                partition=config.partition,
-                rank_per_expert=config.residual_rank,
-                generator=generator,
-                svd=svd,
-            )
+        for proj in matrices:  # the random partition draws in this fixed order
+            svd, principal, shared = decomposed[proj]
+            factor_b, factor_a = spri_init.spri_factors(
+                svd, num_experts, principal=principal, expert_coef=expert_coef, partition=config.partition,
+                rank_per_expert=config.residual_rank, generator=generator,
+            )  # fmt: skip
+            factors[proj] = (shared, factor_b, factor_a)
+        del decomposed
         if config.stage == 1:
             tensors[f"experts.{prefix}_shared"] = torch.cat([factors[p][0] for p in up_names], dim=0)
             tensors[f"experts.{prefix}_residual_b"] = torch.cat([factors[p][1] for p in up_names], dim=1)

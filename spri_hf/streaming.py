@@ -9,15 +9,19 @@ The output is exactly what `from_dense` + `save_pretrained` would give (same ten
 model card); `tests/test_streaming.py` checks that bit for bit.
 """
 
+import collections
 import contextlib
 import copy
+import functools
 import json
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -26,6 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.initialization import no_init_weights
 from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -38,6 +43,7 @@ from .recipe import (
     default_dtype,
     dense_root_of,
     dense_to_spri_names,
+    decompose,
     dequantized_config,
     generator_key,
     make_config,
@@ -251,10 +257,14 @@ def _checkpoint_names(dense, checkpoint_keys) -> dict[str, str]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
+    meta_state = dense.state_dict()
+    if set(checkpoint_keys) <= set(meta_state):
+        # every key already names a tensor of the model (what save_pretrained writes): nothing to rename, and
+        # building transformers' conversion mapping (a thousand regexes) is skipped
+        return {key: key for key in checkpoint_keys}
     transforms = get_model_conversion_mapping(dense)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    meta_state = dense.state_dict()
     names = {}
     for key in checkpoint_keys:
         name, converted = rename_source_key(key, renamings, converters, dense.base_model_prefix, meta_state)
@@ -275,7 +285,7 @@ class CheckpointSource:
         self.folder = folder
         self.reader = SafetensorsReader(folder)
         auto_class = getattr(transformers, spri_class._dense_auto_class)
-        with torch.device("meta"):
+        with torch.device("meta"), no_init_weights():
             dense = auto_class.from_config(config)
         self.dense = dense
         self.root = dense_root_of(spri_class, dense)
@@ -419,6 +429,7 @@ def stream_tensors(
     show_progress: bool = False,
     svd_method: str = "auto",
     svd_device=None,
+    svd_workers: int | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name in spri_model.model, tensor)` for every tensor of the SPRI inner model: non-FFN first, then the
     MoE blocks layer by layer. A tied tensor is read once (from whichever of its names the checkpoint has) and
@@ -434,22 +445,137 @@ def stream_tensors(
         del tensor
 
     blocks = dict(_block_names(spri_model))
-    sites = spri_model.moe_sites()
-    for stack, idx, block in logging.tqdm(sites, desc="Upcycling FFN layers", disable=not show_progress):
+    for block_name, tensors in _upcycled_layers(
+        spri_model, source, layouts, dtype, show_progress=show_progress, svd_method=svd_method, svd_device=svd_device,
+        svd_workers=svd_workers,
+    ):  # fmt: skip
+        for name in blocks[block_name]:
+            yield f"{block_name}.{name}", tensors.pop(name)
+        del tensors
+
+
+def svd_worker_count(svd_device=None) -> int:
+    """Worker threads for the FFN layers' SVDs: the cores this process may run on (one accelerator needs one)."""
+    if svd_device is not None and torch.device(svd_device).type != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _single_threaded_worker():
+    # each worker's LAPACK / BLAS calls use one thread (threaded eigh spins badly on shared cores); with OpenMP this
+    # is per thread, so the caller's own thread count is untouched
+    torch.set_num_threads(1)
+
+
+def _upcycled_layers(spri_model, source, layouts, dtype, *, show_progress, svd_method, svd_device, svd_workers):
+    """`(block name, tensors)` of every MoE block, in the model's order, computed on a pool of single-threaded workers.
+
+    Each matrix's SVD and shared base (`recipe.decompose`) is one task, and once a layer's are done its assembly
+    (the random draws, factors, casts: `upcycle_layer`) is another, so the SVDs of a layer and of the next layers run
+    at once. At most enough layers to keep every worker busy are in flight, plus one (two with two workers and three
+    matrices a layer): memory stays a few layers' float64 work. Every task runs single-threaded and the random draws of a layer happen in one task in a
+    fixed order, so the tensors are bit-identical whatever the number of workers.
+    """
+    config = spri_model.config
+    sites = list(spri_model.moe_sites())
+    workers = svd_workers if svd_workers is not None else svd_worker_count(svd_device)
+    if workers < 1:
+        raise ValueError(f"svd_workers={workers} must be at least 1.")
+    on_accelerator = svd_device is not None and torch.device(svd_device).type != "cpu"
+    on_accelerator = on_accelerator or source.device.type != "cpu"
+    per_matrix = config.init == "spri" and not on_accelerator  # an accelerator takes a layer's SVDs as one batch
+
+    def decompose_one(weight):
+        return decompose(config, weight, spri_init.thin_svd(weight, svd_method, svd_device))
+
+    def assemble(stack, idx, matrices, biases, decomposed):
+        return upcycle_layer(
+            config, layouts[stack], generator_key(stack, idx), matrices, biases, svd_method=svd_method,
+            svd_device=svd_device, out_dtype=dtype, decomposed=decomposed,
+        )  # fmt: skip
+
+    def read(stack, idx):
         layout = layouts[stack]
         owner = layout.ffn_owner(layout.layers(source.root)[idx])
         source.load_module(owner, module_name(source.root, owner), None)
         try:
-            tensors = upcycle_layer(
-                config, layout, generator_key(stack, idx), *layout.ffn_weights(owner),
-                svd_method=svd_method, svd_device=svd_device, out_dtype=dtype,
-            )
+            matrices, biases = layout.ffn_weights(owner)
+            return {proj: w.detach() for proj, w in matrices.items()}, {proj: b.detach() for proj, b in biases.items()}
         finally:
-            source.unload_module(owner)
-        block_name = module_name(spri_model.model, block)
-        for name in blocks[block_name]:
-            yield f"{block_name}.{name}", tensors.pop(name)
-        del tensors
+            source.unload_module(owner)  # the tensors read stay alive in `matrices` / `biases`
+
+    progress = logging.tqdm(total=len(sites), desc="Upcycling FFN layers", unit="layer", disable=not show_progress)
+    in_flight = collections.deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="spri-upcycle", initializer=_single_threaded_worker) as pool:
+        try:
+            for position, (stack, idx, block) in enumerate(sites):
+                matrices, biases = read(stack, idx)
+                if per_matrix:
+                    parts = {proj: pool.submit(decompose_one, w) for proj, w in matrices.items()}
+                    layer = _after(pool, parts, functools.partial(assemble, stack, idx, matrices, biases))
+                else:
+                    layer = pool.submit(assemble, stack, idx, matrices, biases, None)
+                in_flight.append((module_name(spri_model.model, block), layer))
+                # enough layers to keep every worker busy, plus the one being assembled and written
+                limit = -(-workers // (len(matrices) if per_matrix else 1)) + 1
+                del matrices, biases
+                while in_flight and (len(in_flight) >= limit or position == len(sites) - 1):
+                    block_name, layer = in_flight.popleft()
+                    tensors = layer.result()
+                    progress.update()
+                    yield block_name, tensors
+                    del tensors
+        finally:  # done, an error, or an abandoned generator: drop what has not started
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.close()
+
+
+def _after(pool: ThreadPoolExecutor, parts: dict[str, Future], assemble: Callable) -> Future:
+    """A future of `assemble(decomposed)`, submitted to `pool` when every future in `parts` is done (no worker waits
+    on another)."""
+    result, lock, left = Future(), threading.Lock(), [len(parts)]
+
+    def forward(done: Future):
+        if done.cancelled():
+            result.set_exception(CancelledError())
+        elif done.exception() is not None:
+            result.set_exception(done.exception())
+        else:
+            result.set_result(done.result())
+
+    def part_done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        failed = next((part for part in parts.values() if part.cancelled() or part.exception() is not None), None)
+        decomposed = {proj: part.result() for proj, part in parts.items()} if failed is None else None
+        # the parts' callbacks refer to `parts`: emptied, no reference cycle keeps a layer's float64 work alive
+        # until the garbage collector happens to run
+        parts.clear()
+        if failed is not None:
+            forward(failed)
+            return
+        try:
+            pool.submit(assemble, decomposed).add_done_callback(forward)
+        except RuntimeError as err:  # the pool is shutting down (an error elsewhere)
+            result.set_exception(err)
+        del decomposed
+
+    result.set_running_or_notify_cancel()
+    for part in list(parts.values()):  # a part already done runs `part_done` here, and the last one empties `parts`
+        part.add_done_callback(part_done)
+    return result
 
 
 def _ffn_getter(source, layouts: dict) -> Callable:
@@ -519,11 +645,14 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
     layouts = get_ffn_layouts(config.base_config)
     if config.init == "spri":
         getter = _ffn_getter(source, layouts)
-        config.residual_rank = max(
-            residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
-            for stack in config.upcycled_stacks()
-        )
-    with torch.no_grad(), default_dtype(dtype), torch.device("meta"):
+        # single-threaded as the upcycling workers are: the same singular values, so the same principal ranks
+        with _threads(1):
+            config.residual_rank = max(
+                residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
+                for stack in config.upcycled_stacks()
+            )
+    # on meta the weight initialisation computes nothing but costs a second of decompositions: skipped
+    with torch.no_grad(), default_dtype(dtype), torch.device("meta"), no_init_weights():
         model = spri_class(config)
     model.tie_weights()
     return model, layouts
@@ -540,6 +669,7 @@ def upcycle_checkpoint(
     show_progress: bool = False,
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
+    svd_workers: int | None = None,
     check_resources: bool = True,
     **settings,
 ) -> str:
@@ -553,6 +683,9 @@ def upcycle_checkpoint(
         spri_class: the SPRI class to build (default `SpriForCausalLM`; `SpriForSeq2SeqLM`, ... for other heads).
         dtype: of the written tensors (default: the dense checkpoint's); the SVD itself runs in float64.
         max_shard_size: largest weights file, e.g. "2GB" (an index file is written when there are several).
+        svd_device: compute the SVDs there, a layer's as one batch (e.g. "cuda"; default: the CPU).
+        svd_workers: threads computing SVDs at once, each single-threaded (default: the cores this process may use);
+            the checkpoint is bit-identical whatever the number.
         check_resources: print (log at INFO) the memory and disk the run needs and raise `MemoryError` / `OSError`
             before writing anything when they are not available; `False` tries anyway.
         **settings: any `SpriConfig` field, as for `from_dense`.
@@ -561,6 +694,7 @@ def upcycle_checkpoint(
         spri_class = MODEL_FOR_CAUSAL_LM_MAPPING[SpriConfig]
     if svd_method not in spri_init.SVD_METHODS:
         raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
+    svd_device = spri_init.check_device(svd_device)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use float32, bfloat16 or float16.")
@@ -576,7 +710,7 @@ def upcycle_checkpoint(
         logger.warning(f"{folder} cannot be streamed ({reason}); loading the dense model whole instead.")
         from .utils import atomic_save
 
-        svd = {"svd_method": svd_method, "svd_device": svd_device, "show_progress": show_progress}
+        svd = {"svd_method": svd_method, "svd_device": svd_device, "svd_workers": svd_workers, "show_progress": show_progress}
         dense = getattr(transformers, spri_class._dense_auto_class).from_pretrained(folder, dtype=dtype or "auto")
         model = spri_class.from_dense(dense, check_resources=check_resources, **svd, **settings)
         atomic_save(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -590,7 +724,8 @@ def upcycle_checkpoint(
             tied = {name.removeprefix("model.") for name in model.all_tied_weights_keys}
             inner_params = model.model.state_dict(keep_vars=True)
             produced = stream_tensors(
-                model, source, layouts, dtype, show_progress=show_progress, svd_method=svd_method, svd_device=svd_device
+                model, source, layouts, dtype, show_progress=show_progress, svd_method=svd_method, svd_device=svd_device,
+                svd_workers=svd_workers,
             )
             first = _plan_order(model, source, layouts, tied)
             plan = [(f"model.{name}", tuple(inner_params[name].shape), _out_dtype(inner_params[name], dtype)) for name in first]

@@ -10,41 +10,12 @@ is checked before anything is written.
 import dataclasses
 import math
 import os
-import re
 import sys
-import types
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .cli_flags import MOE_LAYERS_HELP, TASKS, UPCYCLING_FLAGS, config_help, flag_type, parse_layers
 from .configuration_spri import SpriConfig
-
-
-# The SpriConfig fields `spri-hf upcycle` and `spri-hf train` take as flags (in this order).
-UPCYCLING_FLAGS = (
-    "num_experts", "num_experts_per_tok", "init", "principal_ratio", "principal_energy", "partition", "spri_mode",
-    "diversity", "residual_scale", "noise_std", "drop_ratio", "moe_layers", "shared_expert", "router_aux_loss_coef",
-    "router_z_loss_coef", "norm_topk_prob", "stage", "seed",
-)  # fmt: skip
-
-
-def _config_help() -> dict[str, str]:
-    """Each field's description from SpriConfig's "Args:" docstring, on one line."""
-    helps = {}
-    pattern = re.compile(r"^ {8}(\w+) \(.*?\):\n((?: {12}.*\n?)+)", re.MULTILINE)
-    for name, text in pattern.findall(SpriConfig.__doc__):
-        helps[name] = " ".join(line.strip() for line in text.splitlines())
-    return helps
-
-
-def _flag_type(annotation):
-    """The one type a flag parses: `float | int` -> float, `X | None` -> Optional[X]."""
-    members = set(annotation.__args__) if isinstance(annotation, types.UnionType) else {annotation}
-    optional = type(None) in members
-    members.discard(type(None))
-    for candidate in (float, int, bool, str):
-        if candidate in members:
-            return Optional[candidate] if optional else candidate
-    return Optional[str]  # lists and dicts (moe_layers): a comma-separated string
 
 
 # `spri-hf train` also takes TrainingArguments' --seed (of the training run): the upcycling seed is renamed there
@@ -55,29 +26,19 @@ def upcycling_fields(renamed: dict[str, str] | None = None) -> list[tuple[str, t
     """`(flag name, type, field)` of every upcycling flag, defaults and help taken from `SpriConfig`."""
     renamed = renamed or {}
     config_fields = {f.name: f for f in dataclasses.fields(SpriConfig)}
-    helps = _config_help()
+    helps = config_help(SpriConfig.__doc__)
     result = []
     for name in UPCYCLING_FLAGS:
         source = config_fields[name]
-        flag_type = _flag_type(source.type)
-        help_text = helps.get(name, "")
-        if name == "moe_layers":
-            help_text = "Comma-separated FFN layer indices to upcycle, e.g. 0,2,4 (default: every layer)."
-        result.append((renamed.get(name, name), flag_type, field(default=source.default, metadata={"help": help_text})))
+        help_text = MOE_LAYERS_HELP if name == "moe_layers" else helps.get(name, "")
+        result.append(
+            (renamed.get(name, name), flag_type(source.type), field(default=source.default, metadata={"help": help_text}))
+        )
     return result
 
 
 UpcyclingArguments = dataclasses.make_dataclass("UpcyclingArguments", upcycling_fields(TRAIN_FLAG_NAMES))
 UpcyclingArguments.__doc__ = "SPRI upcycling settings (the fields of `SpriConfig`, same defaults)."
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    if text is None or isinstance(text, list):
-        return text
-    try:
-        return [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--moe_layers {text!r} must be comma-separated layer indices, e.g. 0,2,4") from None
 
 
 def upcycling_settings(arguments) -> dict:
@@ -190,15 +151,6 @@ def tokenize(rows, tokenizer, script: TrainScriptArguments, task: str):
     return rows.map(encode, remove_columns=rows.column_names)
 
 
-# --task: which SPRI class wraps the dense checkpoint (`spri-hf upcycle`; `spri-hf train` takes the first two)
-TASKS = {
-    "causal-lm": "SpriForCausalLM",
-    "seq2seq-lm": "SpriForSeq2SeqLM",
-    "speech-seq2seq": "SpriForSpeechSeq2Seq",
-    "sequence-classification": "SpriForSequenceClassification",
-    "masked-lm": "SpriForMaskedLM",
-    "base": "SpriModel",
-}
 _HEAD_SUFFIXES = (
     ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForSequenceClassification", "sequence-classification"),
     ("ForMaskedLM", "masked-lm"), ("Model", "base"),

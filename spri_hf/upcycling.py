@@ -28,6 +28,7 @@ def upcycle(
     show_progress: bool = False,
     svd_method: str = "auto",
     svd_device: torch.device | str | None = None,
+    svd_workers: int | None = None,
     from_pretrained_kwargs: dict | None = None,
     check_resources: bool = True,
     **settings,
@@ -39,13 +40,17 @@ def upcycle(
         show_progress: show a progress bar over layers.
         svd_method: "auto" / "gram" (eigh of the smaller Gram matrix, float64) or "full" (`torch.linalg.svd`); see
             `initializers.thin_svd`. Both are exact; "gram" is several times faster on CPU.
-        svd_device: compute the SVDs there (e.g. "cuda" when the weights are on the CPU); `None`: where they live.
+        svd_device: compute the SVDs there (e.g. "cuda" when the weights are on the CPU), a layer's as one batch;
+            `None`: where they live.
+        svd_workers: threads computing SVDs at once on the CPU, each single-threaded (default: the cores this process
+            may use); the result is bit-identical whatever the number.
         check_resources: estimate the memory the SPRI model and the largest layer's work need (logged at INFO) and
             raise `MemoryError` before allocating when it is not available; `False` tries anyway.
         **settings: any `SpriConfig` field (`num_experts`, `init`, `principal_ratio`, ... see its docstring).
     """
     if svd_method not in spri_init.SVD_METHODS:
         raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
+    svd_device = spri_init.check_device(svd_device)
     auto_class = getattr(transformers, getattr(spri_class, "_dense_auto_class", "AutoModel"))
     # a Hub id given here is being downloaded anyway: its card may be fetched too; otherwise only local files are read
     may_fetch_card = isinstance(dense, str) and not os.path.exists(dense)
@@ -60,7 +65,7 @@ def upcycle(
                 return streaming.upcycle_in_memory(
                     spri_class, os.fspath(dense), None if dtype == "auto" else dtype, dict(settings),
                     check_resources=check_resources, show_progress=show_progress, svd_method=svd_method,
-                    svd_device=svd_device,
+                    svd_device=svd_device, svd_workers=svd_workers,
                 )
             except streaming.NotStreamable as reason:
                 logger.info(f"Loading {dense} whole: {reason}.")
@@ -76,7 +81,7 @@ def upcycle(
     model, source, layouts, dtype = streaming.prepare_module(spri_class, dense, settings, may_fetch_card)
     return streaming.fill_model(
         model, source, layouts, dtype, check_resources=check_resources, show_progress=show_progress,
-        svd_method=svd_method, svd_device=svd_device,
+        svd_method=svd_method, svd_device=svd_device, svd_workers=svd_workers,
     )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """The `spri-hf` console script: upcycle and inspect on tiny checkpoints (the demo runs in the slow tier)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,66 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "upcycle" in result.stdout and "demo" in result.stdout
 
 
+_RUN_CONSOLE_SCRIPT = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"exit": code, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["upcycle", "--help"], ["upcycle", "src", "out", "--num-experts", "x"]])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    """The installed `spri-hf` script itself, in a fresh interpreter: what it imported by the time it exits."""
+    script = os.path.join(os.path.dirname(sys.executable), "spri-hf")
+    result = subprocess.run([sys.executable, "-c", _RUN_CONSOLE_SCRIPT, script, *argv], capture_output=True, text=True)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["exit"] == (0 if "--help" in argv else 2), result.stderr
+    heavy = [name for name in report["modules"] if name.split(".")[0] in ("torch", "transformers", "numpy", "safetensors")]
+    assert not heavy, heavy[:10]
+    assert "spri_hf.cli" in report["modules"]
+    if "x" in argv:
+        assert "argument --num-experts: invalid int value: 'x'" in result.stderr
+
+
+def test_the_flags_read_from_the_config_source_are_the_config_fields():
+    """`cli_flags` reads SpriConfig's fields from its source (no torch); they are the live dataclass's, exactly."""
+    from spri_hf.cli_flags import upcycling_flag_specs
+    from spri_hf.training_cli import upcycling_fields
+
+    live = [(name, flag_type, spec.default, spec.metadata["help"]) for name, flag_type, spec in upcycling_fields()]
+    assert upcycling_flag_specs() == live
+    assert all(help_text for *_, help_text in live)
+
+
+def test_an_import_of_spri_hf_outside_the_console_script_registers_at_once():
+    code = "import spri_hf, sys; from transformers import AutoConfig; print(AutoConfig.for_model('spri').model_type)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("spri"), result.stderr[-2000:]
+
+
+def test_console_script_upcycles_and_inspects_in_a_fresh_process(tmp_path):
+    """The deferred imports of the console script still register SPRI with the Auto classes before a command runs;
+    no progress bar is drawn when stderr is not a terminal."""
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    script = os.path.join(os.path.dirname(sys.executable), "spri-hf")
+    flags = ["--num-experts", "4", "--diversity", "0.3", "--svd-workers", "2"]
+    result = subprocess.run([script, "upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), *flags], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Upcycling FFN layers" not in result.stderr and "Upcycled" in result.stdout
+    reference = SpriForCausalLM.from_dense(dense, num_experts=4, diversity=0.3)
+    assert_same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), reference)
+    inspected = subprocess.run([script, "inspect", str(tmp_path / "moe")], capture_output=True, text=True)
+    assert inspected.returncode == 0, inspected.stderr[-3000:]
+    refused = subprocess.run([script, "upcycle", str(tmp_path / "dense"), str(tmp_path / "x"), "--svd-workers", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--svd-workers: invalid _positive_int value" not in refused.stderr
+    assert "'0' is not a positive whole number" in refused.stderr
+
+
 def test_from_dense_accepts_a_local_path_with_loading_kwargs(tmp_path, input_ids):
     dense = tiny_dense("mistral")
     dense.save_pretrained(tmp_path / "dense")
@@ -65,7 +126,7 @@ def test_upcycle_picks_the_spri_class_from_the_dense_config_and_inspect_reads_it
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForSpeechSeq2Seq
 
     from spri_hf import SpriForSequenceClassification, SpriForSpeechSeq2Seq
-    from spri_hf.cli import task_for
+    from spri_hf.training_cli import task_for
 
     whisper = AutoModelForSpeechSeq2Seq.from_config(AutoConfig.for_model(
         "whisper", d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,

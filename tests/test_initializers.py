@@ -145,6 +145,28 @@ def test_fast_svd_matches_torch_linalg_svd(shape, spectrum):
     assert ((u32 * s32) @ vh32 - weight).norm() / weight.norm() < 1e-5
 
 
+@pytest.mark.parametrize("method", ["gram", "full"])
+def test_the_batched_svd_of_an_accelerator_matches_torch_linalg_svd(method):
+    """What `--svd-device cuda` runs (a layer's gate, up and down as one batch), checked here on the CPU: the same
+    accuracy as `thin_svd`, for both orientations and ill-conditioned spectra."""
+    from spri_hf.initializers import _batched_svd
+
+    weights = [
+        _matrix_with_spectrum(96, 40, torch.logspace(0, -14, 40, dtype=torch.float64), seed=1),  # gate (I, H)
+        torch.randn(96, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64),  # up
+        _matrix_with_spectrum(40, 96, torch.linspace(1, 0.1, 20, dtype=torch.float64), seed=3),  # down, rank-deficient
+    ]
+    oriented = torch.stack([w.T if w.shape[0] > w.shape[1] else w for w in weights])
+    left, s, right = _batched_svd(oriented, method)
+    for j, weight in enumerate(weights):
+        u, vh = (right[j].T, left[j].T) if weight.shape[0] > weight.shape[1] else (left[j], right[j])
+        assert ((u * s[j]) @ vh - weight).norm() / weight.norm() < 1e-12
+        assert (s[j][:-1] >= s[j][1:]).all()
+        reference = torch.linalg.svdvals(weight)
+        resolved = reference > 1e-5 * reference[0]
+        torch.testing.assert_close(s[j][resolved], reference[resolved], atol=1e-12 * float(reference[0]), rtol=1e-5)
+
+
 def test_fast_svd_refuses_unknown_methods():
     from spri_hf.initializers import thin_svd
 

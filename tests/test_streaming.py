@@ -56,6 +56,49 @@ def test_streamed_checkpoint_equals_from_dense_for_seq2seq_and_encoder_heads(fam
     assert_same_state(spri_class.from_pretrained(out), reference)
 
 
+def _weight_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize(
+    "family, settings",
+    [
+        ("llama", dict(stage=1)),
+        ("qwen3", dict(stage=2, partition="random")),
+        ("gpt2", dict(principal_energy=0.6, stage=2)),  # plain FFN with biases; energy-chosen ranks
+        ("phi3", dict(init="noise")),
+    ],
+)
+def test_concurrent_svds_give_bit_identical_checkpoints(family, settings, tmp_path):
+    """The SVD workers change when the work is done, never what it gives: the weight files are byte for byte the same
+    with 1, 2 or 3 workers (more workers than cores included), and so is the in-memory upcycle."""
+    dense = tiny_dense(family)
+    dense.save_pretrained(tmp_path / "dense")
+    settings = dict(num_experts=4, diversity=0.3, seed=3, **settings)
+    written = {}
+    for workers in (1, 2, 3):
+        out = upcycle_checkpoint(tmp_path / "dense", tmp_path / f"spri-{workers}", svd_workers=workers, **settings)
+        written[workers] = _weight_bytes(out)
+    assert written[1] and written[2] == written[1] and written[3] == written[1]
+    sequential = SpriForCausalLM.from_dense(dense, svd_workers=1, **settings)
+    assert_same_state(SpriForCausalLM.from_dense(dense, svd_workers=2, **settings), sequential)
+    assert_same_state(AutoModelForCausalLM.from_pretrained(tmp_path / "spri-2"), sequential)
+    with pytest.raises(ValueError, match="svd_workers=0"):
+        upcycle_checkpoint(tmp_path / "dense", tmp_path / "never", svd_workers=0, **settings)
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_svd_device_that_is_not_there_is_refused_naming_it(tmp_path):
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    unavailable = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    with pytest.raises(ValueError, match=f"svd_device='{unavailable}' is not available on this machine"):
+        upcycle_checkpoint(tmp_path / "dense", tmp_path / "spri", num_experts=4, svd_device=unavailable)
+    with pytest.raises(ValueError, match="svd_device='meta' is not available"):
+        SpriForCausalLM.from_dense(dense, num_experts=4, svd_device="meta")
+    assert not (tmp_path / "spri").exists()
+
+
 def test_streamed_masked_lm_ties_and_bare_backbone(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 

@@ -92,7 +92,8 @@ def run_many(commands: dict[str, tuple[list, Path]], jobs: int = 1) -> dict[str,
             tail = "\n".join(output.splitlines()[-20:])
             raise RuntimeError(f"command failed: {' '.join(command)}\n{tail}")
         usage = json.loads(usage_path.read_text())
-        result = dict(command=" ".join(command), wall_s=usage["wall_s"], peak_rss_mb=usage["maxrss_kb"] * 1024 / 1e6)
+        result = dict(command=" ".join(command), wall_s=usage["wall_s"], peak_rss_mb=usage["maxrss_kb"] * 1024 / 1e6,
+                      load=os.getloadavg()[0])
         for line in output.splitlines():
             if line.startswith("RESULT "):
                 result["result"] = json.loads(line.removeprefix("RESULT "))
@@ -110,7 +111,11 @@ def run_measured(command: list, log_path: Path) -> dict:
 
 
 def measure_commands(commands: dict[str, list], runs: int, work: Path, jobs: int) -> dict[str, dict]:
-    """Each command `runs` times, in rotating order, every run a fresh process; medians per command."""
+    """Each command `runs` times, in rotating order (a round runs every command once), every run a fresh process.
+
+    The figures are the best of the rounds for every command alike (`wall_s`, `peak_rss_mb`): on a shared machine a
+    neighbour only ever adds time, so the minimum is the closest to what the command costs; the median and the slowest
+    round say how noisy the run was, and `round_ratios` pairs the commands round by round."""
     names = list(commands)
     runs_by_name = {name: [] for name in names}
     for repeat in range(runs):
@@ -118,15 +123,32 @@ def measure_commands(commands: dict[str, list], runs: int, work: Path, jobs: int
         batch = run_many({name: (commands[name], work / f"{name}.{repeat}.log") for name in order}, jobs)
         for name in names:
             runs_by_name[name].append(batch[name])
-    return {
-        name: dict(
-            wall_s=statistics.median(run["wall_s"] for run in values),
-            peak_rss_mb=statistics.median(run["peak_rss_mb"] for run in values),
-            output_mb=values[0].get("output_mb"),
+    measured = {}
+    for name, values in runs_by_name.items():
+        walls = [run["wall_s"] for run in values]
+        rss = [run["peak_rss_mb"] for run in values]
+        measured[name] = dict(
+            wall_s=min(walls), wall_s_median=statistics.median(walls), wall_s_max=max(walls),
+            peak_rss_mb=min(rss), peak_rss_mb_max=max(rss), output_mb=values[0].get("output_mb"), rounds=len(values),
             runs=values,
-        )
-        for name, values in runs_by_name.items()
-    }
+        )  # fmt: skip
+    return measured
+
+
+def round_ratios(measured: dict, name: str, reference: str, key: str = "wall_s") -> list[float]:
+    """`name / reference` of each round (the two ran one after the other, so they met the same neighbours)."""
+    return [run[key] / ref[key] for run, ref in zip(measured[name]["runs"], measured[reference]["runs"])]
+
+
+def spread_note(measured: dict, name: str, reference: str, key: str = "wall_s") -> str:
+    """How much the figure moved over the rounds, and the load of the machine, for a row's note."""
+    ratios = round_ratios(measured, name, reference, key)
+    values = [run[key] for run in measured[name]["runs"]]
+    reference_values = [run[key] for run in measured[reference]["runs"]]
+    text = (f"best of {len(values)} rounds; {name} {min(values):.4g}-{max(values):.4g}, {reference} "
+            f"{min(reference_values):.4g}-{max(reference_values):.4g}; per-round ratio {min(ratios):.3g}-{max(ratios):.3g}")
+    loads = [run["load"] for run in measured[name]["runs"] if "load" in run]
+    return text + (f"; load average {min(loads):.1f}-{max(loads):.1f}" if loads else "")
 
 
 def checkpoint_summary(folder: Path) -> dict:

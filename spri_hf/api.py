@@ -1,0 +1,62 @@
+"""The public API that `spri_hf` re-exports, and its registration with transformers' Auto classes.
+
+Importing this module registers `model_type="spri"` with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+`AutoModelForSeq2SeqLM`, `AutoModelForSpeechSeq2Seq`, `AutoModelForSequenceClassification` and
+`AutoModelForMaskedLM`, and installs the Trainer card hook. `import spri_hf` imports it (see `spri_hf/__init__.py`).
+"""
+
+from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
+from .callbacks import SpriMonitorCallback, add_spri_monitor
+from .configuration_spri import SpriConfig
+from .export import export_native, fold_to_dense
+from .initializers import thin_svd
+from .integrations import SpriHubCallback, install_trainer_model_card_hook
+from .modeling_spri import (
+    SpriForCausalLM,
+    SpriForMaskedLM,
+    SpriForSeq2SeqLM,
+    SpriForSequenceClassification,
+    SpriForSpeechSeq2Seq,
+    SpriModel,
+    SpriMoeBlock,
+    SpriPreTrainedModel,
+)
+from .registration import register_auto_classes
+from .streaming import upcycle_checkpoint
+from .trainer import (
+    SpriSeq2SeqTrainer,
+    SpriSeq2SeqTrainingArguments,
+    SpriTrainer,
+    SpriTrainingArguments,
+)
+
+
+register_auto_classes()
+install_trainer_model_card_hook()
+
+__all__ = [
+    "FFN_LAYOUTS",
+    "FfnLayout",
+    "SpriConfig",
+    "SpriForCausalLM",
+    "SpriForMaskedLM",
+    "SpriForSeq2SeqLM",
+    "SpriForSequenceClassification",
+    "SpriForSpeechSeq2Seq",
+    "SpriHubCallback",
+    "SpriModel",
+    "SpriMoeBlock",
+    "SpriMonitorCallback",
+    "SpriPreTrainedModel",
+    "SpriSeq2SeqTrainer",
+    "SpriSeq2SeqTrainingArguments",
+    "SpriTrainer",
+    "SpriTrainingArguments",
+    "add_spri_monitor",
+    "export_native",
+    "fold_to_dense",
+    "get_ffn_layout",
+    "get_ffn_layouts",
+    "thin_svd",
+    "upcycle_checkpoint",
+]
