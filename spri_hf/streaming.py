@@ -434,7 +434,6 @@ def stream_tensors(
     """Yield `(name in spri_model.model, tensor)` for every tensor of the SPRI inner model: non-FFN first, then the
     MoE blocks layer by layer. A tied tensor is read once (from whichever of its names the checkpoint has) and
     yielded under each of its SPRI names."""
-    config = spri_model.config
     targets = spri_model.model.state_dict(keep_vars=True)
     for dense_names, spri_names in _dense_groups(spri_model, source, layouts):
         present = next((name for name in dense_names if source.key(name) is not None), dense_names[0])
