@@ -5,6 +5,7 @@ Importing the package registers `model_type="spri"` with `AutoConfig`, `AutoMode
 The public names live in `spri_hf/api.py`; this file re-exports them.
 """
 
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -27,8 +28,8 @@ else:
         """The public names on first use (the console script's process, after its arguments were parsed)."""
         if name.startswith("__"):
             raise AttributeError(name)
-        from . import api
-
+        # not `from . import api`: that statement asks this module for `api` first, i.e. calls this function again
+        api = _importlib.import_module(f"{__name__}.api")
         try:
             return getattr(api, name)
         except AttributeError:

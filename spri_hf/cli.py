@@ -4,6 +4,7 @@ The arguments are parsed before torch and transformers are imported (the flags c
 them without importing either), so `--help` and argument errors answer at once; each command imports what it needs.
 """
 
+import importlib
 import argparse
 import logging as logging_module
 import os
@@ -283,7 +284,7 @@ def _load_for(command: str):
     """What a command needs of the package beyond its own imports: the Auto-class registration (so SPRI checkpoints
     load by `model_type`), and for training the whole public API (the Trainer card hook)."""
     if command in ("train", "demo"):
-        from . import api  # noqa: F401
+        importlib.import_module("spri_hf.api")  # `from . import api` would go through the package's lazy __getattr__
     else:
         from .registration import register_auto_classes
 

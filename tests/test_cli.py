@@ -201,3 +201,24 @@ def test_cannot_fit_refusal_names_the_command_line_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--no-resource-check" in err and "check_resources=False" not in err
     assert not (tmp_path / "out").exists()
+
+
+_CONSOLE_SCRIPT_IMPORTS = """
+import sys
+sys.argv = ["/somewhere/bin/spri-hf", "demo"]
+import spri_hf
+assert "torch" not in sys.modules
+from spri_hf import cli
+cli._load_for("demo")  # what `spri-hf demo` and `spri-hf train` import before they run
+from spri_hf import modeling_spri, api
+from transformers import AutoConfig
+print(spri_hf.SpriForCausalLM.__name__, AutoConfig.for_model("spri").model_type, api.SpriConfig is spri_hf.SpriConfig)
+"""
+
+
+def test_console_script_process_imports_the_public_api_for_train_and_demo():
+    """In the console script's process the package defers its imports; `from spri_hf import x` and the public names
+    must still resolve (a `from . import api` inside the lazy `__getattr__` recursed until the stack overflowed)."""
+    result = subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT_IMPORTS], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["SpriForCausalLM", "spri", "True"]
