@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import perturb_experts
-from engines import engine_env, installed_version, run_in
+from engines import EngineError, engine_env, installed_version, run_in
 from spri_hf import SpriForCausalLM, export_native
 from spri_hf.assets import load_smollm2
 
@@ -76,7 +76,7 @@ GPT2 = dict(n_embd=128, n_head=2, n_layer=2, n_positions=128, vocab_size=VOCAB, 
 
 # Runs in the vLLM venv. The engine runs in a spawned process: everything under `if __name__ == "__main__":`.
 _RUN = """
-import json, sys, time
+import json, os, sys, time
 
 def main():
     import vllm
@@ -99,7 +99,9 @@ def main():
         runs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["teacher"]], scoring, use_tqdm=False)
         top1 = lambda step: None if step is None else max(step, key=lambda token: step[token].logprob)
         out["top1"] = [[top1(step) for step in run.prompt_logprobs] for run in runs]
-    json.dump(out, open(spec["out"], "w"))
+    with open(spec["out"] + ".part", "w") as file:  # complete before it takes its name: teardown may still crash
+        json.dump(out, file)
+    os.replace(spec["out"] + ".part", spec["out"])
 
 if __name__ == "__main__":
     main()
@@ -213,9 +215,17 @@ class Vllm:
                         teacher=[p + t for p, t in zip(model["prompts"], model["tokens"])] if teacher else None)
             (self.root / "spec.json").write_text(json.dumps(spec))
             (self.root / "run.py").write_text(_RUN)
+            out.unlink(missing_ok=True)
             done = run_in(self.venv, f"{self.name} {key} {dtype}", [str(self.root / "run.py"),
-                          str(self.root / "spec.json")], env=self.env(), cwd=self.root, check=key not in REFUSED)
-            if done.returncode != 0:
+                          str(self.root / "spec.json")], env=self.env(), cwd=self.root, check=False)
+            if done.returncode < 0 and out.is_file() and key not in REFUSED:
+                # killed by a signal after the results were written: vLLM's engine processes abort in their teardown
+                # now and then on 2 shared cores ("terminate called without an active exception", SIGABRT)
+                print(f"[{self.name}] {key} {dtype}: exited by signal {-done.returncode} after writing its results")
+            elif done.returncode != 0 and key not in REFUSED:
+                raise EngineError(f"[{self.name} {key} {dtype}] exited {done.returncode}:\n"
+                                  + "\n".join((done.stdout + done.stderr).strip().splitlines()[-40:]))  # fmt: skip
+            if done.returncode > 0 or not out.is_file():
                 self.runs[key, dtype] = dict(returncode=done.returncode, log=done.stdout + done.stderr)
                 return self.runs[key, dtype]
             result = json.loads(out.read_text())
