@@ -83,3 +83,16 @@ def run_in(venv: Path, name: str, args: list[str], timeout: float = 1800, env: d
 def installed_version(venv: Path, distribution: str) -> str:
     done = run_in(venv, distribution, ["-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"])
     return done.stdout.strip()
+
+
+def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (token ids), exactly `new_tokens` long (no early stop at EOS),
+    the reference the engines' outputs are compared with."""
+    import torch
+
+    runs = []
+    for ids in prompts:
+        ids = torch.tensor([ids])
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        runs.append(out[0, ids.shape[1]:].tolist())
+    return runs

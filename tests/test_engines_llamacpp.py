@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import perturb_experts, tiny_dense
-from engines import engine_env, installed_version, run_in
+from engines import engine_env, greedy_continuations, installed_version, run_in
 from spri_hf import SpriForCausalLM, export_native, fold_to_dense
 from spri_hf.assets import load_smollm2
 
@@ -154,13 +154,7 @@ def _spri_model(case: str, dense, tokenizer):
 
 
 def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    runs = []
-    for ids in prompts:
-        ids = torch.tensor([ids])
-        # min_new_tokens: no early stop at EOS, so both sides produce NEW_TOKENS tokens
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        runs.append(out[0, ids.shape[1]:].tolist())
-    return runs
+    return greedy_continuations(model, prompts, NEW_TOKENS)
 
 
 class Exports:

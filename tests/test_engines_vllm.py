@@ -31,7 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import perturb_experts
-from engines import EngineError, engine_env, installed_version, run_in
+from engines import EngineError, engine_env, greedy_continuations, installed_version, run_in
 from spri_hf import SpriForCausalLM, export_native
 from spri_hf.assets import load_smollm2
 
@@ -115,12 +115,7 @@ def tiny_dense(family: str):
 
 
 def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    runs = []
-    for ids in prompts:
-        ids = torch.tensor([ids])
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        runs.append(out[0, ids.shape[1] :].tolist())
-    return runs
+    return greedy_continuations(model, prompts, NEW_TOKENS)
 
 
 def _margins(model, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
