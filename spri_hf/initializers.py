@@ -90,6 +90,21 @@ def thin_svds(
     return results
 
 
+def singular_values(weight: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Singular values of `weight` in float64, descending, without the singular vectors.
+
+    The square roots of the smaller Gram matrix's eigenvalues (`eigvalsh`): about a third of `thin_svd`'s work. Values
+    below about 1e-8 * s_max are rounding noise, which is enough to choose a rank by its share of `sum(s**2)`
+    (`principal_rank`), not to reconstruct the matrix.
+    """
+    w = weight.detach().to(device=device or weight.device, dtype=torch.float64)
+    a = w.T if w.shape[0] > w.shape[1] else w
+    gram = a @ a.T
+    with _single_thread(gram.device.type == "cpu" and gram.shape[0] <= 2048):
+        values = torch.linalg.eigvalsh(gram)  # ascending
+    return values.clamp_min(0).sqrt().flip(0).to(weight.device)
+
+
 def _batched_svd(a: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(U, s, Vh)` of a batch `a` (B, p, q), p <= q, float64: `thin_svd`'s algorithm with a batch dimension."""
     if method == "full":

@@ -182,23 +182,28 @@ def check_tail(config: SpriConfig, tail: int, where: str):
         )
 
 
-def residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrices) -> int:
-    """Rank `k` of each expert's residual factors in one stack, checked before any heavy work.
+def residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrices) -> tuple[int, dict | None]:
+    """`(k, principal ranks)` of one stack: the rank `k` of each expert's residual factors, checked before any heavy
+    work, and with `principal_energy` the principal rank of every FFN matrix (`{layer: {projection: r}}`; None
+    otherwise, when the rank follows from the shapes alone).
 
-    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` (only read when `principal_energy` is set).
+    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` (only read when `principal_energy` is set). The ranks
+    come from the singular values alone (`singular_values`), and `decompose` takes them from here, so no matrix's
+    singular values are computed twice.
     """
     rank = min(layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config))
     if config.principal_energy is None:
         tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
         check_tail(config, tail, "every FFN matrix")
-        return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1)
-    largest = 0
+        return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1), None
+    largest, ranks = 0, {}
     for idx in config.upcycled_layers(stack):
         for proj, weight in ffn_matrices(idx).items():
-            tail = rank - principal_of(config, spri_init.thin_svd(weight)[1])
-            check_tail(config, tail, f"{stack} layer {idx} {proj}")
-            largest = max(largest, spri_init.residual_rank_per_expert(tail, config.num_experts))
-    return max(largest, 1)
+            principal = principal_of(config, spri_init.singular_values(weight))
+            ranks.setdefault(idx, {})[proj] = principal
+            check_tail(config, rank - principal, f"{stack} layer {idx} {proj}")
+            largest = max(largest, spri_init.residual_rank_per_expert(rank - principal, config.num_experts))
+    return max(largest, 1), ranks
 
 
 class Decomposed(NamedTuple):
@@ -209,14 +214,16 @@ class Decomposed(NamedTuple):
     shared: torch.Tensor
 
 
-def decompose(config: SpriConfig, weight: torch.Tensor, svd: tuple) -> Decomposed:
+def decompose(config: SpriConfig, weight: torch.Tensor, svd: tuple, principal: int | None = None) -> Decomposed:
     """The random-free, heavy part of SPRI for one matrix: its principal rank and shared base `S = P + b R`.
+
+    `principal` is the rank `residual_rank` measured (with `principal_energy`); without it, it follows from `svd`.
 
     Layers' matrices can be decomposed in any order and on any thread; `upcycle_layer` then draws the layer's random
     stream in its fixed order, so the result does not depend on how the work was scheduled.
     """
     shared_coef, _ = spri_init.spri_coefficients(config.num_experts, config.spri_mode, config.diversity, config.residual_scale)
-    principal = principal_of(config, svd[1])
+    principal = principal if principal is not None else principal_of(config, svd[1])
     return Decomposed(svd, principal, spri_init.spri_shared(weight, svd, principal=principal, shared_coef=shared_coef))
 
 
@@ -231,6 +238,7 @@ def upcycle_layer(
     svd_device: torch.device | str | None = None,
     out_dtype: torch.dtype | None = None,
     decomposed: dict | None = None,
+    principals: dict | None = None,
 ) -> dict:
     """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block.
 
@@ -238,7 +246,8 @@ def upcycle_layer(
     upcycler keeps one layer's float64 work at a time this way). `layer_key` seeds the layer's random stream (the
     layer index; encoder layers are offset). `decomposed` (`{projection: decompose(...)}`) gives the SVDs made
     elsewhere (the streaming upcycler's workers); without it the layer's SVDs are made here, as one batch on an
-    accelerator `svd_device`.
+    accelerator `svd_device`, with the principal ranks `principals` (`{projection: r}`, from `residual_rank`) where
+    given.
     """
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
@@ -255,7 +264,10 @@ def upcycle_layer(
         _, expert_coef = spri_init.spri_coefficients(num_experts, config.spri_mode, config.diversity, config.residual_scale)
         if decomposed is None:
             svds = spri_init.thin_svds(list(matrices.values()), svd_method, svd_device)
-            decomposed = {proj: decompose(config, w, svd) for (proj, w), svd in zip(matrices.items(), svds)}
+            principals = principals or {}
+            decomposed = {
+                proj: decompose(config, w, svd, principals.get(proj)) for (proj, w), svd in zip(matrices.items(), svds)
+            }
         factors = {}
         for proj in matrices:  # the random partition draws in this fixed order
             svd, principal, shared = decomposed[proj]

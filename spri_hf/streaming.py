@@ -280,6 +280,8 @@ class CheckpointSource:
 
     device = torch.device("cpu")
     resident = False  # a loaded FFN goes back to meta after use: keep a copy of what is read
+    # with principal_energy, {stack: {layer: {projection: principal rank}}}, measured by `skeleton`
+    principal_ranks: dict = {}
 
     def __init__(self, spri_class: type, folder: str, config):
         self.folder = folder
@@ -359,6 +361,7 @@ class ModuleSource:
     """A dense model in memory as a tensor source, with `CheckpointSource`'s interface (nothing to load or drop)."""
 
     resident = True  # its tensors stay where they are: read them without copying
+    principal_ranks: dict = {}  # as CheckpointSource's
 
     def __init__(self, spri_class: type, dense):
         self.dense = dense
@@ -494,13 +497,16 @@ def _upcycled_layers(spri_model, source, layouts, dtype, *, show_progress, svd_m
     on_accelerator = on_accelerator or source.device.type != "cpu"
     per_matrix = config.init == "spri" and not on_accelerator  # an accelerator takes a layer's SVDs as one batch
 
-    def decompose_one(weight):
-        return decompose(config, weight, spri_init.thin_svd(weight, svd_method, svd_device))
+    def principals(stack, idx) -> dict:
+        return source.principal_ranks.get(stack, {}).get(idx, {})
+
+    def decompose_one(weight, principal):
+        return decompose(config, weight, spri_init.thin_svd(weight, svd_method, svd_device), principal)
 
     def assemble(stack, idx, matrices, biases, decomposed):
         return upcycle_layer(
             config, layouts[stack], generator_key(stack, idx), matrices, biases, svd_method=svd_method,
-            svd_device=svd_device, out_dtype=dtype, decomposed=decomposed,
+            svd_device=svd_device, out_dtype=dtype, decomposed=decomposed, principals=principals(stack, idx),
         )  # fmt: skip
 
     def read(stack, idx):
@@ -520,7 +526,8 @@ def _upcycled_layers(spri_model, source, layouts, dtype, *, show_progress, svd_m
             for position, (stack, idx, block) in enumerate(sites):
                 matrices, biases = read(stack, idx)
                 if per_matrix:
-                    parts = {proj: pool.submit(decompose_one, w) for proj, w in matrices.items()}
+                    ranks = principals(stack, idx)
+                    parts = {proj: pool.submit(decompose_one, w, ranks.get(proj)) for proj, w in matrices.items()}
                     layer = _after(pool, parts, functools.partial(assemble, stack, idx, matrices, biases))
                 else:
                     layer = pool.submit(assemble, stack, idx, matrices, biases, None)
@@ -646,10 +653,13 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
         getter = _ffn_getter(source, layouts)
         # single-threaded as the upcycling workers are: the same singular values, so the same principal ranks
         with _threads(1):
-            config.residual_rank = max(
-                residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
+            measured = {
+                stack: residual_rank(config, layouts[stack], stack, lambda idx, stack=stack: getter(stack, idx))
                 for stack in config.upcycled_stacks()
-            )
+            }
+        config.residual_rank = max(rank for rank, _ in measured.values())
+        # with principal_energy, every matrix's principal rank: the upcycling workers take them from here
+        source.principal_ranks = {stack: ranks for stack, (_, ranks) in measured.items() if ranks is not None}
     # on meta the weight initialisation computes nothing but costs a second of decompositions: skipped
     with torch.no_grad(), default_dtype(dtype), torch.device("meta"), no_init_weights():
         model = spri_class(config)

@@ -145,6 +145,27 @@ def test_fast_svd_matches_torch_linalg_svd(shape, spectrum):
     assert ((u32 * s32) @ vh32 - weight).norm() / weight.norm() < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (96, 384)])
+@pytest.mark.parametrize("spectrum", ["random", "ill-conditioned", "rank-deficient"])
+def test_singular_values_alone_match_torch_linalg_svdvals(shape, spectrum):
+    m, n = shape
+    q = min(m, n)
+    if spectrum == "random":
+        weight = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    elif spectrum == "ill-conditioned":
+        weight = _matrix_with_spectrum(m, n, torch.logspace(0, -14, q, dtype=torch.float64))
+    else:
+        weight = _matrix_with_spectrum(m, n, torch.linspace(1, 0.1, q // 2, dtype=torch.float64))
+    s = spri_init.singular_values(weight.float())
+    reference = torch.linalg.svdvals(weight)
+    assert s.dtype == torch.float64 and s.shape == (q,) and (s[:-1] >= s[1:]).all() and (s >= 0).all()
+    # the Gram matrix resolves values down to about 1e-8 * s_max; the energy shares principal_rank reads agree
+    torch.testing.assert_close(s, reference, atol=1e-6 * float(reference[0]), rtol=1e-5)
+    for energy in (0.3, 0.6, 0.9):
+        expected = spri_init.principal_rank(reference, principal_energy=energy)
+        assert spri_init.principal_rank(s, principal_energy=energy) == expected
+
+
 @pytest.mark.parametrize("method", ["gram", "full"])
 def test_the_batched_svd_of_an_accelerator_matches_torch_linalg_svd(method):
     """What `--svd-device cuda` runs (a layer's gate, up and down as one batch), checked here on the CPU: the same

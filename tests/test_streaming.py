@@ -42,6 +42,31 @@ def test_streamed_checkpoint_equals_from_dense_for_every_causal_family(family, s
     assert_reloaded_logits(from_folder(ids).logits, reference(ids).logits)
 
 
+@pytest.mark.parametrize("source", ["folder", "module"])
+def test_principal_energy_decomposes_every_matrix_once(source, tmp_path, monkeypatch):
+    """The ranks `principal_energy` chooses are measured on the singular values alone, before the skeleton is built;
+    the upcycling workers take them from there and run one full SVD per FFN matrix (issue 18)."""
+    from spri_hf import initializers
+
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    settings = dict(num_experts=4, principal_energy=0.6, seed=2)
+    reference = SpriForCausalLM.from_dense(dense, **settings)
+    calls = []
+    full_svd = initializers.thin_svd
+    monkeypatch.setattr(initializers, "thin_svd", lambda weight, *a, **k: calls.append(weight.shape) or full_svd(weight, *a, **k))
+    upcycled = SpriForCausalLM.from_dense(dense if source == "module" else str(tmp_path / "dense"), **settings)
+    matrices = 3 * dense.config.num_hidden_layers  # gate, up and down of every layer
+    assert len(calls) == matrices
+    assert_same_state(upcycled, reference)
+    # the ranks are the ones the full SVD's singular values give
+    for idx, layer in enumerate(dense.model.layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            weight = getattr(layer.mlp, proj).weight
+            exact = initializers.principal_rank(full_svd(weight)[1], principal_energy=0.6)
+            assert initializers.principal_rank(initializers.singular_values(weight), principal_energy=0.6) == exact
+
+
 @pytest.mark.parametrize("family", ["whisper", "marian", "t5", "mt5", "bert"])
 @pytest.mark.parametrize("upcycle", ["decoder", "both"])
 def test_streamed_checkpoint_equals_from_dense_for_seq2seq_and_encoder_heads(family, upcycle, tmp_path):
