@@ -155,6 +155,12 @@ def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):
     quality.run_benchmark(preset, tiny_data, out, cache=tmp_path / "cache", log=messages.append)
     assert sum("finished before" in message for message in messages) == 2
     assert (out / "runs" / "spri-seed0.json").read_text() == first
+    # --status lists what is finished, with the scores the run files hold
+    rows = quality.harness.finished_runs(out)
+    assert sorted(row["method"] for row in rows) == ["dense", "spri"]
+    spri = next(row for row in rows if row["method"] == "spri")
+    assert spri["chrf"] == json.loads(first)["metrics"]["chrf"] and spri["split"] == "test"
+    assert "| . | spri | 0 |" in quality.harness.status_table(rows)
     # a changed budget is a different run: it is not taken from the old results
     messages.clear()
     changed = quality.replace(preset, steps=3, methods=("dense",))

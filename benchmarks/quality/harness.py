@@ -411,6 +411,33 @@ def context_check(dense, processor, data_dir: Path, rows: list[dict], preset: Pr
     return result
 
 
+def finished_runs(out: Path) -> list[dict]:
+    """One row per finished run anywhere under `out` (the main grid, the learning-rate trials, ablations)."""
+    rows = []
+    for path in sorted(Path(out).rglob("runs/*.json")):
+        result = json.loads(path.read_text())
+        spec, metrics, timings = result.get("spec", {}), result["metrics"], result.get("timings", {})
+        rows.append({
+            "folder": str(path.parent.parent.relative_to(out)) if path.parent.parent != Path(out) else ".",
+            "method": result["method"], "seed": result["seed"], "learning_rate": result.get("learning_rate"),
+            "split": spec.get("eval_split"), "chrf": metrics["chrf"], "bleu": metrics["bleu"],
+            "cross_entropy": metrics.get("cross_entropy"), "train_s": timings.get("train_s"),
+        })  # fmt: skip
+    return rows
+
+
+def status_table(rows: list[dict]) -> str:
+    """`finished_runs` as a markdown table (what `--status` prints)."""
+    lines = ["| folder | method | seed | lr | split | chrF++ | BLEU | CE | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ce = "" if row["cross_entropy"] is None else f"{row['cross_entropy']:.3f}"
+        lr = "" if row["learning_rate"] is None else f"{row['learning_rate']:g}"
+        train = "" if row["train_s"] is None else f"{row['train_s']:.0f}"
+        lines.append(f"| {row['folder']} | {row['method']} | {row['seed']} | {lr} | {row['split']} | {row['chrf']:.2f} "
+                     f"| {row['bleu']:.2f} | {ce} | {train} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     package_doc = sys.modules[__package__].__doc__
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=package_doc.split("\n\n")[0])
@@ -449,6 +476,8 @@ def main(argv=None) -> int:
     parser.add_argument("--langs", default=None, help="comma-separated subset of the data's languages")
     parser.add_argument("--stage1-fraction", type=float, default=None)
     parser.add_argument("--stage1-lr-multiplier", type=float, default=None)
+    parser.add_argument("--status", action="store_true",
+                        help="print every finished run under OUT (main grid, learning-rate trials) and exit")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -474,6 +503,10 @@ def main(argv=None) -> int:
     if args.stage1_lr_multiplier is not None:
         preset = replace(preset, stage1_lr_multiplier=args.stage1_lr_multiplier)
     out = args.out or ROOT / "benchmarks" / "results" / preset.name
+    if args.status:
+        rows = finished_runs(out) if out.is_dir() else []
+        print(status_table(rows) if rows else f"no finished runs under {out}")
+        return 0
     device = torch.device(args.device)
     if args.select_lr:
         grid = [float(value) for value in args.select_lr.split(",")]
