@@ -12,12 +12,17 @@ seeds and test sentences) against dense and the best upcycling baseline; routing
     python -m benchmarks.quality --preset pilot --data benchmarks/data/covost_xx_en_disjoint \
         --out benchmarks/results/pilot-disjoint-4langs
     python -m benchmarks.quality --preset cpu-xx-en --data benchmarks/data/covost_xx_en_disjoint \
-        --out benchmarks/results/cpu-xx-en --select-lr 1e-4,3e-4,1e-3
+        --out docs/results/cpu-xx-en --select-lr 1e-4,3e-4,1e-3 --threads 1
+
+On 2 cores, two such processes with disjoint `--methods` (for example `dense,copy,noise,random` and
+`drop,spri,spri-stage2only,spri-div0`) share the work: each writes its own runs, and a last run of the whole preset
+with the same options finds them all finished and writes the complete summary and `lr-selection.json`.
+`--status --out DIR` lists the finished runs under DIR.
 
 Options: `--methods a,b` and `--seeds 0,1,2` override the preset; `--select-lr GRID` picks each method's learning rate
 on dev (seed 0) first, `--learning-rates FILE` reuses such a choice; `--stage1-fraction`, `--stage1-lr-multiplier`;
 `--langs a,b` keeps only those languages of the data; `--test-pairs FILE` also scores every trained model on your own pairs (the builder's row format; the speech is
-synthesised); `--keep-models`; `--device cuda`; `--eval-split dev`; `--cache DIR` (encoder states and the converted
+synthesised); `--keep-models`; `--status`; `--device cuda`; `--eval-split dev`; `--cache DIR` (encoder states and the converted
 Whisper folder, default ~/.cache/spri_hf/quality); `--context-check`.
 
 Presets:
