@@ -136,7 +136,11 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
 
     assert max(distances_before("copy")) == 0 and min(distances_before("random")) > 0.1
     two_stage = json.loads((out / "runs" / "spri-seed0.json").read_text())["history"]
-    assert [step["stage"] for step in two_stage] == [1, 2]
+    assert [step["stage"] for step in two_stage] == [1, 1, 2, 2]
+    # the stage-1 length ablations move the switch, within the same number of steps
+    for name, stages in (("spri-s1len0.25", [1, 2, 2, 2]), ("spri-s1len0.75", [1, 1, 1, 2])):
+        history = json.loads((out / "runs" / f"{name}-seed0.json").read_text())["history"]
+        assert [step["stage"] for step in history] == stages
     margins = summary["context_check"]["chrf_vs_source_by_margin_s"]
     assert set(margins) == {str(m) for m in quality.CONTEXT_CHECK_MARGINS}
     assert all(math.isfinite(value) for value in margins.values())
@@ -259,7 +263,7 @@ def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, 
     assert "ΔchrF++ vs dense" in (out / "summary.md").read_text()
     # the two-stage run went through SpriSeq2SeqTrainer's switch
     spri_run = json.loads((out / "runs" / "spri-seed0.json").read_text())
-    assert [row["stage"] for row in spri_run["history"]] == [1, 2]
+    assert [row["stage"] for row in spri_run["history"]] == [1, 1, 2, 2]
     assert (out / "models" / "spri-seed1" / "config.json").is_file()  # --keep-models
 
 
@@ -293,3 +297,27 @@ def test_batches_cut_the_encoder_states_at_their_longest_clip():
     assert stack_states([example("a", 4)], states).shape == (1, 4, 2)
     # a clip of unknown need keeps everything that is cached
     assert stack_states([example("a", 4), example("b", None)], states).shape == (2, 10, 2)
+
+
+def test_stage1_ablations_reach_the_trainer_and_their_specs_only():
+    """The stage-1 length and learning-rate ablations override the preset's schedule for their run alone; ablations
+    without a rate of their own train at the one chosen for spri."""
+    from benchmarks.quality.harness import run_spec
+    from benchmarks.quality.training import training_arguments
+
+    preset = quality.replace(quality.PRESETS["cpu-xx-en-ablations"], learning_rates=(("spri", 2e-4), ("dense", 1e-4)))
+    device = torch.device("cpu")
+
+    def arguments(name):
+        return training_arguments(preset, quality.METHODS[name], 0, "unused", device)
+
+    default, short, fast = arguments("spri"), arguments("spri-s1len0.25"), arguments("spri-s1lr30x")
+    assert default.stage1_steps == preset.stage1_fraction == 0.5 and short.stage1_steps == 0.25
+    assert default.learning_rate == short.learning_rate == fast.learning_rate == 2e-4
+    assert fast.stage1_learning_rate == pytest.approx(30 * 2e-4) and fast.stage1_steps == 0.5
+    assert arguments("spri-pr0.75").learning_rate == 2e-4
+    spec = run_spec(quality.METHODS["spri-s1len0.25"], 0, preset, "m", "d", "test")
+    assert spec["stage1"] == {"stage1_fraction": 0.25}
+    assert "stage1" not in run_spec(quality.METHODS["spri"], 0, preset, "m", "d", "test")
+    assert {"stage-1 length", "stage-1 learning rate"} <= set(quality.harness.ABLATIONS)
+

@@ -45,7 +45,7 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
                   "max_eval_sources", "langs", "context_margin_s", "generation_percentile", "generation_slack",
                   "context", "amp")}  # fmt: skip
     # as it reads back from JSON (tuples become lists), so a finished run is recognised
-    return json.loads(json.dumps({
+    spec = {
         "method": method.name,
         "settings": method.settings,
         "train": method.train,
@@ -54,7 +54,10 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
         "model": model_id,
         "data": data_id,
         "eval_split": eval_split,
-    }))
+    }
+    if method.stage1:  # only where set: the specs of every other run stay as they were written
+        spec["stage1"] = method.stage1
+    return json.loads(json.dumps(spec))
 
 
 def write_json(path: Path, payload):
@@ -286,6 +289,9 @@ def _setting_label(name: str, row: dict) -> str:
         )
         label += f", pr={settings['principal_ratio']:g}, {settings['partition']}"
         label += ", two-stage" if METHODS[name].two_stage else ", stage 2 only"
+        for key, value in (METHODS[name].stage1 or {}).items():
+            label += f", stage 1 {'x' if key.endswith('multiplier') else ''}{value:g}" + (
+                " of the rate" if key.endswith("multiplier") else " of the steps")
     return label
 
 

@@ -16,6 +16,8 @@ class Method:
     settings: dict | None
     train: bool = True
     description: str = ""
+    # two-stage schedule overrides of the preset's (`stage1_fraction`, `stage1_lr_multiplier`): the stage-1 ablations
+    stage1: dict | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -48,6 +50,11 @@ def _methods() -> dict[str, Method]:
     for ratio in (0.25, 0.75, 0.9):
         rows.append(Method(f"spri-pr{ratio:g}", {"init": "spri", "principal_ratio": ratio}))
     rows.append(Method("spri-contiguous", {"init": "spri", "partition": "contiguous"}))
+    # stage-1 length (share of the steps) and learning rate (x the method's rate; spri_hf's default is 10x)
+    for fraction in (0.25, 0.75):
+        rows.append(Method(f"spri-s1len{fraction:g}", {"init": "spri"}, stage1={"stage1_fraction": fraction}))
+    for multiplier in (1.0, 3.0, 30.0):
+        rows.append(Method(f"spri-s1lr{multiplier:g}x", {"init": "spri"}, stage1={"stage1_lr_multiplier": multiplier}))
     return {method.name: method for method in rows}
 
 
@@ -65,6 +72,8 @@ ABLATIONS = {
     "principal_ratio": ("spri-pr0.25", "spri", "spri-pr0.75", "spri-pr0.9"),
     "partition": ("spri", "spri-contiguous"),
     "training stages": ("spri", "spri-stage2only"),
+    "stage-1 length": ("spri-s1len0.25", "spri", "spri-s1len0.75"),
+    "stage-1 learning rate": ("spri-s1lr1x", "spri-s1lr3x", "spri", "spri-s1lr30x"),
 }
 
 
@@ -118,7 +127,7 @@ ALL_METHODS = tuple(METHODS)
 XX_EN_LANGS = ("ca", "de", "id", "sv")
 PRESETS = {
     "tiny": Preset(
-        "tiny", "tiny", ALL_METHODS, steps=2, batch_size=4, learning_rate=1e-3, num_experts=4,
+        "tiny", "tiny", ALL_METHODS, steps=4, batch_size=4, learning_rate=1e-3, num_experts=4,
         max_target_tokens=16, eval_batch_size=8, generation_slack=0, restrict_vocab=True,
     ),
     # X->English on espeak-ng speech (`python -m benchmarks.data.build --direction xx-en --disjoint-train ...`, see the

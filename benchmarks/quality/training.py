@@ -27,14 +27,17 @@ def training_arguments(preset: Preset, method: Method, seed: int, output_dir: st
     """The same budget for every method: steps, batch, schedule shape, warm-up, clipping, data order and seed.
 
     The learning rate is the method's own (chosen on dev, `Preset.learning_rates`); for two-stage SPRI,
-    `SpriSeq2SeqTrainer` runs stage 1 for `stage1_fraction` of the steps at `stage1_lr_multiplier` x that rate, switches,
+    `SpriSeq2SeqTrainer` runs stage 1 for `stage1_fraction` of the steps at `stage1_lr_multiplier` x that rate (the
+    method's `stage1` overrides the preset's), switches,
     re-warms up over `stage2_warmup_ratio` of stage 2 and decays to zero at the last step.
     """
     stage1 = {}
     if method.two_stage:
-        stage1 = dict(stage1_steps=preset.stage1_fraction, stage2_warmup_steps=preset.stage2_warmup_ratio)
-        if preset.stage1_lr_multiplier is not None:
-            stage1["stage1_learning_rate"] = preset.stage1_lr_multiplier * method_learning_rate(preset, method)
+        schedule = {"stage1_fraction": preset.stage1_fraction, "stage1_lr_multiplier": preset.stage1_lr_multiplier}
+        schedule.update(method.stage1 or {})
+        stage1 = dict(stage1_steps=schedule["stage1_fraction"], stage2_warmup_steps=preset.stage2_warmup_ratio)
+        if schedule["stage1_lr_multiplier"] is not None:
+            stage1["stage1_learning_rate"] = schedule["stage1_lr_multiplier"] * method_learning_rate(preset, method)
     return SpriSeq2SeqTrainingArguments(
         output_dir=output_dir,
         max_steps=preset.steps,
@@ -61,7 +64,14 @@ def training_arguments(preset: Preset, method: Method, seed: int, output_dir: st
 
 
 def method_learning_rate(preset: Preset, method: Method) -> float:
-    return dict(preset.learning_rates).get(method.name, preset.learning_rate)
+    """The method's rate chosen on dev; an ablation of SPRI's settings without its own trains at spri's (it is paired
+    to spri); otherwise the preset's."""
+    rates = dict(preset.learning_rates)
+    if method.name in rates:
+        return rates[method.name]
+    if method.is_moe and method.settings.get("init", "spri") == "spri" and "spri" in rates:
+        return rates["spri"]
+    return preset.learning_rate
 
 
 class DevScores(TrainerCallback):
