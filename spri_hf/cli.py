@@ -8,6 +8,7 @@ import importlib
 import argparse
 import logging as logging_module
 import os
+import re
 import shlex
 import sys
 import time
@@ -72,7 +73,7 @@ def cmd_upcycle(args) -> int:
     from .recipe import dequantized_config, make_config
     from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .training_cli import task_for
-    from .utils import atomic_save, is_occupied
+    from .utils import atomic_save
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {
@@ -80,9 +81,7 @@ def cmd_upcycle(args) -> int:
         "svd_workers": args.svd_workers, "check_resources": not args.no_resource_check,
     }  # fmt: skip
     progress = _show_progress(args)
-    out_dir = os.path.abspath(args.out)
-    if is_occupied(out_dir) and not args.overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
+    out_dir = os.path.abspath(args.out)  # checked by `_check_paths` before the imports
     # Validate everything that can be validated from the config alone, before loading any weight.
     base_config = AutoConfig.from_pretrained(args.src, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
     make_config(dequantized_config(base_config), **settings)  # detects the FFN of a family without a table entry
@@ -134,11 +133,8 @@ def cmd_export_native(args) -> int:
     from . import SpriForCausalLM
     from .export import export_native, native_format_for
     from .modeling_spri import SpriConfig
-    from .utils import is_occupied
 
-    out_dir = os.path.abspath(args.out)
-    if is_occupied(out_dir) and not args.overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
+    out_dir = os.path.abspath(args.out)  # checked by `_check_paths` before the imports
     native_format_for(SpriConfig.from_pretrained(args.src))  # refuse before loading any weight
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.src)
@@ -291,6 +287,27 @@ def _load_for(command: str):
         register_auto_classes()
 
 
+# a Hub model id: `name` or `org/name`
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_paths(args):
+    """Before anything heavy is imported: an `upcycle` or `export-native` source that is neither a folder nor a Hub id,
+    or an occupied output folder without --overwrite, is refused at once (nothing is read or written)."""
+    if args.command not in ("upcycle", "export-native"):
+        return
+    from .utils import is_occupied
+
+    if not os.path.exists(args.src) and not _HUB_ID.match(args.src):
+        raise FileNotFoundError(
+            f"{args.src} is neither a folder nor a Hub model id (`name` or `org/name`); pass the folder of a "
+            f"{'dense' if args.command == 'upcycle' else 'SPRI'} checkpoint (config.json and its weights) or a Hub id."
+        )
+    out_dir = os.path.abspath(args.out)
+    if is_occupied(out_dir) and not args.overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another folder.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # spri_hf's INFO messages (the memory / disk estimate before upcycling) go to stderr on the command line
@@ -300,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging_module.INFO)
     try:
+        _check_paths(args)
         _load_for(args.command)
         return args.func(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:

@@ -1,10 +1,10 @@
-"""Small helpers shared by the command line, the export and the demo."""
+"""Small helpers shared by the command line, the export and the demo (importing this module imports no torch: the
+command line checks its paths with it before it imports anything heavy)."""
 
 import os
 import shutil
 import tempfile
 
-from .persistence import replace_folder
 
 
 def is_occupied(path: str) -> bool:
@@ -23,6 +23,8 @@ def atomic_save(model, out_dir: str, overwrite: bool = False, **save_kwargs):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
         model.save_pretrained(staging, **save_kwargs)
+        from .persistence import replace_folder  # torch, safetensors: only once something is written
+
         replace_folder(staging, out_dir)
     finally:
         if os.path.exists(staging):

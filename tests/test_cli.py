@@ -75,6 +75,29 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
         assert "argument --num-experts: invalid int value: 'x'" in result.stderr
 
 
+@pytest.mark.parametrize("case", ["missing source", "occupied output"])
+def test_path_errors_answer_before_torch_is_imported(case, tmp_path):
+    """`spri-hf upcycle` refuses a source that is neither a folder nor a Hub id, and an occupied output folder, before
+    it imports torch; nothing is written and what was there stays."""
+    script = os.path.join(os.path.dirname(sys.executable), "spri-hf")
+    out = tmp_path / "out"
+    if case == "occupied output":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        src = tmp_path
+    else:
+        src = tmp_path / "no" / "such" / "dense"
+    result = subprocess.run([sys.executable, "-c", _RUN_CONSOLE_SCRIPT, script, "upcycle", str(src), str(out)],
+                            capture_output=True, text=True)  # fmt: skip
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["exit"] == 2, result.stderr
+    assert not [name for name in report["modules"] if name.split(".")[0] in ("torch", "transformers", "safetensors")]
+    if case == "occupied output":
+        assert "already exists; pass --overwrite" in result.stderr and (out / "keep.txt").read_text() == "mine"
+    else:
+        assert f"{src} is neither a folder nor a Hub model id" in result.stderr and not out.exists()
+
+
 def test_the_flags_read_from_the_config_source_are_the_config_fields():
     """`cli_flags` reads SpriConfig's fields from its source (no torch); they are the live dataclass's, exactly."""
     from spri_hf.cli_flags import upcycling_flag_specs
