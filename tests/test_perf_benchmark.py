@@ -16,7 +16,8 @@ MEASURED = ("block", "stage", "upcycle", "generate", "stream")
 
 
 def test_tiny_preset_measures_every_figure(tmp_path):
-    out = tmp_path / "perf.json"
+    # a results folder that does not exist yet is created (a long run once ended without writing its results)
+    out = tmp_path / "not-yet" / "perf.json"
     command = [
         sys.executable,
         "-m",
@@ -34,6 +35,7 @@ def test_tiny_preset_measures_every_figure(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
+    assert sorted(path.name for path in out.parent.iterdir()) == ["perf.json"]  # no partial file left behind
     figures = report["figures"]
 
     assert set(figures) == {*MEASURED, "mergekit"}

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
+from benchmarks.machine import cpu_model
 from .block import figure_block
 from .common import FIGURES, MERGEKIT_VENV, PRESETS, TITLES
 from .generate import figure_generate
@@ -68,6 +69,7 @@ def run_figures(args) -> dict:
         command=" ".join(["python -m benchmarks.perf", *sys.argv[1:]]), preset=args.preset, device=str(device),
         dtype=str(dtype), repeats=args.repeats, runs=args.runs, jobs=jobs, torch_threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpus=os.cpu_count(), machine=platform.machine(),
+        cpu=cpu_model(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, python=platform.python_version(),
         torch=torch.__version__, transformers=transformers.__version__, spri_hf=spri_hf.__version__,
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -138,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_worker_parser().parse_args(argv)
         return args.func(args)
     args = build_parser().parse_args(argv)
-    report = run_figures(args)
     out = Path(args.out or f"perf-{args.command}-{args.preset}.json")
-    out.write_text(json.dumps(report, indent=2, default=str))
+    # before the measurements, so that a long run never ends without a place to write its results
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = run_figures(args)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(json.dumps(report, indent=2, default=str))
+    partial.replace(out)
     failed = [f"{name}: {check}" for name, figure in report["figures"].items()
               for check, result in figure["sanity"].items() if not result["passed"]]
     summary = f"\nwrote {out} ({report['meta']['wall_s']:.0f} s)"

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutput
 import spri_hf
 
 from benchmarks.data import build as builder
+from benchmarks.machine import cpu_model
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
 from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, note_context_frames, read_wav
 from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, UPCYCLING_BASELINES, NOT_IN_SPEC
@@ -157,6 +158,8 @@ def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
         "history": history,
         "dev_curve": dev_curve,
         "timings": timings,
+        # where the timings were taken: the wall times of runs on different machines do not compare
+        "machine": {"cpu": cpu_model(), "device": str(device), "threads": torch.get_num_threads()},
         "samples": samples,
         "hypotheses": evaluation["hypotheses"],
         "sentence_chrf": evaluation["sentence_chrf"],
@@ -603,30 +606,31 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
                out=out, vocabulary=vocabulary)  # fmt: skip
 
     results = []
-    for method_name in preset.methods:
-        method = METHODS[method_name]
-        for seed in preset.seeds if method.train else preset.seeds[:1]:
-            seed = seed if method.train else 0
-            spec = run_spec(method, seed, preset, model_id, data_id, eval_split)
-            if test_pairs is not None:
-                spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
-            path = out / "runs" / f"{method.name}-seed{seed}.json"
-            result = find_finished(spec, path, [Path(folder) for folder in reuse])
-            if result is not None:
-                log(f"{method.name} seed {seed}: finished before, chrF++ {result['metrics']['chrf']:.2f}")
-                if not path.is_file() or json.loads(path.read_text()).get("spec") != spec:
-                    write_json(path, result)
-            else:
-                log(f"{method.name} seed {seed}: {method.description or method.settings}")
-                clock = time.perf_counter()
-                result = run_one(method, seed, ctx, log) | {"spec": spec}
-                result["timings"]["total_s"] = time.perf_counter() - clock
+    # seed by seed (every method of seed 0 first): an interrupted grid leaves complete seeds, which pair
+    runs = [(METHODS[name], seed) for seed in preset.seeds for name in preset.methods
+            if METHODS[name].train or seed == preset.seeds[0]]
+    for method, seed in runs:
+        seed = seed if method.train else 0
+        spec = run_spec(method, seed, preset, model_id, data_id, eval_split)
+        if test_pairs is not None:
+            spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
+        path = out / "runs" / f"{method.name}-seed{seed}.json"
+        result = find_finished(spec, path, [Path(folder) for folder in reuse])
+        if result is not None:
+            log(f"{method.name} seed {seed}: finished before, chrF++ {result['metrics']['chrf']:.2f}")
+            if not path.is_file() or json.loads(path.read_text()).get("spec") != spec:
                 write_json(path, result)
-                log(f"    chrF++ {result['metrics']['chrf']:.2f} BLEU {result['metrics']['bleu']:.2f} "
-                    f"CE {result['metrics'].get('cross_entropy', float('nan')):.3f} ({result['timings']['total_s']:.0f} s)")
-            if result["routing"]:
-                plot_routing(result, out / "plots" / f"routing-{method.name}-seed{seed}.png")
-            results.append(result)
+        else:
+            log(f"{method.name} seed {seed}: {method.description or method.settings}")
+            clock = time.perf_counter()
+            result = run_one(method, seed, ctx, log) | {"spec": spec}
+            result["timings"]["total_s"] = time.perf_counter() - clock
+            write_json(path, result)
+            log(f"    chrF++ {result['metrics']['chrf']:.2f} BLEU {result['metrics']['bleu']:.2f} "
+                f"CE {result['metrics'].get('cross_entropy', float('nan')):.3f} ({result['timings']['total_s']:.0f} s)")
+        if result["routing"]:
+            plot_routing(result, out / "plots" / f"routing-{method.name}-seed{seed}.png")
+        results.append(result)
 
     summary = {
         "preset": preset.name,
@@ -649,6 +653,7 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         "environment": {
             "device": str(device) if device.type != "cpu"
             else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            "cpu": cpu_model(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
