@@ -321,3 +321,59 @@ def test_stage1_ablations_reach_the_trainer_and_their_specs_only():
     assert "stage1" not in run_spec(quality.METHODS["spri"], 0, preset, "m", "d", "test")
     assert {"stage-1 length", "stage-1 learning rate"} <= set(quality.harness.ABLATIONS)
 
+
+
+def test_processes_sharing_the_encoder_state_cache_split_the_clips(tmp_path):
+    import subprocess
+    import threading
+
+    from benchmarks.quality.data import encoder_states
+    from benchmarks.quality.models import tiny_whisper
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "audio").mkdir()
+    rows = []
+    for index in range(5):
+        with wave.open(str(tmp_path / "audio" / f"c{index}.wav"), "wb") as handle:
+            handle.setnchannels(1)
+            handle.setsampwidth(2)
+            handle.setframerate(16000)
+            handle.writeframes((rng.standard_normal(8000 + 800 * index) * 3000).astype("<i2").tobytes())
+        rows.append({"audio": f"audio/c{index}.wav"})
+    dense, processor, _ = tiny_whisper(["de"])
+    cache = tmp_path / "cache"
+    reference = encoder_states(dense, processor, tmp_path, rows, 60, tmp_path / "reference-cache", "cpu", log=print)
+
+    def cache_file(row):
+        import hashlib
+
+        return cache / f"{hashlib.sha256((tmp_path / row['audio']).read_bytes()).hexdigest()}.pt"
+
+    cache.mkdir()
+    # clip 0: claimed by a process that is gone (taken over); clip 1: claimed by a live one (waited for)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache_file(rows[0]).with_suffix(".claim").write_text(gone.stdout.strip())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cache_file(rows[1]).with_suffix(".claim").write_text(str(alive.pid))
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(states=encoder_states(
+            dense, processor, tmp_path, rows, 60, cache, "cpu", log=print, batch_size=2, poll_s=0.05)))
+        worker.start()
+        worker.join(timeout=5)
+        assert worker.is_alive(), "clip 1 is claimed by a live process: its states must be waited for"
+        assert {path.name for path in cache.glob("*.pt")} == {cache_file(row).name for i, row in enumerate(rows) if i != 1}
+        # the other process writes clip 1 (here: a marker the encoder never gives) and gives up its claim
+        marker = torch.full_like(reference[rows[1]["audio"]], 7.0)
+        torch.save(marker, cache_file(rows[1]))
+        cache_file(rows[1]).with_suffix(".claim").unlink()
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+    finally:
+        alive.kill()
+    states = result["states"]
+    assert torch.equal(states[rows[1]["audio"]], marker)  # taken from the cache, not computed again
+    for i, row in enumerate(rows):
+        if i != 1:
+            assert torch.equal(states[row["audio"]], reference[row["audio"]])
+    assert not list(cache.glob("*.claim")) and not list(cache.glob("*.tmp-*"))

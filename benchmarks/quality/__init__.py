@@ -16,8 +16,10 @@ seeds and test sentences) against dense and the best upcycling baseline; routing
 
 On 2 cores, two such processes with disjoint `--methods` (for example `dense,copy,noise,random` and
 `drop,spri,spri-stage2only,spri-div0`) share the work: each writes its own runs, and a last run of the whole preset
-with the same options finds them all finished and writes the complete summary and `lr-selection.json`.
-`--status --out DIR` lists the finished runs under DIR.
+with the same options finds them all finished and writes the complete summary and `lr-selection.json`. Runs go
+seed by seed (every method of seed 0, then of seed 1, ...), so an interrupted grid leaves seeds that pair. Processes
+sharing a cache split a new cache's encoder states between them (a `.claim` file per clip) instead of computing
+every clip twice. `--status --out DIR` lists the finished runs under DIR.
 
 Options: `--methods a,b` and `--seeds 0,1,2` override the preset; `--select-lr GRID` picks each method's learning rate
 on dev (seed 0) first, `--learning-rates FILE` reuses such a choice; `--stage1-fraction`, `--stage1-lr-multiplier`;

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,40 +91,92 @@ def data_direction(data_dir: Path) -> str:
     return direction
 
 
+def _claim(cached: Path) -> bool:
+    """Claims the computation of one clip's states for this process (a `.claim` file created exclusively); a claim
+    left by a process that is gone is taken over. Two benchmark processes started together (one per core) then
+    compute disjoint halves of a new cache instead of the same clips twice."""
+    claim = cached.with_suffix(".claim")
+    for _ in range(2):
+        try:
+            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(claim.read_text() or 0)
+            except (OSError, ValueError):
+                return False  # being written this instant: its owner is alive
+            if owner == os.getpid():
+                return True
+            try:
+                os.kill(owner, 0)
+                return False  # its owner is alive and computing it
+            except ProcessLookupError:
+                claim.unlink(missing_ok=True)  # stale: its owner died; take it over
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
 @torch.no_grad()
 def encoder_states(dense, processor, data_dir: Path, rows: list[dict], frames: int, cache_dir: Path, device,
-                   log=print, batch_size: int = 8) -> dict[str, torch.Tensor]:
+                   log=print, batch_size: int = 8, poll_s: float = 2.0) -> dict[str, torch.Tensor]:
     """float16 encoder states (`frames` x d_model) of every clip (keyed by its audio file), cached on disk.
 
     The cache holds one file per clip, named by the SHA-256 of its wav bytes, in a folder per encoder: a rebuilt or
     grown dataset reuses every clip it shares with an earlier one, and a killed run keeps what it computed. A cached
-    state at least `frames` long serves any shorter context.
+    state at least `frames` long serves any shorter context. Processes sharing the cache split the clips to compute
+    between them (`_claim`): each computes the clips it claimed and then waits for, or takes over, the others'.
     """
     clips = {row["audio"]: data_dir / row["audio"] for row in rows}
     cache_dir.mkdir(parents=True, exist_ok=True)
     out, todo = {}, []
-    for name, path in clips.items():
-        cached = cache_dir / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.pt"
+
+    def load(name, cached):
         state = torch.load(cached) if cached.is_file() else None
         if state is not None and state.shape[0] >= frames:
             out[name] = state[:frames]
-        else:
+            return True
+        return False
+
+    for name, path in clips.items():
+        cached = cache_dir / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.pt"
+        if not load(name, cached):
             todo.append((name, cached))
     if todo:
         log(f"    encoder states: {len(out)} cached, {len(todo)} to compute")
     encoder = dense.get_encoder().to(device).eval()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        audio = [read_wav(clips[name]) for name, _ in batch]
-        features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-        states = encoder(features.to(device=device, dtype=dense.dtype)).last_hidden_state
-        for (name, cached), state in zip(batch, states):
-            out[name] = state[:frames].to("cpu", torch.float16).clone()
-            partial = cached.with_suffix(f".tmp-{os.getpid()}")
-            torch.save(out[name], partial)
-            os.replace(partial, cached)
-        if (start // batch_size) % 10 == 9:
-            log(f"    encoder states {start + len(batch)}/{len(todo)}")
+    computed = 0
+    while todo:
+        waiting, batch = [], []
+        for name, cached in todo:
+            if len(batch) < batch_size and _claim(cached):
+                if load(name, cached):  # finished by another process just before this claim
+                    cached.with_suffix(".claim").unlink(missing_ok=True)
+                else:
+                    batch.append((name, cached))
+            else:
+                waiting.append((name, cached))
+        if batch:
+            audio = [read_wav(clips[name]) for name, _ in batch]
+            features = processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE,
+                                                   return_tensors="pt").input_features  # fmt: skip
+            states = encoder(features.to(device=device, dtype=dense.dtype)).last_hidden_state
+            for (name, cached), state in zip(batch, states):
+                out[name] = state[:frames].to("cpu", torch.float16).clone()
+                partial = cached.with_suffix(f".tmp-{os.getpid()}")
+                torch.save(out[name], partial)
+                os.replace(partial, cached)
+                cached.with_suffix(".claim").unlink(missing_ok=True)
+            computed += len(batch)
+            if computed // 80 != (computed - len(batch)) // 80:
+                log(f"    encoder states: {computed} computed here, {len(waiting)} left")
+        # what another process claimed: taken from the cache once it is there
+        todo = [(name, cached) for name, cached in waiting if not load(name, cached)]
+        if todo and not batch:
+            time.sleep(poll_s)
     return out
 
 
