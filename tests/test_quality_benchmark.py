@@ -321,6 +321,46 @@ def test_stage1_ablations_reach_the_trainer_and_their_specs_only():
     assert "stage1" not in run_spec(quality.METHODS["spri"], 0, preset, "m", "d", "test")
     assert {"stage-1 length", "stage-1 learning rate"} <= set(quality.harness.ABLATIONS)
 
+    # spri's stage-1 choice on dev reaches every two-stage run (under a method's own override) and their specs only
+    preset = quality.replace(preset, stage1_choice=(("stage1_lr_multiplier", 3.0),))
+    default, short, fast = arguments("spri"), arguments("spri-s1len0.25"), arguments("spri-s1lr30x")
+    assert default.stage1_learning_rate == pytest.approx(3 * 2e-4) and default.stage1_steps == 0.5
+    assert short.stage1_learning_rate == pytest.approx(3 * 2e-4) and short.stage1_steps == 0.25
+    assert fast.stage1_learning_rate == pytest.approx(30 * 2e-4)
+    assert run_spec(quality.METHODS["spri"], 0, preset, "m", "d", "test")["stage1"] == {"stage1_lr_multiplier": 3.0}
+    for name in ("copy", "spri-stage2only", "dense"):
+        assert "stage1" not in run_spec(quality.METHODS[name], 0, preset, "m", "d", "test"), name
+        assert arguments(name).stage1_learning_rate is None, name
+
+
+def test_select_lr_chooses_each_rate_and_spri_stage1_on_dev(tiny_xx_en, tmp_path):
+    from benchmarks.quality.harness import select_learning_rates
+    from benchmarks.quality.methods import STAGE1_CANDIDATES
+
+    preset = quality.replace(quality.PRESETS["tiny"], methods=("source-copy", "dense", "spri"))
+    out = tmp_path / "lr-selection"
+    result = select_learning_rates(preset, [1e-3, 1e-2], tiny_xx_en, out, torch.device("cpu"), tmp_path / "cache",
+                                   log=lambda message: None)  # fmt: skip
+    assert json.loads((out / "lr-selection.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["chosen"]) == {"dense", "spri"}  # trained methods only
+    for name, rate in result["chosen"].items():
+        scores = result["dev_chrf"][name]
+        assert set(scores) == {"0.001", "0.01"} and scores[f"{rate:g}"] == max(scores.values()), name
+    stage1 = result["stage1"]
+    assert stage1["learning_rate"] == result["chosen"]["spri"]
+    assert set(stage1["dev_chrf"]["stage1_fraction"]) == {"default", "0.25", "0.75"}
+    assert set(stage1["dev_chrf"]["stage1_lr_multiplier"]) == {"default", "1", "3", "30"}
+    for key, scores in stage1["dev_chrf"].items():
+        best = max(scores.values())
+        if key in stage1["chosen"]:
+            assert scores[f"{stage1['chosen'][key]:g}"] == best > scores["default"]
+        else:
+            assert scores["default"] == best
+    # the candidates trained at spri's chosen rate, on dev, seed 0
+    for name in STAGE1_CANDIDATES:
+        run = json.loads((out / "stage1" / "runs" / f"{name}-seed0.json").read_text())
+        assert run["learning_rate"] == result["chosen"]["spri"] and run["spec"]["eval_split"] == "dev", name
+
 
 
 def test_processes_sharing_the_encoder_state_cache_split_the_clips(tmp_path):

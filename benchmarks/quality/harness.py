@@ -24,11 +24,11 @@ from benchmarks.data import build as builder
 from benchmarks.machine import cpu_model
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
 from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, note_context_frames, read_wav
-from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, UPCYCLING_BASELINES, NOT_IN_SPEC
+from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, STAGE1_CANDIDATES, UPCYCLING_BASELINES, NOT_IN_SPEC
 from .models import build_model, load_dense, restrict_vocabulary, spri_settings
 from .plots import plot_routing, plot_summary
 from .routing import pairwise_distances, routing_diagnostics
-from .training import DevScores, bleu_tokenizer, method_learning_rate, score, teacher_forced_cross_entropy, train, translate
+from .training import DevScores, bleu_tokenizer, method_learning_rate, score, stage1_overrides, teacher_forced_cross_entropy, train, translate
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,8 +56,9 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
         "data": data_id,
         "eval_split": eval_split,
     }
-    if method.stage1:  # only where set: the specs of every other run stay as they were written
-        spec["stage1"] = method.stage1
+    overrides = stage1_overrides(preset, method)
+    if overrides:  # only where set: the specs of every other run stay as they were written
+        spec["stage1"] = overrides
     return json.loads(json.dumps(spec))
 
 
@@ -519,11 +520,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.select_lr:
         grid = [float(value) for value in args.select_lr.split(",")]
-        chosen = select_learning_rates(preset, grid, args.data, out / "lr-selection", device, args.cache)["chosen"]
-        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+        selection = select_learning_rates(preset, grid, args.data, out / "lr-selection", device, args.cache)
     elif args.learning_rates:
-        chosen = json.loads(args.learning_rates.read_text())["chosen"]
-        preset = replace(preset, learning_rates=tuple(sorted(chosen.items())))
+        selection = json.loads(args.learning_rates.read_text())
+    if args.select_lr or args.learning_rates:
+        preset = replace(preset, learning_rates=tuple(sorted(selection["chosen"].items())),
+                         stage1_choice=tuple(sorted((selection.get("stage1") or {}).get("chosen", {}).items())))
     run_benchmark(preset, args.data, out, device, args.cache, args.reuse, args.eval_split, args.context_check,
                   test_pairs=args.test_pairs, keep_models=args.keep_models)
     return 0
@@ -687,9 +689,33 @@ def select_learning_rates(preset: Preset, grid: list[float], data_dir: Path, out
     for name, scores in table.items():
         choice[name] = float(max(scores, key=scores.get))
     result = {"grid": grid, "dev_chrf": table, "chosen": choice}
+    if "spri" in choice:
+        result["stage1"] = select_stage1(preset, choice["spri"], table["spri"][f"{choice['spri']:g}"], data_dir, out,
+                                         device, cache, log)  # fmt: skip
     write_json(out / "lr-selection.json", result)
-    log(f"learning rates chosen on dev: {choice}")
+    log(f"learning rates chosen on dev: {choice}" + (f"; spri's stage 1: {result['stage1']['chosen'] or 'defaults'}"
+                                                     if "stage1" in result else ""))
     return result
+
+
+def select_stage1(preset: Preset, spri_lr: float, spri_chrf: float, data_dir: Path, out: Path, device, cache: Path,
+                  log=print) -> dict:
+    """spri's stage-1 length and rate on dev (seed 0, at spri's chosen learning rate), one setting at a time from the
+    preset's: the best length of {STAGE1_CANDIDATES' lengths, the preset's} and the best rate likewise. Returns the
+    dev scores and `chosen`, the settings that differ from the preset's (empty: keep them)."""
+    trial = replace(preset, name=f"{preset.name}-stage1", learning_rates=(("spri", spri_lr),), seeds=(0,),
+                    methods=STAGE1_CANDIDATES, stage1_choice=())
+    summary = run_benchmark(trial, data_dir, out / "stage1", device, cache, eval_split="dev", log=log)
+    defaults = {"stage1_fraction": preset.stage1_fraction, "stage1_lr_multiplier": preset.stage1_lr_multiplier}
+    scores, chosen = {key: {"default": spri_chrf} for key in defaults}, {}
+    for name in STAGE1_CANDIDATES:
+        ((key, value),) = METHODS[name].stage1.items()
+        scores[key][f"{value:g}"] = summary["methods"][name]["chrf"]["mean"]
+    for key, row in scores.items():
+        best = max(row, key=row.get)
+        if best != "default":
+            chosen[key] = float(best)
+    return {"learning_rate": spri_lr, "dev_chrf": scores, "chosen": chosen}
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class Preset:
     stage1_fraction: float = 0.5
     stage1_lr_multiplier: float | None = None
     stage2_warmup_ratio: float = 0.1
+    # spri's stage-1 length and rate chosen on dev (`--select-lr`): ((key, value), ...) where the choice differs from
+    # the two fields above; every two-stage method trains with it (a method's own `stage1` overrides it)
+    stage1_choice: tuple[tuple[str, float], ...] = ()
     train_embeddings: bool = False  # token embeddings (tied with the output projection)
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -147,4 +150,6 @@ PRESETS = {
     ),
 }
 # fields of a Preset that are not part of a run's spec (they do not change its result)
-NOT_IN_SPEC = {"name", "methods", "seeds", "eval_batch_size"}
+NOT_IN_SPEC = {"name", "methods", "seeds", "eval_batch_size", "stage1_choice"}
+# the runs on dev that choose spri's stage-1 length and rate (at spri's chosen learning rate), next to spri itself
+STAGE1_CANDIDATES = tuple(name for name, method in METHODS.items() if method.stage1 and method.settings == {"init": "spri"})

@@ -34,7 +34,7 @@ def training_arguments(preset: Preset, method: Method, seed: int, output_dir: st
     stage1 = {}
     if method.two_stage:
         schedule = {"stage1_fraction": preset.stage1_fraction, "stage1_lr_multiplier": preset.stage1_lr_multiplier}
-        schedule.update(method.stage1 or {})
+        schedule.update(stage1_overrides(preset, method))
         stage1 = dict(stage1_steps=schedule["stage1_fraction"], stage2_warmup_steps=preset.stage2_warmup_ratio)
         if schedule["stage1_lr_multiplier"] is not None:
             stage1["stage1_learning_rate"] = schedule["stage1_lr_multiplier"] * method_learning_rate(preset, method)
@@ -61,6 +61,13 @@ def training_arguments(preset: Preset, method: Method, seed: int, output_dir: st
         remove_unused_columns=False,
         **stage1,
     )
+
+
+def stage1_overrides(preset: Preset, method: Method) -> dict:
+    """What a two-stage run changes in the preset's stage-1 schedule: spri's choice on dev, then the method's own."""
+    if not method.two_stage:
+        return {}
+    return dict(preset.stage1_choice) | (method.stage1 or {})
 
 
 def method_learning_rate(preset: Preset, method: Method) -> float:
