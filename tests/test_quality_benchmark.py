@@ -222,6 +222,14 @@ def test_paired_bootstrap_on_numbers_with_a_known_answer():
         quality.paired_bootstrap(b[:, :10], b)
 
 
+def test_summary_names_the_bleu_tokenisation_of_every_language():
+    from benchmarks.quality.harness import describe_bleu_tokenize
+
+    assert describe_bleu_tokenize({"de": "13a", "sv": "13a"}) == "`13a` for every language"
+    assert describe_bleu_tokenize({"de": "13a", "ja": "ja-mecab"}) == "ja `ja-mecab`, others `13a`"
+    assert describe_bleu_tokenize({"ja": "ja-mecab", "zh-cn": "zh"}) == "ja `ja-mecab`, zh-cn `zh`"
+
+
 @pytest.fixture(scope="module")
 def tiny_xx_en(tmp_path_factory):
     return _build_tiny(tmp_path_factory.mktemp("quality-xx-en"), "covost_tiny_xx_en", builder.TINY_XX_EN)

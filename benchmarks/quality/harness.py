@@ -299,6 +299,14 @@ def _setting_label(name: str, row: dict) -> str:
     return label
 
 
+def describe_bleu_tokenize(tokenizers: dict[str, str]) -> str:
+    """`13a` for every language, or the languages that use another tokeniser and `13a` for the rest."""
+    special = [f"{lang} `{tok}`" for lang, tok in tokenizers.items() if tok != "13a"]
+    if not special:
+        return "`13a` for every language"
+    return ", ".join(special) + (", others `13a`" if len(special) < len(tokenizers) else "")
+
+
 def markdown(summary: dict) -> str:
     methods, langs = summary["methods"], summary["languages"]
     header = ("| method | settings | lr | chrF++ | BLEU | test CE | ΔchrF++ vs dense [95% CI] | "
@@ -313,9 +321,8 @@ def markdown(summary: dict) -> str:
         f"budget: {summary['budget']['steps']} steps x batch {summary['budget']['batch_size']}, "
         f"lr {summary['budget']['learning_rate']:g}; seeds {summary['seeds']}; "
         f"device {summary['environment']['device']}.",
-        "BLEU tokenisation: "
-        + ", ".join(f"{lang} `{tok}`" for lang, tok in summary["bleu_tokenize"].items() if tok != "13a")
-        + ", others `13a`. Scores are macro averages over languages; ± is the standard deviation over seeds.",
+        "BLEU tokenisation: " + describe_bleu_tokenize(summary["bleu_tokenize"])
+        + ". Scores are macro averages over languages; ± is the standard deviation over seeds.",
         "",
         "## Main comparison",
         "",
