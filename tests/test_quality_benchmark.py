@@ -103,7 +103,10 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
 
     langs = sorted({json.loads(line)["lang"] for line in (tiny_data / "test.jsonl").read_text().splitlines()})
     assert summary["languages"] == langs
-    assert set(summary["methods"]) == set(quality.METHODS) == set(preset.methods)
+    # the stage-1 variants at the preset's own schedule (0.5 of the steps, 10x) are spri's run, not trained twice
+    assert set(quality.METHODS) == set(preset.methods)
+    assert set(summary["methods"]) == set(preset.methods) - {"spri-s1len0.5", "spri-s1lr10x"}
+    assert not (out / "runs" / "spri-s1len0.5-seed0.json").exists()
     for name, row in summary["methods"].items():
         assert math.isfinite(row["bleu"]["mean"]) and math.isfinite(row["chrf"]["mean"]), name
         for lang in langs:
@@ -113,7 +116,8 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     table = (out / "summary.md").read_text()
     assert "| spri |" in table and "Ablation: principal_ratio" in table
 
-    for name, method in quality.METHODS.items():
+    for name in summary["methods"]:
+        method = quality.METHODS[name]
         run = json.loads((out / "runs" / f"{name}-seed0.json").read_text())
         assert len(run["history"]) == (preset.steps if method.train else 0)
         assert all(math.isfinite(step["loss"]) for step in run["history"])
@@ -339,6 +343,33 @@ def test_stage1_ablations_reach_the_trainer_and_their_specs_only():
     for name in ("copy", "spri-stage2only", "dense"):
         assert "stage1" not in run_spec(quality.METHODS[name], 0, preset, "m", "d", "test"), name
         assert arguments(name).stage1_learning_rate is None, name
+
+
+def test_stage1_ablations_pair_the_old_default_with_spri_chosen_schedule():
+    """Once dev has chosen another stage 1 for spri, the stage-1 ablations that equal it are spri's own run and the
+    defaults they replaced (0.5 of the steps, 10x) become ablations; the dev selection never reruns the defaults."""
+    from benchmarks.quality.methods import STAGE1_CANDIDATES
+    from benchmarks.quality.training import same_run_as_spri, stage1_schedule
+
+    preset = quality.replace(quality.PRESETS["cpu-xx-en-ablations"], learning_rates=(("spri", 3e-4),))
+    methods = quality.METHODS
+    assert stage1_schedule(preset, methods["spri"]) == (0.5, 10.0)
+    assert [name for name in preset.methods if same_run_as_spri(preset, methods[name])] == [
+        "spri-s1len0.5", "spri-s1lr10x"]
+    assert "spri-s1len0.5" not in STAGE1_CANDIDATES and "spri-s1lr10x" not in STAGE1_CANDIDATES
+    assert set(STAGE1_CANDIDATES) == {"spri-s1len0.25", "spri-s1len0.75", "spri-s1lr1x", "spri-s1lr3x", "spri-s1lr30x"}
+
+    chosen = quality.replace(preset, stage1_choice=(("stage1_fraction", 0.25), ("stage1_lr_multiplier", 3.0)))
+    assert stage1_schedule(chosen, methods["spri"]) == (0.25, 3.0)
+    assert [name for name in chosen.methods if same_run_as_spri(chosen, methods[name])] == [
+        "spri-s1len0.25", "spri-s1lr3x"]
+    assert stage1_schedule(chosen, methods["spri-s1len0.5"]) == (0.5, 3.0)
+    assert stage1_schedule(chosen, methods["spri-s1lr10x"]) == (0.25, 10.0)
+    # other settings or another rate are not spri's run, whatever their stage 1
+    assert not same_run_as_spri(chosen, methods["spri-div0"]) and not same_run_as_spri(chosen, methods["spri"])
+    assert stage1_schedule(chosen, methods["spri-stage2only"]) is None
+    own_rate = quality.replace(chosen, learning_rates=(("spri", 3e-4), ("spri-s1len0.25", 1e-4)))
+    assert not same_run_as_spri(own_rate, methods["spri-s1len0.25"])
 
 
 def test_select_lr_chooses_each_rate_and_spri_stage1_on_dev(tiny_xx_en, tmp_path):

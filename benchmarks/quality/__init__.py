@@ -13,6 +13,13 @@ seeds and test sentences) against dense and the best upcycling baseline; routing
         --out benchmarks/results/pilot-disjoint-4langs
     python -m benchmarks.quality --preset cpu-xx-en --data benchmarks/data/covost_xx_en_disjoint \
         --out docs/results/cpu-xx-en --select-lr 1e-4,3e-4,1e-3 --threads 1
+    python -m benchmarks.quality --preset cpu-xx-en-ablations --data benchmarks/data/covost_xx_en_disjoint \
+        --out docs/results/cpu-xx-en-ablations --learning-rates docs/results/cpu-xx-en/lr-selection/lr-selection.json \
+        --reuse docs/results/cpu-xx-en --threads 1
+
+The ablations train at spri's chosen rate and stage 1 (the main run's `lr-selection.json`) and take spri's own runs
+from the main comparison; a stage-1 ablation that equals spri's chosen schedule is spri's run, so once dev has chosen
+another stage 1 the ablations pair the former default (0.5 of the steps, 10x) against it.
 
 On 2 cores, two such processes with disjoint `--methods` (for example `dense,copy,noise,random` and
 `drop,spri,spri-stage2only,spri-div0`) share the work: each writes its own runs, and a last run of the whole preset

@@ -28,7 +28,10 @@ from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Pres
 from .models import build_model, load_dense, restrict_vocabulary, spri_settings
 from .plots import plot_routing, plot_summary
 from .routing import pairwise_distances, routing_diagnostics
-from .training import DevScores, bleu_tokenizer, method_learning_rate, score, stage1_overrides, teacher_forced_cross_entropy, train, translate
+from .training import (
+    DevScores, bleu_tokenizer, method_learning_rate, same_run_as_spri, score, stage1_overrides, stage1_schedule,
+    teacher_forced_cross_entropy, train, translate,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +241,8 @@ def summarise(results: list[dict], langs: list[str]) -> dict:
             "bleu": _mean_std([run["metrics"]["bleu"] for run in runs]),
             "chrf": _mean_std([run["metrics"]["chrf"] for run in runs]),
             "learning_rate": runs[0].get("learning_rate"),
+            # a two-stage run's stage-1 schedule where it differs from the preset's (spri's choice on dev, its own)
+            "stage1": runs[0].get("spec", {}).get("stage1"),
             "per_lang": {
                 lang: {
                     "bleu": _mean_std([run["metrics"]["per_lang"][lang]["bleu"] for run in runs]),
@@ -293,7 +298,7 @@ def _setting_label(name: str, row: dict) -> str:
         )
         label += f", pr={settings['principal_ratio']:g}, {settings['partition']}"
         label += ", two-stage" if METHODS[name].two_stage else ", stage 2 only"
-        for key, value in (METHODS[name].stage1 or {}).items():
+        for key, value in (row.get("stage1") or METHODS[name].stage1 or {}).items():
             label += f", stage 1 {'x' if key.endswith('multiplier') else ''}{value:g}" + (
                 " of the rate" if key.endswith("multiplier") else " of the steps")
     return label
@@ -309,7 +314,7 @@ def describe_bleu_tokenize(tokenizers: dict[str, str]) -> str:
 
 def markdown(summary: dict) -> str:
     methods, langs = summary["methods"], summary["languages"]
-    header = ("| method | settings | lr | chrF++ | BLEU | test CE | ΔchrF++ vs dense [95% CI] | "
+    header = (f"| method | settings | lr | chrF++ | BLEU | {summary['eval_split']} CE | ΔchrF++ vs dense [95% CI] | "
               "ΔchrF++ vs best baseline [95% CI] | train s | generate s |")
     paired = summary.get("paired", {}).get("methods", {})
     best = summary.get("paired", {}).get("best_baseline")
@@ -617,7 +622,11 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     results = []
     # seed by seed (every method of seed 0 first): an interrupted grid leaves complete seeds, which pair
     runs = [(METHODS[name], seed) for seed in preset.seeds for name in preset.methods
-            if METHODS[name].train or seed == preset.seeds[0]]
+            if (METHODS[name].train or seed == preset.seeds[0]) and not same_run_as_spri(preset, METHODS[name])]
+    for name in preset.methods:
+        if same_run_as_spri(preset, METHODS[name]):
+            schedule = stage1_schedule(preset, METHODS[name])
+            log(f"{name}: stage 1 {schedule} is spri's own schedule; spri's run is its row")
     for method, seed in runs:
         seed = seed if method.train else 0
         spec = run_spec(method, seed, preset, model_id, data_id, eval_split)

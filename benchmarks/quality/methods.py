@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from spri_hf.trainer import STAGE1_LR_MULTIPLIER
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # methods and presets
@@ -29,6 +31,10 @@ class Method:
         return self.is_moe and self.settings.get("init", "spri") == "spri" and self.settings.get("stage") in (None, 1)
 
 
+STAGE1_FRACTIONS = (0.25, 0.5, 0.75)
+STAGE1_LR_MULTIPLIERS = (1.0, 3.0, 10.0, 30.0)
+
+
 def _methods() -> dict[str, Method]:
     rows = [
         Method("dense-untrained", None, train=False, description="Whisper base as it is (zero-shot reference)"),
@@ -50,10 +56,12 @@ def _methods() -> dict[str, Method]:
     for ratio in (0.25, 0.75, 0.9):
         rows.append(Method(f"spri-pr{ratio:g}", {"init": "spri", "principal_ratio": ratio}))
     rows.append(Method("spri-contiguous", {"init": "spri", "partition": "contiguous"}))
-    # stage-1 length (share of the steps) and learning rate (x the method's rate; spri_hf's default is 10x)
-    for fraction in (0.25, 0.75):
+    # stage-1 length (share of the steps) and learning rate (x the method's rate; spri_hf's default is 10x). The
+    # values include the defaults (0.5, 10x): once dev has chosen another schedule for spri, the ablations pair the
+    # old default against it; a value that is spri's own schedule is spri's run (`same_schedule_as_spri`)
+    for fraction in STAGE1_FRACTIONS:
         rows.append(Method(f"spri-s1len{fraction:g}", {"init": "spri"}, stage1={"stage1_fraction": fraction}))
-    for multiplier in (1.0, 3.0, 30.0):
+    for multiplier in STAGE1_LR_MULTIPLIERS:
         rows.append(Method(f"spri-s1lr{multiplier:g}x", {"init": "spri"}, stage1={"stage1_lr_multiplier": multiplier}))
     return {method.name: method for method in rows}
 
@@ -72,8 +80,8 @@ ABLATIONS = {
     "principal_ratio": ("spri-pr0.25", "spri", "spri-pr0.75", "spri-pr0.9"),
     "partition": ("spri", "spri-contiguous"),
     "training stages": ("spri", "spri-stage2only"),
-    "stage-1 length": ("spri-s1len0.25", "spri", "spri-s1len0.75"),
-    "stage-1 learning rate": ("spri-s1lr1x", "spri-s1lr3x", "spri", "spri-s1lr30x"),
+    "stage-1 length": ("spri", "spri-s1len0.25", "spri-s1len0.5", "spri-s1len0.75"),
+    "stage-1 learning rate": ("spri", "spri-s1lr1x", "spri-s1lr3x", "spri-s1lr10x", "spri-s1lr30x"),
 }
 
 
@@ -151,5 +159,11 @@ PRESETS = {
 }
 # fields of a Preset that are not part of a run's spec (they do not change its result)
 NOT_IN_SPEC = {"name", "methods", "seeds", "eval_batch_size", "stage1_choice"}
-# the runs on dev that choose spri's stage-1 length and rate (at spri's chosen learning rate), next to spri itself
-STAGE1_CANDIDATES = tuple(name for name, method in METHODS.items() if method.stage1 and method.settings == {"init": "spri"})
+# the runs on dev that choose spri's stage-1 length and rate (at spri's chosen learning rate), next to spri itself:
+# every stage-1 variant but those of the defaults (0.5 of the steps, 10x), which are spri's own run
+STAGE1_CANDIDATES = tuple(
+    name for name, method in METHODS.items()
+    if method.stage1 and method.settings == {"init": "spri"}
+    and method.stage1 not in ({"stage1_fraction": Preset.stage1_fraction},
+                              {"stage1_lr_multiplier": STAGE1_LR_MULTIPLIER})
+)  # fmt: skip

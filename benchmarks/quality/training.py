@@ -13,8 +13,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 
 from spri_hf import SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments
+from spri_hf.trainer import STAGE1_LR_MULTIPLIER
 from .data import Example, ExampleDataset, StatesCollator, Vocabulary, collate, stack_states, whisper_language
-from .methods import Method, Preset
+from .methods import METHODS, Method, Preset
 from .models import freeze
 
 
@@ -68,6 +69,28 @@ def stage1_overrides(preset: Preset, method: Method) -> dict:
     if not method.two_stage:
         return {}
     return dict(preset.stage1_choice) | (method.stage1 or {})
+
+
+def stage1_schedule(preset: Preset, method: Method) -> tuple[float, float] | None:
+    """(stage-1 length, stage-1 rate as a multiple of the method's) that a two-stage run trains with; None for a
+    run that trains stage 2 throughout. The multiplier `None` is SpriTrainingArguments' default, named here."""
+    if not method.two_stage:
+        return None
+    schedule = {"stage1_fraction": preset.stage1_fraction, "stage1_lr_multiplier": preset.stage1_lr_multiplier}
+    schedule.update(stage1_overrides(preset, method))
+    multiplier = schedule["stage1_lr_multiplier"]
+    return schedule["stage1_fraction"], STAGE1_LR_MULTIPLIER if multiplier is None else multiplier
+
+
+def same_run_as_spri(preset: Preset, method: Method) -> bool:
+    """A stage-1 ablation that, under the preset's stage-1 choice, trains exactly as spri does (for example
+    `spri-s1len0.25` once dev has chosen 0.25 for spri): it is spri's run, and the benchmark does not train it twice."""
+    spri = METHODS["spri"]
+    return (
+        method.name != spri.name and method.stage1 is not None and method.settings == spri.settings
+        and method_learning_rate(preset, method) == method_learning_rate(preset, spri)
+        and stage1_schedule(preset, method) == stage1_schedule(preset, spri)
+    )  # fmt: skip
 
 
 def method_learning_rate(preset: Preset, method: Method) -> float:
