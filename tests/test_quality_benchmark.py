@@ -186,6 +186,18 @@ def test_unknown_language_is_refused_and_bleu_tokenisation():
     assert quality.bleu_tokenizer("de") == "13a"
 
 
+def test_select_lr_without_spri_refuses_other_two_stage_methods(tmp_path, capsys):
+    # spri-div0 trains with spri's stage-1 choice; a process that selects rates without spri cannot know that
+    # choice and would train spri-div0 with the default stage 1 under a spec that matches no finished run
+    with pytest.raises(SystemExit) as stopped:
+        quality.main(["--preset", "cpu-xx-en", "--methods", "dense,spri-div0", "--select-lr", "1e-4",
+                      "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "['spri-div0']" in error and "--learning-rates" in error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_every_covost_target_has_a_whisper_base_language_token(tmp_path):
     import importlib.util

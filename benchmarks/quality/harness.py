@@ -512,6 +512,11 @@ def main(argv=None) -> int:
         preset = replace(preset, methods=tuple(args.methods.split(",")))
     if args.seeds:
         preset = replace(preset, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+    orphans = [name for name in preset.methods if METHODS[name].two_stage and name != "spri"]
+    if args.select_lr and orphans and "spri" not in preset.methods:
+        parser.error(f"--select-lr chooses spri's stage 1 only when spri is among the methods, so {orphans} would "
+                     "train with the default stage 1 instead of spri's choice: add spri to --methods, or pass "
+                     "--learning-rates OUT/lr-selection/lr-selection.json from a selection that included spri")
     if args.steps is not None:
         preset = replace(preset, steps=args.steps)
     if args.learning_rate is not None:
