@@ -238,6 +238,32 @@ def test_paired_bootstrap_on_numbers_with_a_known_answer():
         quality.paired_bootstrap(b[:, :10], b)
 
 
+def test_paired_differences_pair_shared_seeds_and_ablations_with_the_default():
+    rng = np.random.default_rng(1)
+    spri = {seed: rng.normal(40, 10, size=50) for seed in range(5)}
+    dense = {seed: spri[seed] + 2.0 for seed in range(5)}
+    results = [{"method": "spri", "seed": seed, "sentence_chrf": list(row)} for seed, row in spri.items()]
+    results += [{"method": "dense", "seed": seed, "sentence_chrf": list(row)} for seed, row in dense.items()]
+    results += [{"method": "copy", "seed": seed, "sentence_chrf": list(dense[seed] - 0.5)} for seed in range(5)]
+    # an ablation with three seeds, one point above the default on each sentence
+    results += [{"method": "spri-pr0.75", "seed": seed, "sentence_chrf": list(spri[seed] + 1.0)} for seed in range(3)]
+    # the untrained model: one run, no seeds
+    results.append({"method": "dense-untrained", "seed": 0, "sentence_chrf": list(spri[0] - 3.0)})
+    paired = quality.paired_differences(results)
+    assert paired["best_baseline"] == "copy" and paired["default"] == "spri"
+    ablation = paired["methods"]["spri-pr0.75"]
+    assert ablation["vs_spri"]["seeds"] == 3 and ablation["vs_spri"]["mean"] == pytest.approx(1.0)
+    assert ablation["vs_spri"]["low"] == pytest.approx(1.0) and ablation["vs_spri"]["significant"]
+    assert ablation["vs_dense"]["seeds"] == 3 and ablation["vs_dense"]["mean"] == pytest.approx(-1.0)
+    # spri itself is the default; the main methods are not paired with it
+    assert "vs_spri" not in paired["methods"]["spri"] and "vs_spri" not in paired["methods"]["dense"]
+    assert paired["methods"]["spri"]["vs_dense"]["mean"] == pytest.approx(-2.0)
+    assert paired["methods"]["spri"]["vs_dense"]["seeds"] == 5
+    untrained = paired["methods"]["dense-untrained"]["vs_dense"]
+    expected = np.mean([spri[0] - 3.0 - dense[seed] for seed in range(5)])
+    assert untrained["seeds"] == 5 and untrained["mean"] == pytest.approx(expected)
+
+
 def test_summary_names_the_bleu_tokenisation_of_every_language():
     from benchmarks.quality.harness import describe_bleu_tokenize
 

@@ -199,24 +199,42 @@ def paired_bootstrap(a: list[list[float]], b: list[list[float]], samples: int = 
 
 
 def paired_differences(results: list[dict]) -> dict:
-    """Sentence chrF++ of every trained method against dense and against the best upcycling baseline."""
-    by_method = defaultdict(list)
+    """Sentence chrF++ of every trained method against dense, the best upcycling baseline and, for a variant in an
+    ablation table, the default `spri`; each pair over the seeds both methods have (an untrained method, one run
+    without seeds, pairs with every seed of the other)."""
+    by_method = defaultdict(dict)
     for result in results:
         if result.get("sentence_chrf") is not None:
-            by_method[result["method"]].append(result)
-    scores = {name: [run["sentence_chrf"] for run in sorted(runs, key=lambda r: r["seed"])]
-              for name, runs in by_method.items()}  # fmt: skip
-    means = {name: float(np.mean(rows)) for name, rows in scores.items()}
-    baselines = [name for name in UPCYCLING_BASELINES if name in scores]
+            by_method[result["method"]][result["seed"]] = result["sentence_chrf"]
+    means = {name: float(np.mean(list(rows.values()))) for name, rows in by_method.items()}
+    baselines = [name for name in UPCYCLING_BASELINES if name in by_method]
     best = max(baselines, key=means.get) if baselines else None
+    ablated = {name for names in ABLATIONS.values() for name in names}
+
+    def pair(name, reference):
+        rows, other = by_method[name], by_method[reference]
+        if not METHODS[reference].train:
+            a, b = [rows[seed] for seed in sorted(rows)], list(other.values())[:1]
+        elif not METHODS[name].train:
+            a, b = list(rows.values())[:1], [other[seed] for seed in sorted(other)]
+        else:
+            seeds = sorted(set(rows) & set(other))
+            a, b = [rows[seed] for seed in seeds], [other[seed] for seed in seeds]
+        if not a or not b or len(a[0]) != len(b[0]):
+            return None
+        return paired_bootstrap(a, b)
+
     paired = {}
-    for name, rows in scores.items():
+    for name in by_method:
+        references = ["dense", best] + (["spri"] if name in ablated else [])
         entry = {}
-        for reference in ("dense", best):
-            if reference and reference != name and reference in scores and len(scores[reference][0]) == len(rows[0]):
-                entry[f"vs_{reference}"] = paired_bootstrap(rows, scores[reference])
+        for reference in dict.fromkeys(references):
+            if reference and reference != name and reference in by_method:
+                stat = pair(name, reference)
+                if stat is not None:
+                    entry[f"vs_{reference}"] = stat
         paired[name] = entry
-    return {"metric": "sentence chrF++", "best_baseline": best, "methods": paired}
+    return {"metric": "sentence chrF++", "best_baseline": best, "default": "spri", "methods": paired}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -345,24 +363,28 @@ def markdown(summary: dict) -> str:
         mark = "" if stat["significant"] else " (n.s.)"
         return f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]{mark}"
 
-    def row_line(name):
+    def row_line(name, references=("dense", best)):
         row = methods[name]
         timings = row["timings"]
         ce = _cell(row["cross_entropy"], 3) if row.get("cross_entropy") else ""
         lr = f"{row['learning_rate']:g}" if row.get("learning_rate") else ""
+        deltas = " | ".join(interval(name, reference) for reference in references)
         return (
             f"| {name} | {_setting_label(name, row)} | {lr} | {_cell(row['chrf'])} | {_cell(row['bleu'])} | {ce} | "
-            f"{interval(name, 'dense')} | {interval(name, best)} | {timings['train_s']:.0f} | "
-            f"{timings['generate_s']:.0f} |"
+            f"{deltas} | {timings['train_s']:.0f} | {timings['generate_s']:.0f} |"
         )
 
     lines += [row_line(name) for name in HEADLINE_METHODS if name in methods]
+    ablation_header = (f"| method | settings | lr | chrF++ | BLEU | {summary['eval_split']} CE | "
+                       "ΔchrF++ vs spri (default) [95% CI] | ΔchrF++ vs dense [95% CI] | train s | generate s |")
     for title, names in ABLATIONS.items():
         names = [name for name in names if name in methods]
-        if len(names) < 2:
+        if len(names) < 2 or "spri" not in names:
             continue
-        lines += ["", f"## Ablation: {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [row_line(name) for name in names]
+        lines += ["", f"## Ablation: {title}", "",
+                  "Δ vs spri: each variant paired with the default over the seeds both have.", "",
+                  ablation_header, "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [row_line(name, ("spri", "dense")) for name in names]
     for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
         lines += ["", f"## {title} per language", "", "| method | " + " | ".join(langs) + " | avg |",
                   "|---" * (len(langs) + 2) + "|"]
