@@ -148,8 +148,12 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     margins = summary["context_check"]["chrf_vs_source_by_margin_s"]
     assert set(margins) == {str(m) for m in quality.CONTEXT_CHECK_MARGINS}
     assert all(math.isfinite(value) for value in margins.values())
-    for plot in ("bleu-per-language.png", "routing-summary.png", "training-loss.png"):
+    for plot in ("bleu-per-language.png", "chrf-per-language.png", "paired-differences.png", "routing-summary.png",
+                 "training-loss.png"):
         assert (out / "plots" / plot).stat().st_size > 0
+    # every ablation variant is paired with the default spri, and its table says so
+    assert summary["paired"]["methods"]["spri-pr0.75"]["vs_spri"]["seeds"] == 1
+    assert "ΔchrF++ vs spri (default)" in table
 
 
 def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):

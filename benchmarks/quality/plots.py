@@ -59,19 +59,21 @@ def plot_summary(summary: dict, plots: Path):
     names = [name for name in methods if methods[name]["seeds"]]
     langs = summary["languages"]
 
-    figure, ax = plt.subplots(figsize=(max(6, 0.9 * len(langs) + 2), 3.6))
     shown = [name for name in HEADLINE_METHODS if name in names] or names
     width = 0.8 / len(shown)
-    for offset, name in enumerate(shown):
-        values = [methods[name]["per_lang"][lang]["bleu"]["mean"] for lang in langs] + [methods[name]["bleu"]["mean"]]
-        ax.bar(np.arange(len(langs) + 1) + offset * width, values, width, label=name)
-    ax.set_xticks(np.arange(len(langs) + 1) + 0.4 - width / 2, langs + ["avg"], fontsize=8)
-    ax.set_ylabel("BLEU")
-    ax.legend(fontsize=7, ncol=4)
-    ax.set_title("BLEU per target language (mean over seeds)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(plots / "bleu-per-language.png", dpi=90)
-    plt.close(figure)
+    for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
+        figure, ax = plt.subplots(figsize=(max(6, 0.9 * len(langs) + 2), 3.6))
+        for offset, name in enumerate(shown):
+            values = [methods[name]["per_lang"][lang][metric]["mean"] for lang in langs] + [methods[name][metric]["mean"]]
+            ax.bar(np.arange(len(langs) + 1) + offset * width, values, width, label=name)
+        ax.set_xticks(np.arange(len(langs) + 1) + 0.4 - width / 2, langs + ["avg"], fontsize=8)
+        ax.set_ylabel(title)
+        ax.legend(fontsize=7, ncol=4)
+        ax.set_title(f"{title} per language (mean over seeds)", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(plots / f"{metric}-per-language.png", dpi=90)
+        plt.close(figure)
+    plot_paired(summary, plots / "paired-differences.png")
 
     moe = [name for name in names if methods[name].get("routing")]
     if moe:
@@ -105,4 +107,32 @@ def plot_summary(summary: dict, plots: Path):
         ax.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(plots / "training-loss.png", dpi=90)
+    plt.close(figure)
+
+
+def plot_paired(summary: dict, path: Path):
+    """The paired sentence chrF++ differences with their 95% intervals: every method against dense, and every
+    ablation variant against the default spri (one panel each, where the summary has them)."""
+    paired = summary.get("paired", {}).get("methods", {})
+    panels = [(reference, [(name, stats[f"vs_{reference}"]) for name, stats in paired.items()
+                           if f"vs_{reference}" in stats])  # fmt: skip
+              for reference in ("dense", "spri")]
+    panels = [(reference, rows) for reference, rows in panels if rows]
+    if not panels:
+        return
+    plt = _pyplot()
+    height = 1.2 + 0.28 * max(len(rows) for _, rows in panels)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), height), squeeze=False)
+    for ax, (reference, rows) in zip(axes[0], panels):
+        y = np.arange(len(rows))[::-1]
+        for position, (_, stat) in zip(y, rows):
+            errors = [[max(stat["mean"] - stat["low"], 0.0)], [max(stat["high"] - stat["mean"], 0.0)]]
+            colour = "tab:red" if stat["significant"] else "tab:gray"
+            ax.errorbar([stat["mean"]], [position], xerr=errors, fmt="o", markersize=4, color=colour, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [name for name, _ in rows], fontsize=7)
+        ax.set_xlabel(f"chrF++ difference to {reference} (95% CI; red: excludes 0)", fontsize=8)
+        ax.set_title(f"paired against {reference}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
     plt.close(figure)
