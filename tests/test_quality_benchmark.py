@@ -179,6 +179,15 @@ def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):
     quality.run_benchmark(changed, tiny_data, tmp_path / "other", cache=tmp_path / "cache", reuse=[out],
                           log=messages.append)
     assert not any("finished before" in message for message in messages)
+    # --status's interim paired table: pools only runs of the same budget, and pairs an ablation with spri
+    assert "| spri | 0 | " in quality.harness.interim_paired(out)
+    other = quality.harness.interim_paired(tmp_path / "other", [out])
+    assert "| dense | 0 | " in other and "| spri |" not in other  # spri trained 4 steps, this dense 3
+    ablation = quality.replace(preset, methods=("spri-pr0.75",))
+    quality.run_benchmark(ablation, tiny_data, tmp_path / "ablations", cache=tmp_path / "cache", log=messages.append)
+    interim = quality.harness.interim_paired(tmp_path / "ablations", [out])
+    row = next(line for line in interim.splitlines() if line.startswith("| spri-pr0.75 |"))
+    assert row.count("(1 seeds)") == 2  # against dense and against spri (the default), from the reused folder
 
 
 def test_unknown_language_is_refused_and_bleu_tokenisation():

@@ -482,6 +482,56 @@ def status_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _comparable(spec: dict) -> tuple:
+    """What two runs must share to be paired: model, data, split and, for trained runs, the step budget."""
+    budget = spec.get("budget", {})
+    return spec.get("model"), spec.get("data"), spec.get("eval_split"), budget.get("steps") if spec.get("train") else None
+
+
+def interim_paired(out: Path, reuse: list[Path] = ()) -> str:
+    """Paired differences over the runs finished so far in `out/runs` (and, for (method, seed) pairs it lacks, in the
+    `reuse` folders' runs), as `--status` prints them under its table: an interim reading of a grid in progress. Only
+    runs with the model, data, split and step budget of `out`'s own runs are pooled; the summary of a whole-preset run
+    is the final word (it also checks every run's full spec)."""
+    pooled, reference = {}, None
+    for folder in [Path(out), *map(Path, reuse)]:
+        for path in sorted(folder.glob("runs/*.json")):
+            result = json.loads(path.read_text())
+            spec = result.get("spec", {})
+            if result.get("sentence_chrf") is None or result["method"] not in METHODS:
+                continue
+            key = _comparable(spec)
+            if reference is None and spec.get("train"):
+                reference = key
+            pooled.setdefault((result["method"], result["seed"]), (key, result))
+    if reference is None:
+        return ""
+    results = [result for key, result in pooled.values()
+               if key[:3] == reference[:3] and (key[3] is None or key[3] == reference[3])]  # fmt: skip
+    paired = paired_differences(results)
+    by_method = defaultdict(dict)
+    for result in results:
+        by_method[result["method"]][result["seed"]] = result["metrics"]["chrf"]
+    best = paired["best_baseline"]
+    lines = ["", f"Interim paired sentence chrF++ differences (95% CI over the seeds both methods have; best baseline "
+             f"{best}; an interval that includes 0 is no difference):", "",
+             f"| method | seeds | chrF++ mean ± std | vs dense | vs {best} | vs spri (ablations) |", "|---|---|---|---|---|---|"]
+
+    def cell(stat):
+        if not stat:
+            return ""
+        return (f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}] ({stat['seeds']} seeds)"
+                + ("" if stat["significant"] else " n.s."))
+
+    for name in [name for name in METHODS if name in by_method]:
+        scores = [by_method[name][seed] for seed in sorted(by_method[name])]
+        spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
+        entry = paired["methods"].get(name, {})
+        lines.append(f"| {name} | {' '.join(map(str, sorted(by_method[name])))} | {statistics.fmean(scores):.2f}{spread} | "
+                     f"{cell(entry.get('vs_dense'))} | {cell(entry.get(f'vs_{best}'))} | {cell(entry.get('vs_spri'))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     package_doc = sys.modules[__package__].__doc__
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=package_doc.split("\n\n")[0])
@@ -555,6 +605,8 @@ def main(argv=None) -> int:
     if args.status:
         rows = finished_runs(out) if out.is_dir() else []
         print(status_table(rows) if rows else f"no finished runs under {out}")
+        if rows:
+            print(interim_paired(out, args.reuse))
         return 0
     device = torch.device(args.device)
     if args.select_lr:
