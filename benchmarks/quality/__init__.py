@@ -30,8 +30,9 @@ choice. Once the selection is complete (the committed `docs/results/cpu-xx-en/lr
 give every process `--learning-rates` that file instead of `--select-lr`, and split the methods as you like. Runs go
 seed by seed (every method of seed 0, then of seed 1, ...), so an interrupted grid leaves seeds that pair. Processes
 sharing a cache split a new cache's encoder states between them (a `.claim` file per clip) instead of computing
-every clip twice. `--status --out DIR` lists the finished runs under DIR, with an interim table of paired differences over the seeds
-finished so far (`--reuse` folders fill in the (method, seed) pairs DIR lacks, such as spri's runs for the ablations).
+every clip twice. `--status --out DIR` lists the finished runs under DIR, with an interim table of paired
+differences over the seeds finished so far (`--reuse` folders fill in the (method, seed) pairs DIR lacks, such as
+spri's runs for the ablations).
 
 Options: `--methods a,b` and `--seeds 0,1,2` override the preset; `--select-lr GRID` picks each method's learning rate
 on dev (seed 0) first, `--learning-rates FILE` reuses such a choice; `--stage1-fraction`, `--stage1-lr-multiplier`;
