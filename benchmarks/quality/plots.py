@@ -114,10 +114,11 @@ def plot_paired(summary: dict, path: Path):
     """The paired sentence chrF++ differences with their 95% intervals: every method against dense, and every
     ablation variant against the default spri (one panel each, where the summary has them)."""
     paired = summary.get("paired", {}).get("methods", {})
-    panels = [(reference, [(name, stats[f"vs_{reference}"]) for name, stats in paired.items()
-                           if f"vs_{reference}" in stats])  # fmt: skip
-              for reference in ("dense", "spri")]
-    panels = [(reference, rows) for reference, rows in panels if rows]
+    panels = []
+    for reference in ("dense", "spri"):
+        rows = [(name, stats[f"vs_{reference}"]) for name, stats in paired.items() if f"vs_{reference}" in stats]
+        if rows:
+            panels.append((reference, rows))
     if not panels:
         return
     plt = _pyplot()
