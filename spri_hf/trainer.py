@@ -42,10 +42,12 @@ class SpriStageArguments:
     """The two-stage schedule; mixed into `SpriTrainingArguments` and `SpriSeq2SeqTrainingArguments`.
 
     Args:
-        stage1_steps (`float`, defaults to 0.5):
+        stage1_steps (`float`, defaults to 0.25):
             How long stage 1 (residual factors and routers) runs: a whole number >= 1 of optimizer steps, or a fraction
             in (0, 1) of the run's steps. 0 trains stage 2 only. Ignored (plain stage 2) for models without a stage 1:
-            `init` other than `"spri"`, or already switched with `set_stage(2)`.
+            `init` other than `"spri"`, or already switched with `set_stage(2)`. The default is the quality benchmark's
+            choice (docs/RESULTS.md, "Defaults"): half the run in stage 1 scored significantly below no stage 1 at all,
+            a quarter at 10x was level with it.
         stage1_learning_rate (`float`, *optional*):
             Peak learning rate of stage 1. Default: `STAGE1_LR_MULTIPLIER` (10) x `learning_rate`; low-rank factors
             learn far more slowly than full weights at the same rate.
@@ -60,7 +62,7 @@ class SpriStageArguments:
     """
 
     stage1_steps: float = field(
-        default=0.5,
+        default=0.25,
         metadata={"help": "Length of stage 1: optimizer steps (>= 1) or a fraction (0, 1) of the run; 0 = stage 2 only."},
     )
     stage1_learning_rate: float | None = field(
@@ -88,7 +90,7 @@ class SpriStageArguments:
         if self.stage1_steps >= 1 and self.max_steps > 0 and self.stage1_steps >= self.max_steps:
             raise ValueError(
                 f"stage1_steps={self.stage1_steps:g} is not shorter than the run (max_steps={self.max_steps}): stage 2 "
-                "would never run. Use fewer steps, a fraction such as 0.5, or set_stage(2) and stage1_steps=0."
+                "would never run. Use fewer steps, a fraction such as 0.25, or set_stage(2) and stage1_steps=0."
             )
 
 

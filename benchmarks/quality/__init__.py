@@ -45,7 +45,8 @@ Presets:
     pilot                real Whisper base, X->En (ca, de, id, sv): the untrained model, copying the source and
                          dense, 400 steps, dev scored every 50 steps (does the reference method clearly learn?).
     cpu-xx-en            the main comparison, X->En, 5 seeds.
-    cpu-xx-en-ablations  SPRI's open settings, 3 seeds.
+    cpu-xx-en-ablations  SPRI's open settings, one variant each, 3 seeds (`--methods` runs the tables' other
+                         variants, such as spri-pr0.25 or spri-s1lr1x, into the same folder).
     gpu                  the paper's direction (En->XX, 15 languages), for an accelerator (`--device cuda`).
 
 Design (the same for every method; see docs/RESULTS.md):
