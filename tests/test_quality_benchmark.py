@@ -188,6 +188,11 @@ def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):
     interim = quality.harness.interim_paired(tmp_path / "ablations", [out])
     row = next(line for line in interim.splitlines() if line.startswith("| spri-pr0.75 |"))
     assert row.count("(1 seeds)") == 2  # against dense and against spri (the default), from the reused folder
+    # --pair: a comparison the table has no column for
+    interim = quality.harness.interim_paired(tmp_path / "ablations", [out], pairs=(("spri-pr0.75", "spri"),
+                                                                                   ("spri-pr0.75", "random")))
+    assert "(1 seeds)" in next(line for line in interim.splitlines() if line.startswith("| spri-pr0.75 vs spri |"))
+    assert "| spri-pr0.75 vs random | no runs of both |" in interim
 
 
 def test_unknown_language_is_refused_and_bleu_tokenisation():
@@ -275,6 +280,10 @@ def test_paired_differences_pair_shared_seeds_and_ablations_with_the_default():
     untrained = paired["methods"]["dense-untrained"]["vs_dense"]
     expected = np.mean([spri[0] - 3.0 - dense[seed] for seed in range(5)])
     assert untrained["seeds"] == 5 and untrained["mean"] == pytest.approx(expected)
+    # extra pairs (`--pair`): any two methods over their shared seeds; a pair with a method without runs is left out
+    extra = quality.paired_differences(results, pairs=(("spri-pr0.75", "copy"), ("spri", "random")))["pairs"]
+    assert list(extra) == ["spri-pr0.75 vs copy"]
+    assert extra["spri-pr0.75 vs copy"]["seeds"] == 3 and extra["spri-pr0.75 vs copy"]["mean"] == pytest.approx(-0.5)
 
 
 def test_summary_names_the_bleu_tokenisation_of_every_language():

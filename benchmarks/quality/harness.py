@@ -198,10 +198,11 @@ def paired_bootstrap(a: list[list[float]], b: list[list[float]], samples: int = 
             "significant": bool(low > 0 or high < 0), "seeds": seeds, "sentences": sentences}  # fmt: skip
 
 
-def paired_differences(results: list[dict]) -> dict:
+def paired_differences(results: list[dict], pairs: tuple[tuple[str, str], ...] = ()) -> dict:
     """Sentence chrF++ of every trained method against dense, the best upcycling baseline and, for a variant in an
     ablation table, the default `spri`; each pair over the seeds both methods have (an untrained method, one run
-    without seeds, pairs with every seed of the other)."""
+    without seeds, pairs with every seed of the other). `pairs`: more (a, b) comparisons, under "pairs" as "a vs b"
+    (left out where either has no runs)."""
     by_method = defaultdict(dict)
     for result in results:
         if result.get("sentence_chrf") is not None:
@@ -234,7 +235,9 @@ def paired_differences(results: list[dict]) -> dict:
                 if stat is not None:
                     entry[f"vs_{reference}"] = stat
         paired[name] = entry
-    return {"metric": "sentence chrF++", "best_baseline": best, "default": "spri", "methods": paired}
+    extra = {f"{a} vs {b}": pair(a, b) for a, b in pairs if a in by_method and b in by_method}
+    return {"metric": "sentence chrF++", "best_baseline": best, "default": "spri", "methods": paired,
+            "pairs": {name: stat for name, stat in extra.items() if stat is not None}}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -488,11 +491,12 @@ def _comparable(spec: dict) -> tuple:
     return spec.get("model"), spec.get("data"), spec.get("eval_split"), budget.get("steps") if spec.get("train") else None
 
 
-def interim_paired(out: Path, reuse: list[Path] = ()) -> str:
+def interim_paired(out: Path, reuse: list[Path] = (), pairs: tuple[tuple[str, str], ...] = ()) -> str:
     """Paired differences over the runs finished so far in `out/runs` (and, for (method, seed) pairs it lacks, in the
     `reuse` folders' runs), as `--status` prints them under its table: an interim reading of a grid in progress. Only
     runs with the model, data, split and step budget of `out`'s own runs are pooled; the summary of a whole-preset run
-    is the final word (it also checks every run's full spec)."""
+    is the final word (it also checks every run's full spec). `pairs` (`--pair a,b`) adds rows for comparisons the
+    table has no column for, such as a stage-1 variant against spri-stage2only."""
     pooled, reference = {}, None
     for folder in [Path(out), *map(Path, reuse)]:
         for path in sorted(folder.glob("runs/*.json")):
@@ -508,7 +512,7 @@ def interim_paired(out: Path, reuse: list[Path] = ()) -> str:
         return ""
     results = [result for key, result in pooled.values()
                if key[:3] == reference[:3] and (key[3] is None or key[3] == reference[3])]  # fmt: skip
-    paired = paired_differences(results)
+    paired = paired_differences(results, pairs)
     by_method = defaultdict(dict)
     for result in results:
         by_method[result["method"]][result["seed"]] = result["metrics"]["chrf"]
@@ -530,6 +534,10 @@ def interim_paired(out: Path, reuse: list[Path] = ()) -> str:
         entry = paired["methods"].get(name, {})
         lines.append(f"| {name} | {' '.join(map(str, sorted(by_method[name])))} | {statistics.fmean(scores):.2f}{spread} | "
                      f"{cell(entry.get('vs_dense'))} | {cell(entry.get(f'vs_{best}'))} | {cell(entry.get('vs_spri'))} |")
+    if pairs:
+        lines += ["", "| pair (a - b) | sentence ΔchrF++ [95% CI] |", "|---|---|"]
+        for a, b in pairs:
+            lines.append(f"| {a} vs {b} | {cell(paired['pairs'].get(f'{a} vs {b}')) or 'no runs of both'} |")
     return "\n".join(lines)
 
 
@@ -573,8 +581,18 @@ def main(argv=None) -> int:
     parser.add_argument("--stage1-lr-multiplier", type=float, default=None)
     parser.add_argument("--status", action="store_true",
                         help="print every finished run under OUT (main grid, learning-rate trials) and exit")
+    parser.add_argument("--pair", action="append", default=[], metavar="A,B",
+                        help="with --status: also the paired difference of method A against method B (repeatable)")
     args = parser.parse_args(argv)
 
+    pairs = tuple(tuple(pair.split(",")) for pair in args.pair)
+    for pair in pairs:
+        unknown = [name for name in pair if name not in METHODS]
+        if len(pair) != 2 or unknown:
+            parser.error(f"--pair {','.join(pair)}: give two methods as A,B, each one of {list(METHODS)}")
+    if pairs and not args.status:
+        parser.error("--pair goes with --status (the summary of a run pairs every method with dense, the best "
+                     "baseline and, for the ablations, spri)")
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
@@ -607,7 +625,7 @@ def main(argv=None) -> int:
         rows = finished_runs(out) if out.is_dir() else []
         print(status_table(rows) if rows else f"no finished runs under {out}")
         if rows:
-            print(interim_paired(out, args.reuse))
+            print(interim_paired(out, args.reuse, pairs))
         return 0
     device = torch.device(args.device)
     if args.select_lr:
