@@ -411,8 +411,10 @@ def test_stage1_ablations_pair_the_old_default_with_spri_chosen_schedule():
     from benchmarks.quality.methods import STAGE1_CANDIDATES
     from benchmarks.quality.training import same_run_as_spri, stage1_schedule
 
-    preset = quality.replace(quality.PRESETS["cpu-xx-en-ablations"], learning_rates=(("spri", 3e-4),))
+    # every stage-1 variant of the tables (the preset itself runs one per setting; `--methods` runs the others)
     methods = quality.METHODS
+    preset = quality.replace(quality.PRESETS["cpu-xx-en-ablations"], learning_rates=(("spri", 3e-4),),
+                             methods=tuple(methods))
     assert stage1_schedule(preset, methods["spri"]) == (0.5, 10.0)
     assert [name for name in preset.methods if same_run_as_spri(preset, methods[name])] == [
         "spri-s1len0.5", "spri-s1lr10x"]
@@ -516,3 +518,14 @@ def test_processes_sharing_the_encoder_state_cache_split_the_clips(tmp_path):
         if i != 1:
             assert torch.equal(states[row["audio"]], reference[row["audio"]])
     assert not list(cache.glob("*.claim")) and not list(cache.glob("*.tmp-*"))
+
+
+def test_ablation_preset_runs_a_variant_of_every_open_setting():
+    # issue 13: diversity, spri_mode, principal_ratio, partition, stage-1 length and rate, each over >= 3 seeds,
+    # paired with the default (spri in the preset, and dense for the second column)
+    from benchmarks.quality.methods import ABLATIONS
+
+    preset = quality.PRESETS["cpu-xx-en-ablations"]
+    assert len(preset.seeds) >= 3 and {"spri", "dense"} <= set(preset.methods)
+    for title, names in ABLATIONS.items():
+        assert [name for name in names if name != "spri" and name in preset.methods], title
