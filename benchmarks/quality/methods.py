@@ -85,11 +85,12 @@ ABLATIONS = {
     "stage-1 learning rate": ("spri", "spri-s1lr1x", "spri-s1lr3x", "spri-s1lr10x", "spri-s1lr30x"),
 }
 
-# the ablation preset: one variant per open setting (at least 3 seeds each, issue 13), plus dense and the main
-# comparison's spri, spri-div0 and spri-stage2only (taken from it with `--reuse`). The other variants of the tables
-# above run with `--methods` and join the summary's tables when they are finished.
-ABLATION_PRESET_METHODS = ("dense", "spri", "spri-div0", "spri-div0.5", "spri-partition", "spri-pr0.75",
-                           "spri-contiguous", "spri-stage2only", "spri-s1len0.5", "spri-s1lr10x")
+# the ablation preset: one variant per open setting (at least 3 seeds each, issue 13), plus the trivial baselines,
+# dense and the main comparison's spri, spri-div0 and spri-stage2only (taken from it with `--reuse`). The other
+# variants of the tables above run with `--methods` and join the summary's tables when they are finished.
+ABLATION_PRESET_METHODS = ("dense-untrained", "source-copy", "dense", "spri", "spri-div0", "spri-div0.5",
+                           "spri-partition", "spri-pr0.75", "spri-contiguous", "spri-stage2only", "spri-s1len0.5",
+                           "spri-s1lr10x")
 
 
 @dataclass(frozen=True)
