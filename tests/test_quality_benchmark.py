@@ -522,10 +522,10 @@ def test_processes_sharing_the_encoder_state_cache_split_the_clips(tmp_path):
 
 def test_ablation_preset_runs_a_variant_of_every_open_setting():
     # issue 13: diversity, spri_mode, principal_ratio, partition, stage-1 length and rate, each over >= 3 seeds,
-    # paired with the default (spri in the preset, and dense for the second column)
+    # paired with the default (spri in the preset), next to dense and the trivial baselines
     from benchmarks.quality.methods import ABLATIONS
 
     preset = quality.PRESETS["cpu-xx-en-ablations"]
-    assert len(preset.seeds) >= 3 and {"spri", "dense"} <= set(preset.methods)
+    assert len(preset.seeds) >= 3 and {"spri", "dense", "dense-untrained", "source-copy"} <= set(preset.methods)
     for title, names in ABLATIONS.items():
         assert [name for name in names if name != "spri" and name in preset.methods], title
