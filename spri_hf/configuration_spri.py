@@ -1,6 +1,8 @@
 """Configuration of SPRI mixture-of-experts models (shipped to the Hub: imports only transformers)."""
 
-from transformers import AutoConfig, PreTrainedConfig
+import functools
+
+from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
 # `strict` is huggingface_hub's; taken through transformers so the Hub copy of this file imports transformers only.
 from transformers.configuration_utils import strict
@@ -41,6 +43,23 @@ UPCYCLING_SETTINGS = (
     "router_z_loss_coef",
     "norm_topk_prob",
     "seed",
+)
+# Fields a SPRI config and its dense `base_config` both hold, kept equal: a write to either name through the SPRI
+# config reaches the dense model, which reads its own config (the special tokens, what the forward returns, labels).
+MIRRORED_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "tie_word_embeddings",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "num_labels",
 )
 # Far beyond any released MoE; refuses absurd configs before anything is allocated.
 _MAX_EXPERTS = 4096
@@ -162,6 +181,11 @@ class SpriConfig(PreTrainedConfig):
     base_model: str | None = None
     base_model_license: str | None = None
     tie_word_embeddings: bool = False
+    # the dense model's, copied at construction (generation defaults read them from here)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    decoder_start_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.stage is None:
@@ -171,11 +195,12 @@ class SpriConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # The wrapped dense model owns its embeddings: tying is decided by `base_config`.
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
-        # Trainers and pipelines read these from the top-level config (Seq2SeqTrainer pads with pad_token_id).
+        # Trainers, pipelines and generation read these from the top-level config (Seq2SeqTrainer pads with
+        # pad_token_id, GenerationConfig.from_model_config stops at eos_token_id).
         self.is_encoder_decoder = bool(getattr(self.base_config, "is_encoder_decoder", False))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-            if getattr(self, name, None) is None and getattr(self.base_config, name, None) is not None:
-                setattr(self, name, getattr(self.base_config, name))
+            if self.__dict__.get(name) is None and getattr(self.base_config, name, None) is not None:
+                self.__dict__[name] = getattr(self.base_config, name)
 
     def validate_spri_settings(self):
         """Check every SPRI field; raise `ValueError` naming the field, the value and the allowed range."""
@@ -297,11 +322,37 @@ class SpriConfig(PreTrainedConfig):
         return None
 
     def __getattr__(self, name: str):
-        # Only reached when normal lookup fails. Where this config is its own text config (get_text_config), the
-        # dense fields (hidden_size, num_attention_heads, ...) are the base config's.
-        if name.startswith("_") or not self._is_decoder_only():
+        # Only reached when normal lookup fails: the dense fields (hidden_size, num_attention_heads, use_cache, ...)
+        # are the base config's, read through as on a native MoE config.
+        base = self.__dict__.get("base_config")
+        if name.startswith("_") or not isinstance(base, PreTrainedConfig) or name in _generation_parameters():
+            # generation parameters a dense config declares (BART's num_beams, ...) are not read through:
+            # transformers refuses to save a model config that shows any (they belong to generation_config.json)
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(self.__dict__["base_config"], name)
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}, nor has its base_config "
+                f"({type(base).__name__})"
+            ) from None
+
+    def __setattr__(self, name: str, value):
+        # A faithful view of the dense config, as a native MoE config is one config: once built, a dense field written
+        # through this config is written to `base_config`, whose values the dense model reads (`config.use_cache =
+        # False`, `config.num_hidden_layers = 1`, ...); the shared fields (MIRRORED_FIELDS) are written to both.
+        base = self.__dict__.get("base_config")
+        if name.startswith("_") or not self.__dict__.get("_post_init_done") or not isinstance(base, PreTrainedConfig):
+            super().__setattr__(name, value)
+            return
+        if name in MIRRORED_FIELDS:
+            super().__setattr__(name, value)
+            if hasattr(base, name):
+                setattr(base, name, value)
+        elif name in type(self).__dataclass_fields__ or name in _OWN_PROPERTIES or not hasattr(base, name):
+            super().__setattr__(name, value)
+        else:
+            setattr(base, name, value)
 
     def upcycled_stacks(self) -> list[str]:
         """The FFN stacks that are mixtures of experts ("encoder", "decoder")."""
@@ -327,6 +378,9 @@ class SpriConfig(PreTrainedConfig):
         return list(range(get_ffn_layouts(self.base_config)[stack].num_layers(self.base_config)))
 
 
+# Properties of the config itself that the dense config also has: they stay on the SPRI config.
+_OWN_PROPERTIES = ("name_or_path",)
+
 # `save_pretrained` copies this file into every checkpoint and records it in `auto_map` (remote code).
 SpriConfig.register_for_auto_class()
 
@@ -337,6 +391,12 @@ def record_base_model_class(config: SpriConfig):
     own LM head. Decoder-only models only: there `SpriModel` wraps the dense family's backbone."""
     if config._is_decoder_only():
         config.auto_map = dict(getattr(config, "auto_map", None) or {}, AutoModel="modeling_spri.SpriModel")
+
+
+@functools.cache
+def _generation_parameters() -> frozenset:
+    """The names `GenerationConfig` holds (but `use_cache`, which model configs hold too)."""
+    return frozenset(GenerationConfig().to_dict()) - {"use_cache"}
 
 
 def _sub_config(value, default_model_type: str) -> PreTrainedConfig:

@@ -112,7 +112,7 @@ class MixtralFormat(NativeFormat):
         return dict(
             num_local_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok,
-            router_aux_loss_coef=native_aux_loss_coef(config),
+            router_aux_loss_coef=config.router_aux_loss_coef,  # the same loss function: the same coefficient
             router_jitter_noise=0.0,
             output_router_logits=False,
             sliding_window=sliding,
@@ -130,21 +130,13 @@ def _attention_reasons(base, name: str) -> list[str]:
     return reasons
 
 
-def native_aux_loss_coef(config: SpriConfig) -> float:
-    """The native coefficient that trains with SPRI's balance loss: transformers' Mixtral / Qwen-MoE loss counts every
-    top-k slot (it is `top_k` at uniform routing) where SPRI's is normalised to 1, so the coefficient is divided by
-    `top_k`. Equal losses for one MoE layer; with several, native pools the layers before the product, SPRI averages
-    per-layer products, so the two agree at uniform routing and differ slightly elsewhere."""
-    return config.router_aux_loss_coef / config.num_experts_per_tok
-
-
 def _qwen_moe_fields(config: SpriConfig) -> dict:
     """The MoE fields Qwen2-MoE and Qwen3-MoE share; layers that were not upcycled stay dense (`mlp_only_layers`)."""
     return dict(
         num_experts=config.num_experts,
         num_experts_per_tok=config.num_experts_per_tok,
         norm_topk_prob=config.norm_topk_prob,
-        router_aux_loss_coef=native_aux_loss_coef(config),
+        router_aux_loss_coef=config.router_aux_loss_coef,  # the same loss function: the same coefficient
         moe_intermediate_size=config.base_config.intermediate_size,
         mlp_only_layers=_dense_layers(config),
         decoder_sparse_step=1,

@@ -34,8 +34,15 @@ from transformers import (
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils.generic import can_return_tuple
+
+
+try:  # transformers >= 5.20 (this file must load from 5.16 on: see CACHE_NAME)
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:
+    from transformers.utils.generic import OutputRecorder
 
 from .architectures import FfnLayout, get_ffn_layouts
 from .configuration_spri import SpriConfig, record_base_model_class
@@ -317,24 +324,32 @@ class SpriMoeBlock(nn.Module):
 
 
 def load_balancing_loss(
-    router_logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tensor | None = None
+    router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss averaged over MoE layers; 1.0 for perfectly uniform routing.
+    """transformers' load-balancing loss (`load_balancing_loss_func`, the one Mixtral, Qwen3-MoE and TRL compute):
+    `num_experts * sum_e f_e * P_e` over the pooled tokens of every MoE layer, where `f_e` counts each top-k slot, so
+    it is `top_k` at perfectly uniform routing. `router_aux_loss_coef` multiplies exactly this value in SPRI's forward,
+    under TRL's trainers and in the native export.
 
-    `num_experts * sum_e f_e * P_e`, where `f_e` is the share of routed (token, slot) pairs that chose expert e and
-    `P_e` the mean router probability of e, both over the non-padding tokens. Layers may see different tokens (the
-    encoder and the decoder of a seq2seq model): the mask applies where its size matches.
+    Layers that see other tokens than the mask's (the encoder and the decoder of a seq2seq model) form their own group,
+    without the mask; the groups' losses are averaged, weighted by their number of layers. A decoder-only model has one
+    group: the value is transformers' to the bit.
     """
-    losses = []
+    groups: dict[int, list[torch.Tensor]] = {}
     for layer_logits in router_logits:
-        probs = layer_logits.float().softmax(dim=-1)  # (tokens, E)
-        num_experts = probs.shape[-1]
-        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=-2).float()
-        weights = token_weights(attention_mask, probs.shape[0], probs.device)
-        share_routed = (chosen * weights[:, None]).sum(0) / (top_k * weights.sum())
-        mean_prob = (probs * weights[:, None]).sum(0) / weights.sum()
-        losses.append(num_experts * (share_routed * mean_prob).sum())
-    return torch.stack(losses).mean()
+        groups.setdefault(layer_logits.shape[0], []).append(layer_logits)
+    losses, weights = [], []
+    for num_tokens, layers in groups.items():
+        mask = attention_mask
+        if mask is None or mask.dim() != 2 or mask.numel() != num_tokens:
+            mask = None
+        num_experts = layers[0].shape[-1]
+        device = layers[0].device
+        loss = load_balancing_loss_func(tuple(layers), num_experts, top_k, mask)
+        losses.append(torch.as_tensor(loss, dtype=torch.float, device=device))
+        weights.append(len(layers))
+    total = sum(weights)
+    return sum(loss.to(losses[0].device) * (weight / total) for loss, weight in zip(losses, weights))
 
 
 def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -358,6 +373,74 @@ class SpriCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """`MoeCausalLMOutputWithPast` plus the router z-loss (already included in `loss` when labels are given)."""
 
     z_loss: torch.Tensor | None = None
+
+
+class SpriBackboneMixin:
+    """Mixed into the dense family's backbone class (`LlamaModel`, `Qwen3Model`, `BertModel`, ...) of a SPRI model,
+    whose FFN blocks are `SpriMoeBlock`s: the backbone a SPRI model's `base_model` returns.
+
+    As on Mixtral and Qwen3-MoE, the routers' logits are declared in `_can_record_outputs` and recorded by transformers'
+    output capturing: `output_router_logits=True` (or `model.config.output_router_logits`) returns them, one tensor
+    (tokens, experts) per MoE layer, in `router_logits`; decoder backbones return `MoeModelOutputWithPast`. Callers
+    that compute their loss from the backbone (TRL's fused LM head) add the load-balancing loss themselves, with
+    transformers' `load_balancing_loss_func`, the same loss SPRI's own forward adds.
+    """
+
+    # Set by `SpriPreTrainedModel.__init__`: the SPRI config (MoE settings, `output_router_logits`), next to the dense
+    # `config` the backbone was built with.
+    spri_config: SpriConfig | None = None
+
+    def forward(self, *args, **kwargs):
+        spri_config = self.spri_config
+        if spri_config is not None:
+            if spri_config.output_router_logits:
+                kwargs.setdefault("output_router_logits", True)
+            if self.training and spri_config.router_z_loss_coef and not getattr(self, "_spri_loss_owner", False):
+                raise ValueError(
+                    f"router_z_loss_coef={spri_config.router_z_loss_coef}: the router z-loss is added by the SPRI "
+                    "model's own forward when it computes the loss (labels given), and this training call runs the "
+                    "backbone directly (as TRL's trainers do), so the z-loss would be silently lost. Set "
+                    "model.config.router_z_loss_coef = 0 to train without it here, or train through the model's forward "
+                    "with labels (SpriTrainer, Trainer)."
+                )
+        outputs = super().forward(*args, **kwargs)
+        if type(outputs) is BaseModelOutputWithPast:  # decoder backbones: the MoE output class, as Mixtral's
+            outputs = MoeModelOutputWithPast(**dict(outputs.items()))
+        return outputs
+
+
+_BACKBONE_CLASSES: dict[type, type] = {}
+
+
+def spri_backbone_class(dense_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`Spri<DenseBackbone>`: the dense backbone class with `SpriBackboneMixin` and the routers in its
+    `_can_record_outputs`; one class per dense class, registered with transformers' output capturing."""
+    if dense_class in _BACKBONE_CLASSES or issubclass(dense_class, SpriBackboneMixin):
+        return _BACKBONE_CLASSES.get(dense_class, dense_class)
+    recordable = dict(dense_class._can_record_outputs or {})
+    recordable["router_logits"] = OutputRecorder(SpriRouter, index=0)
+    backbone_class = type(
+        f"Spri{dense_class.__name__}",
+        (SpriBackboneMixin, dense_class),
+        {"__module__": __name__, "__doc__": SpriBackboneMixin.__doc__, "_can_record_outputs": recordable},
+    )
+    _BACKBONE_CLASSES[dense_class] = backbone_class
+    return backbone_class
+
+
+def make_spri_backbone(backbone: PreTrainedModel, spri_config: SpriConfig) -> None:
+    """Turn the dense backbone module (already holding the SPRI blocks) into its `Spri<DenseBackbone>` class in place."""
+    if not backbone._can_record_outputs:  # encoder-decoder backbones (BartModel, T5): their stacks record outputs
+        return
+    backbone_class = spri_backbone_class(type(backbone))
+    if not getattr(backbone_class, "_spri_registered", False):
+        # transformers registers each class's `_can_record_outputs` when an instance of it is built: build one
+        # without weights (meta tensors) from this config, once per class
+        with torch.device("meta"):
+            backbone_class(backbone.config)
+        backbone_class._spri_registered = True
+    backbone.__class__ = backbone_class
+    backbone.spri_config = spri_config
 
 
 class SpriPreTrainedModel(PreTrainedModel):
@@ -384,12 +467,31 @@ class SpriPreTrainedModel(PreTrainedModel):
         config.base_config._experts_implementation_internal = None
         self.model = dense_class(config.base_config)
         self._swap_ffn_blocks()
+        make_spri_backbone(self.model.base_model, config)
         self.post_init()
         self.apply_stage_trainability()
+        # The tied LM head is not stored in checkpoints; Trainer's resume then re-ties it instead of warning about it
+        tied = sorted(getattr(self, "all_tied_weights_keys", None) or {})
+        self._keys_to_ignore_on_save = tied or None
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone, as on every transformers model: the dense family's base model with the SPRI blocks inside
+        (for a Llama base a `LlamaModel`, `SpriLlamaModel`, returning `last_hidden_state` and, on request,
+        `router_logits`)."""
+        return self.model.base_model
+
+    @property
+    def _can_compile_fullgraph(self) -> bool:
+        # Stage 2 compiles in one graph (fused experts). Stage 1's low-rank forward loops over the experts that
+        # received tokens, a data-dependent loop that breaks the graph; it compiles with graph breaks.
+        return self.config.stage == 2
 
     def init_parallel_plans(self) -> None:
         """The dense family's tensor/expert/pipeline plans (inherited from the wrapped model) plus the MoE blocks'
-        entries (spri_hf/parallel.py), so that `from_pretrained(..., distributed_config=...)` shards SPRI models."""
+        entries (spri_hf/parallel.py), so that `from_pretrained(..., distributed_config=...)` shards SPRI models.
+        Entries that name no parameter or module of this model (the dense MLPs that became MoE blocks, the stage-2
+        experts of a stage-1 model) are dropped; `set_stage(2)` builds the plans again."""
         super().init_parallel_plans()
         add_expert_parallel_plans(self)
 
@@ -490,10 +592,11 @@ class SpriPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed
         (pickle files can run code when read), with clear errors for corrupt files and config/weights mismatches."""
         load = super().from_pretrained
-        model = load_checkpoint(cls, load, pretrained_model_name_or_path, *args, **kwargs)
+        loaded = load_checkpoint(cls, load, pretrained_model_name_or_path, *args, **kwargs)
         # Loading may replace parameters; trainability follows the stage recorded in the config.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model.apply_stage_trainability()
-        return model
+        return loaded
 
     @classmethod
     def from_dense(cls, dense, **settings):
@@ -578,6 +681,7 @@ class SpriPreTrainedModel(PreTrainedModel):
             block.experts = block.experts.materialize()
         self.config.stage = 2
         self.apply_stage_trainability()
+        self.init_parallel_plans()  # the stage-2 expert entries now name parameters
         return self
 
     @contextmanager
@@ -627,14 +731,28 @@ class SpriPreTrainedModel(PreTrainedModel):
         forward signatures (in the subclasses) let Trainer keep the right dataset columns; None means "not given".
         """
         inputs = {name: value for name, value in inputs.items() if value is not None}
+        inputs.pop("output_router_logits", None)
         if "cache" in inputs and CACHE_NAME != "cache":  # transformers < 5.24 calls it past_key_values
             inputs[CACHE_NAME] = inputs.pop("cache")
+        inputs["return_dict"] = True  # the caller's return_dict is applied by `can_return_tuple` on the way out
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         if labels is not None:
             inputs["labels"] = labels
-        with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
-            outputs = self.model(**inputs)
+        elif self.training and self.config.router_z_loss_coef and torch.is_grad_enabled():
+            raise ValueError(
+                f"router_z_loss_coef={self.config.router_z_loss_coef}: the router z-loss is added to the loss this "
+                "forward computes from labels, and this training call passes none (the caller computes its own loss, "
+                "as TRL's trainers do), so the z-loss would be silently lost. Pass labels, or set "
+                "model.config.router_z_loss_coef = 0 to train without it."
+            )
+        backbone = self.base_model
+        backbone._spri_loss_owner = True
+        try:
+            with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
+                outputs = self.model(**inputs)
+        finally:
+            backbone._spri_loss_owner = False
         if router_logits and (labels is not None or output_router_logits):
             # encoder and decoder tokens differ: the mask applies to the layers whose token count it matches
             aux_loss, z_loss = self.router_losses(router_logits, inputs.get("attention_mask"))
@@ -752,6 +870,7 @@ class _SpriGenerativeTaskModel(_SpriTaskModel, GenerationMixin):
     """Seq2seq heads generate through the dense model's own `generate` (Whisper's language / task handling included):
     the wrapped model holds the SPRI blocks, so its generation runs the experts."""
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -812,6 +931,7 @@ class SpriForSpeechSeq2Seq(_SpriGenerativeTaskModel):
 
 
 class _SpriEncoderTaskModel(_SpriTaskModel):
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

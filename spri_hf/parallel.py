@@ -72,10 +72,23 @@ def expert_parallel_plans(model, dense_tp_plan: dict[str, str]) -> tuple[dict[st
 
 
 def add_expert_parallel_plans(model) -> None:
-    """Extend `model._tp_plan` / `model._ep_plan` (already holding the dense family's plans) with the SPRI entries."""
+    """Extend `model._tp_plan` / `model._ep_plan` (already holding the dense family's plans) with the SPRI entries,
+    keeping only the entries that name a parameter or module of `model`: the dense MLP entries of layers that became
+    MoE blocks, and the stage-2 expert entries of a stage-1 model, would match nothing (transformers warns then)."""
     tp_plan, ep_plan = expert_parallel_plans(model, dict(model._tp_plan or {}))
-    model._tp_plan = {**(model._tp_plan or {}), **tp_plan}
-    model._ep_plan = {**(model._ep_plan or {}), **ep_plan}
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_modules()}
+    model._tp_plan = matching_entries({**(model._tp_plan or {}), **tp_plan}, names)
+    model._ep_plan = matching_entries({**(model._ep_plan or {}), **ep_plan}, names)
+
+
+def matching_entries(plan: dict[str, str], names: set[str]) -> dict[str, str]:
+    """The entries of `plan` whose wildcard name (`*` for a module-list index) matches one of `names`."""
+    kept = {}
+    for pattern, style in plan.items():
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + r"$")
+        if any(regex.match(name) for name in names):
+            kept[pattern] = style
+    return kept
 
 
 def check_distributed_config(model, distributed_config) -> None:

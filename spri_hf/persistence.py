@@ -26,6 +26,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def refuse_pickle_only(folder, fix: str = "pass use_safetensors=False, then save_pretrained() to convert them") -> None:
     """Raise a clear `OSError` if a local `folder` holds pickle weights and no safetensors file (unpickling can run
     arbitrary code); `fix` says how to opt in."""
+    if folder is None:  # from_pretrained(None, config=..., state_dict=...): nothing on disk to check
+        return
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return
@@ -123,7 +125,14 @@ def link_or_copy(source: str, target: str):
 
 
 def replace_folder(staging: str, destination: str):
-    """Move `staging` to `destination`; an existing `destination` is moved aside first and deleted last."""
+    """Move `staging` to `destination`; an existing `destination` is moved aside first and deleted last.
+
+    `staging` comes from `tempfile.mkdtemp` (mode 0700): it first gets the mode `os.makedirs` gives, the one a plain
+    `save_pretrained` folder has (0777 less the umask), so other users and serving containers can read the folder.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     if not os.path.exists(destination):
         os.rename(staging, destination)
         return

@@ -12,6 +12,7 @@ import spri_hf  # noqa: F401  (registers the auto classes)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VERSIONS = sorted(path.name for path in FIXTURES.iterdir() if (path / "expected.safetensors").exists())
+STAGES = {"causal-stage1": 1, "causal-stage2": 2, "seq2seq": 2, "classification": 1}  # as make_fixtures.py built them
 AUTO_CLASSES = {
     "causal-stage1": AutoModelForCausalLM,
     "causal-stage2": AutoModelForCausalLM,
@@ -37,4 +38,4 @@ def test_earlier_checkpoints_load_with_identical_logits(version, kind):
         else:
             logits = model(input_ids=ids).logits
     assert torch.equal(logits, expected)
-    assert model.config.stage == (1 if kind == "causal-stage1" else 2)
+    assert model.config.stage == STAGES[kind]

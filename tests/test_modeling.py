@@ -302,10 +302,15 @@ def test_encoder_decoder_text_config_is_the_base_models():
     from spri_hf import SpriForSeq2SeqLM
 
     config = SpriForSeq2SeqLM.from_dense(tiny("t5"), num_experts=4).config
-    assert config.get_text_config() is not config
+    assert config.get_text_config() is config.base_config.get_text_config()
+    assert config.get_text_config(decoder=True).num_hidden_layers == 2
     assert "decoder-only" in config.fused_moe_unsupported_reason()
-    with pytest.raises(AttributeError):
-        config.d_model  # dense fields are read through only where the config is its own text config
+    # dense fields read and write through, as on a native config (issue 33)
+    assert config.d_model == 32 and config.num_attention_heads == 4
+    config.use_cache = False
+    assert config.base_config.use_cache is False and "use_cache" not in config.to_dict()
+    with pytest.raises(AttributeError, match="nor has its base_config"):
+        config.no_such_field
 
 
 def test_saved_causal_lm_names_its_backbone_for_automodel_and_returns_tuples(tmp_path):

@@ -99,8 +99,12 @@ def test_plans_extend_the_dense_family_plans(family):
     every MoE block gets Mixtral-style expert entries that name real stage-2 modules and parameters."""
     dense = tiny_dense(family)
     model = SpriForCausalLM.from_dense(dense, num_experts=4, init="copy", shared_expert="dense")
-    assert {f"model.{key}": style for key, style in dense.tp_plan.items()}.items() <= model.tp_plan.items()
     names = {replace_layer_number_by_wildcard(n) for n, _ in [*model.named_modules(), *model.named_parameters()]}
+    # every entry names something (no "TP rules were not applied" warnings); the dense MLP entries went with the MLPs
+    assert set(model.tp_plan) <= names
+    kept = {f"model.{key}": style for key, style in dense.tp_plan.items() if ".mlp." not in key}
+    assert kept.items() <= model.tp_plan.items()
+    assert not any(".mlp." in key and ".mlp.experts" not in key and ".shared_expert" not in key for key in model.tp_plan)
     (block,) = moe_block_paths(model)
     assert block == "model.model.layers.*.mlp"
     assert model.tp_plan[f"{block}.experts.gate_up_proj"] == "packed_colwise"
@@ -115,7 +119,8 @@ def test_plans_extend_the_dense_family_plans(family):
     assert set(spri_entries) | set(model.ep_plan) <= names
     # the shared expert is the dense MLP: the dense family's MLP entries, moved under it
     shared = {key: style for key, style in model.tp_plan.items() if ".shared_expert." in key}
-    assert shared and all(model.tp_plan[key.replace(".shared_expert", "")] == style for key, style in shared.items())
+    dense_plan = {f"model.{key}": style for key, style in dense.tp_plan.items()}
+    assert shared and all(dense_plan[key.replace(".shared_expert", "")] == style for key, style in shared.items())
 
 
 def test_experts_with_biases_shard_by_expert_only():

@@ -46,7 +46,7 @@ def _train(model, output_dir, max_steps, save_steps=None, resume=None, lr=1e-2, 
 def test_loss_decreases_in_both_stages(family, tmp_path):
     model = SpriForCausalLM.from_dense(tiny_dense(family), num_experts=4, diversity=0.3).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    stage1 = _train(model, tmp_path / "s1", 40, lr=3e-2)
+    stage1 = _train(model, tmp_path / "s1", 40, lr=1e-2)
     # only the low-rank residual factors and routers learn here: a clear but smaller drop than in stage 2
     assert sum(stage1[-5:]) / 5 < sum(stage1[:5]) / 5 - 0.1
     # stage 1 leaves the frozen parameters untouched
