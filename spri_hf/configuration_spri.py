@@ -54,7 +54,6 @@ MIRRORED_FIELDS = (
     "tie_word_embeddings",
     "output_hidden_states",
     "output_attentions",
-    "return_dict",
     "chunk_size_feed_forward",
     "id2label",
     "label2id",

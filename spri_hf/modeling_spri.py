@@ -404,7 +404,9 @@ class SpriBackboneMixin:
                     "with labels (SpriTrainer, Trainer)."
                 )
         outputs = super().forward(*args, **kwargs)
-        if type(outputs) is BaseModelOutputWithPast:  # decoder backbones: the MoE output class, as Mixtral's
+        if type(outputs) is BaseModelOutputWithPast:
+            # decoder backbones return the MoE output class, as Mixtral's and Qwen3-MoE's do (those with another
+            # output class, e.g. GPT-2's with cross-attentions, keep it: their LM head reads its fields)
             outputs = MoeModelOutputWithPast(**dict(outputs.items()))
         return outputs
 
@@ -714,6 +716,11 @@ class SpriPreTrainedModel(PreTrainedModel):
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """The dense model's own (BART's also resizes its `final_logits_bias`); the new size is recorded in
+        `base_config`, which `config.vocab_size` reads."""
+        return self.model.resize_token_embeddings(*args, **kwargs)
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)

