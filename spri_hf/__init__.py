@@ -10,7 +10,7 @@ import os as _os
 import sys as _sys
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The `spri-hf` console script parses its arguments before it imports torch and transformers, so that `--help` and
 # argument errors answer at once; once it knows the command it imports what that command needs (`spri_hf.cli`).

