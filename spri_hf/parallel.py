@@ -54,6 +54,9 @@ def expert_parallel_plans(model, dense_tp_plan: dict[str, str]) -> tuple[dict[st
     tp_plan, ep_plan = {}, {}
     for path, layout in moe_block_paths(model).items():
         experts = f"{path}.experts"
+        if model.config.stage == 1:  # no fused expert tensors yet (and TP/EP refuse stage 1): only the shared expert
+            _shared_expert_entries(model, path, dense_tp_plan, tp_plan)
+            continue
         up = "gate_up_proj" if layout.gated else "up_proj"
         names = [f"{experts}.{up}", f"{experts}.down_proj"]
         if layout.has_bias(model.config.base_config):
@@ -64,11 +67,17 @@ def expert_parallel_plans(model, dense_tp_plan: dict[str, str]) -> tuple[dict[st
             tp_plan[experts] = "moe_tp_experts"
         ep_plan.update(dict.fromkeys(names, "grouped_gemm"))
         ep_plan[experts] = "ep_dispatch_experts"
-        if model.config.shared_expert == "dense":  # the dense MLP, kept whole: the dense family's entries
-            for name, style in dense_tp_plan.items():
-                if name.startswith(f"{path}.") and not name.startswith(f"{experts}."):
-                    tp_plan[f"{path}.shared_expert.{name[len(path) + 1 :]}"] = style
+        _shared_expert_entries(model, path, dense_tp_plan, tp_plan)
     return tp_plan, ep_plan
+
+
+def _shared_expert_entries(model, path: str, dense_tp_plan: dict[str, str], tp_plan: dict[str, str]) -> None:
+    """The always-on dense shared expert is the dense MLP, kept whole: the dense family's MLP entries, under it."""
+    if model.config.shared_expert != "dense":
+        return
+    for name, style in dense_tp_plan.items():
+        if name.startswith(f"{path}.") and not name.startswith(f"{path}.experts."):
+            tp_plan[f"{path}.shared_expert.{name[len(path) + 1 :]}"] = style
 
 
 def add_expert_parallel_plans(model) -> None:

@@ -356,3 +356,35 @@ def test_stage2_compiles_in_one_graph(family):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
+
+
+def test_resuming_a_tied_model_logs_no_missing_keys(tmp_path):
+    """The tied LM head is not stored in checkpoints (as for dense models); Trainer's resume re-ties it instead of
+    warning 'There were missing keys in the checkpoint model loaded: [...lm_head.weight]'."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model = SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4).set_stage(2).train()
+    assert model.config.tie_word_embeddings and model._keys_to_ignore_on_save == ["model.lm_head.weight"]
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                use_cpu=True, save_strategy="steps", save_steps=2, logging_steps=1)
+    Trainer(model=model, args=TrainingArguments(max_steps=2, **args), train_dataset=progression_dataset(n=16)).train()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers.trainer")
+    logger.addHandler(handler)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        resumed = SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4).set_stage(2).train()
+        trainer = Trainer(model=resumed, args=TrainingArguments(max_steps=4, **args),
+                          train_dataset=progression_dataset(n=16))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    assert not [record for record in records if "missing keys" in record.getMessage()]
+    head, embeddings = resumed.get_output_embeddings().weight, resumed.get_input_embeddings().weight
+    assert head.data_ptr() == embeddings.data_ptr()  # still tied after the resume

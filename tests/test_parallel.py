@@ -285,3 +285,20 @@ def test_deepspeed_zero_equals_one_process(tmp_path, zero, spri_stage):
     weights, expected = (load_file(tmp_path / name / "weights.safetensors") for name in ("zero", "single"))
     assert weights.keys() == expected.keys()
     assert max((weights[k] - expected[k]).abs().max().item() for k in expected) < ZERO_ATOL
+
+
+def test_a_stage1_plan_names_only_what_exists_and_set_stage_adds_the_experts():
+    """Stage 1 holds no fused expert tensors: its plans name none (transformers would warn that the rules were not
+    applied); after `set_stage(2)` they do, and every entry still names a module or parameter."""
+    model = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4)
+    assert model.config.stage == 1
+
+    def names():
+        return {replace_layer_number_by_wildcard(n) for n, _ in [*model.named_modules(), *model.named_parameters()]}
+
+    assert set(model.tp_plan) <= names() and set(model.ep_plan) <= names()
+    assert not any(".experts" in key for key in [*model.tp_plan, *model.ep_plan])
+    model.set_stage(2)
+    assert set(model.tp_plan) <= names() and set(model.ep_plan) <= names()
+    assert model.tp_plan["model.model.layers.*.mlp.experts.gate_up_proj"] == "packed_colwise"
+    assert model.ep_plan["model.model.layers.*.mlp.experts"] == "ep_dispatch_experts"
