@@ -26,7 +26,9 @@ from .streaming import upcycle_checkpoint
 from .trainer import (
     SpriSeq2SeqTrainer,
     SpriSeq2SeqTrainingArguments,
+    SpriStageArguments,
     SpriTrainer,
+    SpriTrainerMixin,
     SpriTrainingArguments,
 )
 
@@ -50,7 +52,9 @@ __all__ = [
     "SpriPreTrainedModel",
     "SpriSeq2SeqTrainer",
     "SpriSeq2SeqTrainingArguments",
+    "SpriStageArguments",
     "SpriTrainer",
+    "SpriTrainerMixin",
     "SpriTrainingArguments",
     "add_spri_monitor",
     "export_native",

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import require_packages, without_spri_hf
-from spri_hf import SpriForCausalLM
+from spri_hf import SpriForCausalLM, SpriStageArguments, SpriTrainerMixin
 
 
 pytest.importorskip("trl")
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 
@@ -259,3 +260,131 @@ def test_trl_sft_command_trains_the_real_smollm2_upcycled(tmp_path):
     with torch.no_grad():
         generated = trained.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+# ---- both stages in one run: SpriSFTTrainer and SpriDPOTrainer (issue 34) -------------------------------------------
+from spri_hf.trl import SpriDPOConfig, SpriDPOTrainer, SpriSFTConfig, SpriSFTTrainer  # noqa: E402
+
+
+def stage_args(config_class, folder, **overrides):
+    settings = dict(
+        output_dir=str(folder), max_steps=6, stage1_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, data_seed=0,
+    )
+    return config_class(**{**settings, **overrides})
+
+
+def test_two_stage_sft_with_packing_switches_once(tokenizer, tmp_path):
+    model = tiny_spri(tokenizer, stage=1)
+    stage1_trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    trainer = SpriSFTTrainer(model=model, args=stage_args(SpriSFTConfig, tmp_path, packing=True, max_length=64),
+                             train_dataset=conversations(), processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["stage"] for entry in logs] == [1, 1, 1, 2, 2, 2]
+    assert logs[0]["learning_rate"] == pytest.approx(1e-2)  # stage 1 at 10 x learning_rate
+    assert logs[3]["learning_rate"] == 0.0 and logs[4]["learning_rate"] == pytest.approx(1e-3)  # re-warm-up
+    assert model.config.stage == 2 and trainer.model is model
+    switch = json.loads((tmp_path / "checkpoint-3" / "config.json").read_text())
+    assert switch["stage"] == 2  # the switch checkpoint is written in stage 2
+    # stage 1 trained exactly the routers and residual factors; stage 2 trains everything
+    assert all(".router." in name or "_residual_" in name for name in stage1_trainable)
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def test_two_stage_dpo_through_the_switch(tokenizer, tmp_path):
+    tiny_spri(tokenizer, stage=1).save_pretrained(tmp_path / "policy")
+    model = SpriForCausalLM.from_pretrained(tmp_path / "policy")
+    trainer = SpriDPOTrainer(model=model, args=stage_args(SpriDPOConfig, tmp_path / "run", learning_rate=1e-2),
+                             train_dataset=preferences(), processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["stage"] for entry in logs] == [1, 1, 1, 2, 2, 2]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert model.config.stage == 2 and trainer.ref_model.config.stage == 1  # the frozen reference stays as built
+
+
+def _sft_run(tokenizer, folder, **overrides):
+    return SpriSFTTrainer(model=tiny_spri(tokenizer, stage=1), args=stage_args(SpriSFTConfig, folder, **overrides),
+                          train_dataset=conversations(), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("resume_at", [2, 3, 5])  # before, at and after the switch
+def test_two_stage_sft_resumes_bit_identical(tokenizer, tmp_path, resume_at):
+    full = _sft_run(tokenizer, tmp_path / "full")
+    full.train()
+    interrupted = _sft_run(tokenizer, tmp_path / "run", save_strategy="steps", save_steps=1, max_steps=6)
+    interrupted.add_callback(_StopAt(resume_at))
+    interrupted.train()
+    resumed = _sft_run(tokenizer, tmp_path / "run", save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{resume_at}"))
+    expected = full.model.state_dict()
+    assert resumed.model.config.stage == 2
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+class _StopAt(__import__("transformers").TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_lora_through_the_switch_is_refused_with_the_fix(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    trainer = SpriSFTTrainer(model=tiny_spri(tokenizer, stage=1), args=stage_args(SpriSFTConfig, tmp_path),
+                             train_dataset=conversations(), processing_class=tokenizer,
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="set_stage\\(2\\) before"):
+        trainer.train()
+    # in stage 2 the adapter trains, as with TRL alone
+    stage2 = SpriSFTTrainer(model=tiny_spri(tokenizer, stage=2), args=stage_args(SpriSFTConfig, tmp_path / "s2"),
+                            train_dataset=conversations(), processing_class=tokenizer,
+                            peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    before = {name: param.detach().clone() for name, param in stage2.model.named_parameters()}
+    stage2.train()
+    moved = {name for name, param in stage2.model.named_parameters() if not torch.equal(param.detach(), before[name])}
+    assert moved and all("lora_" in name for name in moved)
+
+
+def test_a_plain_sft_config_gets_the_stage_defaults_and_says_so(tokenizer, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="spri_hf.trainer"):
+        trainer = SpriSFTTrainer(model=tiny_spri(tokenizer, stage=1),
+                                 args=train_args(SFTConfig, tmp_path, max_steps=8, packing=True, max_length=48),
+                                 train_dataset=conversations(), processing_class=tokenizer)
+    assert isinstance(trainer.args, SpriSFTConfig)
+    assert trainer.args.stage1_steps == 0.25 and trainer.args.max_steps == 8 and trainer.args.packing
+    assert "plain SFTConfig" in caplog.text and "SpriSFTConfig" in caplog.text
+
+
+@dataclass
+class SpriGRPOConfig(SpriStageArguments, GRPOConfig):
+    pass
+
+
+class SpriGRPOTrainer(SpriTrainerMixin, GRPOTrainer):
+    _args_class = SpriGRPOConfig
+
+
+def test_any_trl_trainer_gets_the_schedule_in_three_lines(tokenizer, tmp_path):
+    """The README's recipe (SpriGRPOConfig / SpriGRPOTrainer above, at module level so that TRL can pickle the
+    config), on TRL's GRPOTrainer: the public mixin and stage arguments, nothing else."""
+
+    def reward(completions, **kwargs):
+        return [float(len(completion)) for completion in completions]
+
+    args = stage_args(SpriGRPOConfig, tmp_path, max_steps=4, stage1_steps=2, num_generations=2,
+                      max_completion_length=4)
+    trainer = SpriGRPOTrainer(model=tiny_spri(tokenizer, stage=1), reward_funcs=reward, args=args, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list([{"prompt": f"Count from {i}:"} for i in range(8)]))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["stage"] for entry in logs] == [1, 1, 2, 2]
+    assert logs[0]["learning_rate"] == pytest.approx(1e-2) and trainer.model.config.stage == 2
