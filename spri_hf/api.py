@@ -2,7 +2,7 @@
 
 Importing this module registers `model_type="spri"` with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
 `AutoModelForSeq2SeqLM`, `AutoModelForSpeechSeq2Seq`, `AutoModelForSequenceClassification` and
-`AutoModelForMaskedLM`, and installs the Trainer card hook. `import spri_hf` imports it (see `spri_hf/__init__.py`).
+`AutoModelForMaskedLM`. `import spri_hf` imports it (see `spri_hf/__init__.py`).
 """
 
 from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
@@ -10,7 +10,7 @@ from .callbacks import SpriMonitorCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
 from .initializers import thin_svd
-from .integrations import SpriHubCallback, install_trainer_model_card_hook
+from .integrations import SpriHubCallback
 from .modeling_spri import (
     SpriForCausalLM,
     SpriForMaskedLM,
@@ -34,7 +34,6 @@ from .trainer import (
 
 
 register_auto_classes()
-install_trainer_model_card_hook()
 
 __all__ = [
     "FFN_LAYOUTS",

@@ -1,12 +1,11 @@
-"""Hooks into transformers' own tools: the Trainer card hook (installed when `spri_hf` is imported) and the
-checkpoint-push callback."""
+"""Hooks into transformers' own tools: the SPRI section of the card a trainer writes (SPRI's trainers add it; nothing
+is patched at import) and the checkpoint-push callback."""
 
-import functools
 import glob
 import os
 import shutil
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
@@ -15,27 +14,14 @@ def _is_spri_model(model) -> bool:
     return getattr(config, "model_type", None) == "spri" and hasattr(model, "create_or_update_model_card")
 
 
-def install_trainer_model_card_hook():
-    """Make `Trainer.create_model_card` keep the SPRI section of the card.
-
-    `Trainer.push_to_hub` writes its own training card over `README.md` right before uploading; for SPRI models the
-    SPRI section (base model, settings, parameter counts, license, how to load) is added back, as transformers does
-    for PEFT adapters. Other models are untouched. Idempotent.
-    """
-    original = Trainer.create_model_card
-    if getattr(original, "_spri_hook", False):
-        return
-
-    @functools.wraps(original)
-    def create_model_card(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.is_world_process_zero() and _is_spri_model(model):
-            model.create_or_update_model_card(self.args.output_dir, repo_id=self.hub_model_id)
-        return result
-
-    create_model_card._spri_hook = True
-    Trainer.create_model_card = create_model_card
+def add_spri_card_section(trainer) -> None:
+    """After a trainer wrote its training card into `output_dir/README.md` (`create_model_card`, right before a push
+    uploads the folder), add the SPRI section back (base model, settings, parameter counts, license, how to load), as
+    transformers does for PEFT adapters. SPRI's trainers call it from their `create_model_card`; other models are left
+    as they are."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero() and _is_spri_model(model):
+        model.create_or_update_model_card(trainer.args.output_dir, repo_id=trainer.hub_model_id)
 
 
 class SpriHubCallback(TrainerCallback):
@@ -44,8 +30,8 @@ class SpriHubCallback(TrainerCallback):
     Trainer copies only the config and weights from the checkpoint folder into the folder it uploads, so without this
     a mid-training revision on the Hub has an `auto_map` naming code files it lacks. On `on_push_begin` (Trainer's
     public hook, called right before that copy) the code files and the card of the checkpoint just saved are copied
-    along. `SpriTrainer` and `SpriSeq2SeqTrainer` add it themselves; with a plain `Trainer` pass
-    `callbacks=[SpriHubCallback()]`. Other models are untouched.
+    along. SPRI's trainers (`SpriTrainer`, `SpriSeq2SeqTrainer`, `spri_hf.trl`'s) add it themselves; with another
+    trainer pass `callbacks=[SpriHubCallback()]`. Other models are untouched.
     """
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):

@@ -25,7 +25,7 @@ from transformers.optimization import get_scheduler
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from .integrations import SpriHubCallback
+from .integrations import SpriHubCallback, add_spri_card_section
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,13 @@ class SpriTrainerMixin:
                 "supports the LambdaLR ones (linear, cosine, constant, constant_with_warmup, polynomial, ...)."
             )
         return scheduler.lr_lambdas[0]
+
+    # ---- sharing --------------------------------------------------------------------------------------------------
+    def create_model_card(self, *args, **kwargs):
+        """The trainer's own card (transformers' or TRL's), then the SPRI section added back to it."""
+        result = super().create_model_card(*args, **kwargs)
+        add_spri_card_section(self)
+        return result
 
     # ---- logs -----------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

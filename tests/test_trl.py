@@ -388,3 +388,24 @@ def test_any_trl_trainer_gets_the_schedule_in_three_lines(tokenizer, tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["stage"] for entry in logs] == [1, 1, 2, 2]
     assert logs[0]["learning_rate"] == pytest.approx(1e-2) and trainer.model.config.stage == 2
+
+
+def test_spri_sft_trainer_pushes_code_and_the_spri_card(tokenizer, tmp_path):
+    """Through the switch, with `push_to_hub=True` to a real HTTP Hub on 127.0.0.1: the pushes at every save carry the
+    code files config.json's auto_map names; the final card is TRL's with the SPRI section added back."""
+    from hub_server import LocalHub, use_local_hub
+
+    repo_id = "alice/spri-sft"
+    args = stage_args(SpriSFTConfig, tmp_path / "run", max_steps=4, stage1_steps=2, save_strategy="steps",
+                      save_steps=2, push_to_hub=True, hub_model_id=repo_id, disable_tqdm=True)
+    with LocalHub() as hub, use_local_hub(hub, tmp_path / "cache"):
+        trainer = SpriSFTTrainer(model=tiny_spri(tokenizer, stage=1), args=args, train_dataset=conversations(),
+                                 processing_class=tokenizer)
+        trainer.train()
+        mid_training = hub.files(repo_id)
+        assert {"model.safetensors", "config.json", "modeling_spri.py", "configuration_spri.py"} <= set(mid_training)
+        trainer.push_to_hub()
+        files = hub.files(repo_id)
+    card = files["README.md"].decode()
+    assert "spri_hf model card" in card and "SFT" in card  # SPRI's section inside TRL's card
+    assert json.loads(files["config.json"])["stage"] == 2
