@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spri_hf"
 
@@ -96,12 +98,16 @@ def test_the_checker_sees_local_imports_and_cycles():
 
 # installed with transformers' Trainer but imported by spri_hf only through it
 USED_WITHOUT_IMPORT = {"accelerate"}
+# modules that only an extra makes importable (`import spri_hf` does not import them): module -> extra
+EXTRA_MODULES = {"trl.py": "trl"}
 
 
-def third_party_imports() -> set[str]:
-    """Top-level names of the non-stdlib, non-spri_hf packages that spri_hf's modules import (local imports too)."""
+def third_party_imports(paths=None) -> set[str]:
+    """Top-level names of the non-stdlib, non-spri_hf packages that spri_hf's modules import (local imports too);
+    by default every module but the EXTRA_MODULES."""
     found = set()
-    for path in PACKAGE.rglob("*.py"):
+    paths = paths if paths is not None else [p for p in PACKAGE.rglob("*.py") if p.name not in EXTRA_MODULES]
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 found |= {alias.name.split(".")[0] for alias in node.names}
@@ -119,3 +125,16 @@ def install_requires() -> set[str]:
 
 def test_install_requires_lists_exactly_what_the_package_imports():
     assert install_requires() == third_party_imports() | USED_WITHOUT_IMPORT
+
+
+@pytest.mark.parametrize("module", sorted(EXTRA_MODULES))
+def test_extra_modules_import_only_their_extra_and_are_not_imported_by_the_package(module):
+    parser = configparser.ConfigParser()
+    parser.read(PACKAGE.parent / "setup.cfg")
+    extra = EXTRA_MODULES[module]
+    lines = [line.strip() for line in parser["options.extras_require"][extra].splitlines()]
+    requirements = {re.split(r"[<>=!~\[ ;]", line)[0].replace("-", "_") for line in lines if line and not line.startswith("#")}
+    assert third_party_imports([PACKAGE / module]) <= install_requires() | requirements
+    name = module.removesuffix(".py")
+    for path in PACKAGE.rglob("*.py"):
+        assert f"from .{name} import" not in path.read_text(encoding="utf-8") or path.name == module, path
