@@ -15,6 +15,7 @@ This file is shipped to the Hub as remote code: it imports only torch, transform
 (persistence.py holds how checkpoints are read and written).
 """
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -421,10 +422,16 @@ def spri_backbone_class(dense_class: type[PreTrainedModel]) -> type[PreTrainedMo
         return _BACKBONE_CLASSES.get(dense_class, dense_class)
     recordable = dict(dense_class._can_record_outputs or {})
     recordable["router_logits"] = OutputRecorder(SpriRouter, index=0)
+
+    def forward(self, *args, **kwargs):
+        return SpriBackboneMixin.forward(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, dense_class.forward)  # the dense signature, which callers inspect
     backbone_class = type(
         f"Spri{dense_class.__name__}",
         (SpriBackboneMixin, dense_class),
-        {"__module__": __name__, "__doc__": SpriBackboneMixin.__doc__, "_can_record_outputs": recordable},
+        {"__module__": __name__, "__doc__": SpriBackboneMixin.__doc__, "_can_record_outputs": recordable,
+         "forward": forward},
     )
     _BACKBONE_CLASSES[dense_class] = backbone_class
     return backbone_class
@@ -469,7 +476,10 @@ class SpriPreTrainedModel(PreTrainedModel):
         config.base_config._experts_implementation_internal = None
         self.model = dense_class(config.base_config)
         self._swap_ffn_blocks()
-        make_spri_backbone(self.model.base_model, config)
+        if self.model.base_model is not self.model or self._dense_mapping is MODEL_MAPPING:
+            # a backbone under a head (LlamaModel in LlamaForCausalLM), or SpriModel's own; not a head model that
+            # holds its stacks itself (T5ForConditionalGeneration: its base_model is itself, as on a dense T5)
+            make_spri_backbone(self.model.base_model, config)
         self.post_init()
         self.apply_stage_trainability()
         # The tied LM head is not stored in checkpoints; Trainer's resume then re-ties it instead of warning about it

@@ -291,6 +291,11 @@ def test_generate_greedy_sample_beam_and_dict_outputs(case):
     assert torch.equal(torch.stack(as_dict.scores, dim=1).argmax(-1), greedy[:, -4:])
     assert torch.equal(sampled, sampled_again)
     assert beams.shape[0] == 2 and beams.shape[1] >= greedy.shape[1] - 1
+    # assisted decoding (batch 1, as transformers requires), with a SPRI assistant: greedy's tokens
+    first = {name: value[:1] for name, value in inputs.items()}
+    with torch.no_grad():
+        assisted = model.generate(**first, do_sample=False, assistant_model=spri_of(case), **settings)
+    assert torch.equal(assisted, greedy[:1])
 
 
 @pytest.mark.parametrize("case", [f"{family}-stage{stage}" for family in CAUSAL for stage in (1, 2)])

@@ -95,12 +95,24 @@ def losses(trainer) -> list[float]:
 
 
 # ---- the fused LM head TRL wraps every causal LM with ---------------------------------------------------------------
-def test_trl_fused_head_computes_the_same_loss_as_spri_forward(tokenizer):
+@pytest.mark.parametrize("family", ["llama", "gemma2", "cohere", "granite"])
+def test_trl_fused_head_computes_the_same_loss_as_spri_forward(family):
     """With the same `router_aux_loss_coef`, TRL's fused forward (backbone + head, transformers' balance loss on the
-    backbone's router_logits) and SPRI's own forward give the same training loss, padding included."""
-    model = tiny_spri(tokenizer, stage=2, router_aux_loss_coef=0.3)
+    backbone's router_logits) and SPRI's own forward give the same training loss, padding included; the dense head's
+    own logic reaches TRL through the config (Gemma 2's final logit softcapping, Cohere's logit_scale, Granite's
+    logits_scaling)."""
+    from conftest import tiny_dense
+
+    dense = tiny_dense(family)
+    if family == "granite":
+        dense.config.logits_scaling = 4.0  # the tiny config's default 1.0 would not show it
+    special = {"gemma2": "final_logit_softcapping", "cohere": "logit_scale", "granite": "logits_scaling"}
+    if family in special:
+        assert getattr(dense.config, special[family]) not in (None, 0.0, 1.0)
+    model = SpriForCausalLM.from_dense(dense, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.3)
+    model.set_stage(2)
     model.config.output_router_logits = True  # as SFTTrainer sets it when the aux loss is on
-    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     labels = ids.masked_fill(mask == 0, -100)
