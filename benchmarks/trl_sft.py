@@ -20,8 +20,8 @@ import time
 import torch
 from datasets import Dataset
 
+from spri_hf.demo import LANGUAGES, load_pairs, split_pairs
 
-LANGUAGES = {"de": "German", "ca": "Catalan", "sv": "Swedish", "id": "Indonesian"}
 HELD_OUT_PER_LANGUAGE = 10
 MOE_LAYERS = [0, 5, 10, 15, 20, 25]  # as the demo: every 5th FFN layer
 
@@ -36,14 +36,6 @@ def chat_rows(pairs: list[dict]) -> list[dict]:
         }
         for p in pairs
     ]
-
-
-def split(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
-    held_out = []
-    for lang in LANGUAGES:
-        held_out += [p for p in pairs if p["lang"] == lang][:HELD_OUT_PER_LANGUAGE]
-    sources = {p["en"] for p in held_out}
-    return [p for p in pairs if p["en"] not in sources], held_out
 
 
 @torch.no_grad()
@@ -152,13 +144,15 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     from spri_hf import assets
-    from spri_hf.demo import load_pairs
 
     dense, tokenizer = assets.load_smollm2()
-    train_pairs, held_out = split(load_pairs())
+    train_pairs, held_out = split_pairs(load_pairs(), per_language=HELD_OUT_PER_LANGUAGE)
     train_set, eval_set = Dataset.from_list(chat_rows(train_pairs)), Dataset.from_list(chat_rows(held_out))
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else []
+    results = []
+    if os.path.exists(path):  # finished runs are kept: an interrupted benchmark resumes
+        with open(path) as handle:
+            results = json.load(handle)
     done = {(r["method"], r["seed"], r["steps"]) for r in results}
     for seed in args.seeds:
         for method in args.methods:

@@ -30,11 +30,11 @@ def prompt(pair: dict) -> str:
     return f"Translate English to {LANGUAGES[pair['lang']]}.\nEnglish: {pair['en']}\n{LANGUAGES[pair['lang']]}:"
 
 
-def split_pairs(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+def split_pairs(pairs: list[dict], per_language: int = HELD_OUT_PER_LANGUAGE) -> tuple[list[dict], list[dict]]:
     """Hold out the first sentences of every language; sources in the held-out set never appear in training."""
     held_out = []
     for lang in LANGUAGES:
-        held_out += [p for p in pairs if p["lang"] == lang][:HELD_OUT_PER_LANGUAGE]
+        held_out += [p for p in pairs if p["lang"] == lang][:per_language]
     held_sources = {p["en"] for p in held_out}
     return [p for p in pairs if p["en"] not in held_sources], held_out
 

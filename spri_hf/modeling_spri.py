@@ -39,7 +39,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils.generic import can_return_tuple
 
-
 try:  # transformers >= 5.20 (this file must load from 5.16 on: see CACHE_NAME)
     from transformers.utils.output_capturing import OutputRecorder
 except ImportError:

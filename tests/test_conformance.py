@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import VOCAB, perturb_experts, progression_dataset, tiny, tiny_dense
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -18,9 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from conftest import VOCAB, perturb_experts, progression_dataset, tiny, tiny_dense
 from spri_hf import SpriForCausalLM, upcycle_checkpoint
-
 
 CAUSAL = ["llama", "qwen3", "gemma3_text", "gpt2"]
 CASES = [f"{family}-stage{stage}" for family in CAUSAL for stage in (1, 2)] + ["t5", "bart", "whisper", "bert"]
@@ -193,7 +192,7 @@ def test_use_cache_follows_the_config(case):
     """`config.use_cache = False` does on the SPRI model what it does on the dense one (no cache; T5 keeps its own)."""
     model, dense = spri_of(case), dense_of(case)
     inputs = inputs_of(case)
-    cache_of = lambda out: out.get("cache", out.get("past_key_values"))  # noqa: E731  (transformers < 5.24 name)
+    cache_of = lambda out: out.get("cache", out.get("past_key_values"))
     with torch.no_grad():
         cached = model(**inputs, use_cache=True)
         model.config.use_cache = False

@@ -15,16 +15,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import require_packages, without_spri_hf
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import require_packages, without_spri_hf
 from spri_hf import SpriForCausalLM, SpriStageArguments, SpriTrainerMixin
 
-
 pytest.importorskip("trl")
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
-from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +219,7 @@ def test_trl_sft_command_trains_a_spri_checkpoint(tokenizer, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     with open(data / "train.jsonl", "w") as handle:
-        for row in conversations():
-            handle.write(json.dumps(row) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in conversations())
     out = tmp_path / "out"
     result = run_trl_sft(checkpoint, data, out, "--max_steps", "2", "--learning_rate", "1e-2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -241,7 +239,7 @@ def run_trl_sft(checkpoint, data, out, *extra, cwd):
         "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1", *extra,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
 
 
 @pytest.mark.slow
@@ -259,8 +257,7 @@ def test_trl_sft_command_trains_the_real_smollm2_upcycled(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     with open(data / "train.jsonl", "w") as handle:
-        for row in conversations(8):
-            handle.write(json.dumps(row) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in conversations(8))
     out = tmp_path / "out"
     result = run_trl_sft(checkpoint, data, out, "--max_steps", "2", "--learning_rate", "1e-4", "--max_length", "64",
                          cwd=tmp_path)
@@ -275,7 +272,7 @@ def test_trl_sft_command_trains_the_real_smollm2_upcycled(tmp_path):
 
 
 # ---- both stages in one run: SpriSFTTrainer and SpriDPOTrainer (issue 34) -------------------------------------------
-from spri_hf.trl import SpriDPOConfig, SpriDPOTrainer, SpriSFTConfig, SpriSFTTrainer  # noqa: E402
+from spri_hf.trl import SpriDPOConfig, SpriDPOTrainer, SpriSFTConfig, SpriSFTTrainer
 
 
 def stage_args(config_class, folder, **overrides):
