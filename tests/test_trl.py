@@ -418,3 +418,27 @@ def test_spri_sft_trainer_pushes_code_and_the_spri_card(tokenizer, tmp_path):
     card = files["README.md"].decode()
     assert "spri_hf model card" in card and "SFT" in card  # SPRI's section inside TRL's card
     assert json.loads(files["config.json"])["stage"] == 2
+
+
+def test_two_stage_sft_under_accelerate_launch_with_two_processes(tmp_path):
+    """`accelerate launch` of examples/train_sft_distributed.py on 2 CPU processes (DDP, gloo): both stages, and the
+    two ranks end with bit-identical weights."""
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_sft_distributed.py"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script),
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(record["world_size"] == 2 and record["stage"] == 2 and record["switch_step"] == 3 for record in ranks)
+    assert ranks[0]["stages"] == [1, 1, 1, 2, 2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
