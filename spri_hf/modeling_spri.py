@@ -438,6 +438,9 @@ def spri_backbone_class(dense_class: type[PreTrainedModel]) -> type[PreTrainedMo
 
 def make_spri_backbone(backbone: PreTrainedModel, spri_config: SpriConfig) -> None:
     """Turn the dense backbone module (already holding the SPRI blocks) into its `Spri<DenseBackbone>` class in place."""
+    if isinstance(backbone, SpriBackboneMixin):  # built as one (SpriModel's)
+        backbone.spri_config = spri_config
+        return
     if not backbone._can_record_outputs:  # encoder-decoder backbones (BartModel, T5): their stacks record outputs
         return
     backbone_class = spri_backbone_class(type(backbone))
@@ -471,6 +474,10 @@ class SpriPreTrainedModel(PreTrainedModel):
         _check_vllm_can_run(config)
         super().__init__(config)
         dense_class = self._dense_class(config)
+        if self._dense_mapping is MODEL_MAPPING and dense_class._can_record_outputs:
+            # SpriModel: its child is the backbone itself, built as `Spri<DenseBackbone>` through its own __init__ (vLLM's
+            # Transformers backend decorates that class's __init__ for torch.compile)
+            dense_class = spri_backbone_class(dense_class)
         # The experts live in this wrapper; the dense architecture has none and refuses an experts implementation.
         config.base_config._experts_implementation_internal = None
         self.model = dense_class(config.base_config)
