@@ -15,6 +15,7 @@ This file is shipped to the Hub as remote code: it imports only torch, transform
 (persistence.py holds how checkpoints are read and written).
 """
 
+import copy
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -448,7 +449,7 @@ def make_spri_backbone(backbone: PreTrainedModel, spri_config: SpriConfig) -> No
         # transformers registers each class's `_can_record_outputs` when an instance of it is built: build one
         # without weights (meta tensors) from this config, once per class
         with torch.device("meta"):
-            backbone_class(backbone.config)
+            backbone_class(copy.deepcopy(backbone.config))  # a copy: building sets fields on the config
         backbone_class._spri_registered = True
     backbone.__class__ = backbone_class
     backbone.spri_config = spri_config
@@ -486,6 +487,10 @@ class SpriPreTrainedModel(PreTrainedModel):
             # a backbone under a head (LlamaModel in LlamaForCausalLM), or SpriModel's own; not a head model that
             # holds its stacks itself (T5ForConditionalGeneration: its base_model is itself, as on a dense T5)
             make_spri_backbone(self.model.base_model, config)
+        # A `Spri<DenseBackbone>` class lives in this module, which has experts, so transformers sets an experts
+        # implementation on the config it is built with; the dense config keeps none (the dense model folded or
+        # exported from it must build).
+        config.base_config._experts_implementation_internal = None
         self.post_init()
         self.apply_stage_trainability()
         # The tied LM head is not stored in checkpoints; Trainer's resume then re-ties it instead of warning about it
