@@ -20,22 +20,10 @@ import time
 import torch
 from datasets import Dataset
 
-from spri_hf.demo import LANGUAGES, load_pairs, split_pairs
+from spri_hf.demo import chat_rows, load_pairs, split_pairs
 
 HELD_OUT_PER_LANGUAGE = 10
 MOE_LAYERS = [0, 5, 10, 15, 20, 25]  # as the demo: every 5th FFN layer
-
-
-def chat_rows(pairs: list[dict]) -> list[dict]:
-    """Conversational prompt/completion: the loss is on the assistant's translation only."""
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Translate to {LANGUAGES[p['lang']]}: {p['en']}"}],
-            "completion": [{"role": "assistant", "content": p["xx"]}],
-            "lang": p["lang"],
-        }
-        for p in pairs
-    ]
 
 
 @torch.no_grad()
@@ -76,7 +64,8 @@ def run(method: str, seed: int, steps: int, args, train_set, eval_set, dense, to
     settings = dict(
         output_dir=os.path.join(args.out, "runs", f"{method}-seed{seed}"), max_steps=steps, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, seed=seed, data_seed=seed, max_length=128, gradient_checkpointing=False, disable_tqdm=True,
+        use_cpu=True, bf16=False, seed=seed, data_seed=seed, max_length=128, gradient_checkpointing=False,
+        disable_tqdm=True,
     )  # fmt: skip
     if method == "dense":
         model = _copy(dense)

@@ -20,19 +20,27 @@ def _layers_arg(text: str) -> list[int]:
     try:
         return parse_layers(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err).replace("--moe_layers", "--moe-layers"))
+        raise argparse.ArgumentTypeError(str(err))
+
+
+def _spellings(flag: str) -> tuple[str, ...]:
+    """A flag in the spelling of every spri-hf command (and TRL's): underscores; the dashed one is accepted too."""
+    dashed = "--" + flag[2:].replace("_", "-")
+    return (flag, dashed) if dashed != flag else (flag,)
 
 
 def _add_settings(parser: argparse.ArgumentParser):
     """The upcycling flags, with SpriConfig's defaults and help (the same ones `spri-hf train` generates)."""
     group = parser.add_argument_group("SPRI settings (see SpriConfig)")
     for name, flag_type, default, help_text in upcycling_flag_specs():
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + name
         if name == "norm_topk_prob":
-            group.add_argument("--no-norm-topk-prob", dest=name, action="store_false", help="do not " + help_text)
+            group.add_argument(
+                *_spellings("--no_norm_topk_prob"), dest=name, action="store_false", help="do not " + help_text
+            )
             continue
         parse = _layers_arg if name == "moe_layers" else getattr(flag_type, "__args__", (flag_type,))[0]
-        group.add_argument(flag, type=parse, default=default, help=help_text)
+        group.add_argument(*_spellings(flag), type=parse, default=default, help=help_text)
 
 
 def _positive_int(text: str) -> int:
@@ -58,7 +66,7 @@ def _spri_checkpoint_class(path):
 
 
 def _show_progress(args) -> bool:
-    """The progress bar (layers, rate, ETA) goes to stderr when it is a terminal, unless --no-progress."""
+    """The progress bar (layers, rate, ETA) goes to stderr when it is a terminal, unless --no_progress."""
     return not args.no_progress and sys.stderr.isatty()
 
 
@@ -77,7 +85,7 @@ def cmd_upcycle(args) -> int:
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {
-        "svd_method": args.svd_method, "svd_device": check_device(args.svd_device, "--svd-device"),
+        "svd_method": args.svd_method, "svd_device": check_device(args.svd_device, "--svd_device"),
         "svd_workers": args.svd_workers, "check_resources": not args.no_resource_check,
     }  # fmt: skip
     progress = _show_progress(args)
@@ -94,8 +102,15 @@ def cmd_upcycle(args) -> int:
     if not args.gguf_file and can_stream(src):
         # safetensors: streamed tensor by tensor and layer by layer, written shard by shard
         upcycle_checkpoint(
-            src, out_dir, spri_class=spri_class, dtype=args.dtype, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size, show_progress=progress, **svd, **settings,
+            src,
+            out_dir,
+            spri_class=spri_class,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            show_progress=progress,
+            **svd,
+            **settings,
         )
         config = spri_class.config_class.from_pretrained(out_dir)
         print(
@@ -111,7 +126,7 @@ def cmd_upcycle(args) -> int:
     else:
         load_kwargs["use_safetensors"] = not args.allow_pickle
         if load_kwargs["use_safetensors"]:
-            refuse_pickle_only(src, fix="pass --allow-pickle")
+            refuse_pickle_only(src, fix="pass --allow_pickle")
     dense = dense_class.from_pretrained(src, **load_kwargs)
     loaded = time.perf_counter()
     model = spri_class.from_dense(dense, show_progress=progress, **svd, **settings)
@@ -205,39 +220,52 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("src", help="local dense checkpoint folder or Hub id")
     upcycle.add_argument("out", help="folder to write the SPRI checkpoint to")
     upcycle.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
         help="of the written weights (default: the checkpoint's; float32 for GGUF)",
     )
-    upcycle.add_argument("--gguf-file", default=None, help="load SRC from this GGUF file inside it")
+    upcycle.add_argument(*_spellings("--gguf_file"), default=None, help="load SRC from this GGUF file inside it")
     upcycle.add_argument(
-        "--task", default="auto", choices=("auto", *TASKS),
+        "--task",
+        default="auto",
+        choices=("auto", *TASKS),
         help="which SPRI class wraps SRC (default: from its config: speech/text encoder-decoders, the head its "
         "architectures name, else causal LM)",
     )
     upcycle.add_argument(
-        "--allow-pickle", action="store_true",
+        *_spellings("--allow_pickle"),
+        action="store_true",
         help="read pickle weights (pytorch_model.bin) when SRC has no safetensors; only for files you trust",
     )
     upcycle.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    upcycle.add_argument("--max-shard-size", default="2GB", help="largest weights file (default 2GB)")
+    upcycle.add_argument(*_spellings("--max_shard_size"), default="2GB", help="largest weights file (default 2GB)")
     upcycle.add_argument(
-        "--svd-method", default="auto", choices=["auto", "gram", "full"],
+        *_spellings("--svd_method"),
+        default="auto",
+        choices=["auto", "gram", "full"],
         help="auto/gram: eigh of the smaller Gram matrix in float64 (fast, exact); full: torch.linalg.svd",
     )
     upcycle.add_argument(
-        "--svd-device", default=None, help="run the SVDs there, each layer's as one batch, e.g. cuda (default: cpu)"
+        *_spellings("--svd_device"),
+        default=None,
+        help="run the SVDs there, each layer's as one batch, e.g. cuda (default: cpu)",
     )
     upcycle.add_argument(
-        "--svd-workers", type=_positive_int, default=None,
+        *_spellings("--svd_workers"),
+        type=_positive_int,
+        default=None,
         help="SVDs computed at once on the CPU, each single-threaded (default: the cores this process may use); "
         "the output is bit-identical whatever the number",
     )
     upcycle.add_argument(
-        "--no-progress", action="store_true",
+        *_spellings("--no_progress"),
+        action="store_true",
         help="no progress bar (it is shown on stderr, with an ETA, only when stderr is a terminal)",
     )
     upcycle.add_argument(
-        "--no-resource-check", action="store_true",
+        *_spellings("--no_resource_check"),
+        action="store_true",
         help="upcycle even when the memory / disk estimate says it will not fit",
     )
     _add_settings(upcycle)
@@ -249,19 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="SPRI checkpoint folder")
     export.add_argument("out", help="folder to write the native checkpoint to")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    export.add_argument("--no-verify", action="store_true", help="skip the logits check before writing")
+    export.add_argument(*_spellings("--no_verify"), action="store_true", help="skip the logits check before writing")
     export.set_defaults(func=cmd_export_native)
 
     inspect = sub.add_parser("inspect", help="per layer: experts, principal rank, residual share, expert distance")
     inspect.add_argument("path")
     inspect.add_argument(
-        "--dense", action="store_true",
+        "--dense",
+        action="store_true",
         help="PATH is a dense model (folder or Hub id): print its FFN layout (the table entry, or what detection finds)",
     )
     inspect.set_defaults(func=cmd_inspect)
 
     train = sub.add_parser(
-        "train", add_help=False, prefix_chars="\0",
+        "train",
+        add_help=False,
+        prefix_chars="\0",
         help="dense model (or SPRI checkpoint) + dataset -> upcycle -> both stages with SpriTrainer -> checkpoint; "
         "spri-hf train --help lists its flags",
     )
@@ -269,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="upcycle SmolLM2-135M, fine-tune on En->XX pairs, save, reload, generate")
-    demo.add_argument("--output-dir", default="spri-demo-output")
+    demo.add_argument(*_spellings("--output_dir"), default="spri-demo-output")
     demo.add_argument("--steps", type=int, default=12, help="Trainer steps per stage")
-    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument(*_spellings("--batch_size"), type=int, default=8)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:
         resources = sys.modules.get("spri_hf.resources")  # a resource shortfall comes from there, once it is imported
         shortfall = resources is not None and isinstance(err, resources.ResourceShortfall)
-        message = err.with_override("--no-resource-check") if shortfall else str(err)
+        message = err.with_override("--no_resource_check") if shortfall else str(err)
         print(f"spri-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:

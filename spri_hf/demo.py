@@ -30,6 +30,19 @@ def prompt(pair: dict) -> str:
     return f"Translate English to {LANGUAGES[pair['lang']]}.\nEnglish: {pair['en']}\n{LANGUAGES[pair['lang']]}:"
 
 
+def chat_rows(pairs: list[dict]) -> list[dict]:
+    """The pairs as TRL's conversational prompt/completion rows (the loss on the assistant's translation only), with
+    their `lang`: what `SpriSFTTrainer` and `spri-hf train` take, rendered with the tokenizer's chat template."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Translate to {LANGUAGES[p['lang']]}: {p['en']}"}],
+            "completion": [{"role": "assistant", "content": p["xx"]}],
+            "lang": p["lang"],
+        }
+        for p in pairs
+    ]
+
+
 def split_pairs(pairs: list[dict], per_language: int = HELD_OUT_PER_LANGUAGE) -> tuple[list[dict], list[dict]]:
     """Hold out the first sentences of every language; sources in the held-out set never appear in training."""
     held_out = []

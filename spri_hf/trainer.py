@@ -235,7 +235,7 @@ class SpriTrainerMixin:
                     "stage 1 (as upcycled by from_dense) to resume it."
                 )
         has_stage1 = model is not None and (model.config.stage == 1 or record is not None)
-        self.switch_step = record if record is not None else (self._planned_switch_step() if has_stage1 else None)
+        self.switch_step = record if record is not None else (self.planned_switch_step() if has_stage1 else None)
         if self.switch_step == 0:
             model.set_stage(2)
             self.switch_step = None
@@ -291,13 +291,16 @@ class SpriTrainerMixin:
                 "5.x."
             )
 
-    def _planned_switch_step(self) -> int:
+    def planned_switch_step(self) -> int:
+        """The step stage 1 ends at, from `stage1_steps` and the run's length; refuses a stage 1 as long as the run."""
         total = self.planned_total_steps()
         switch = resolve_steps(self.stage_setting("stage1_steps"), total)
         if switch >= total:
+            rows = len(self.train_dataset) if self.args.max_steps <= 0 and hasattr(self.train_dataset, "__len__") else 0
+            over = f" over {rows} examples" if rows else ""
             raise ValueError(
                 f"stage1_steps={self.stage_setting('stage1_steps'):g} gives a stage 1 of {switch} steps, not shorter "
-                f"than the run ({total} optimizer steps): stage 2 would never run. Use fewer steps or a fraction."
+                f"than the run ({total} optimizer steps{over}): stage 2 would never run. Use fewer steps or a fraction."
             )
         return switch
 

@@ -72,7 +72,7 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert not heavy, heavy[:10]
     assert "spri_hf.cli" in report["modules"]
     if "x" in argv:
-        assert "argument --num-experts: invalid int value: 'x'" in result.stderr
+        assert "argument --num_experts/--num-experts: invalid int value: 'x'" in result.stderr
 
 
 @pytest.mark.parametrize("case", ["missing source", "occupied output"])
@@ -185,7 +185,7 @@ def test_pickle_only_dense_checkpoints_are_refused_unless_allowed(tmp_path, caps
 
     assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4"]) == 2
     message = capsys.readouterr().err
-    assert "only pickle weights (pytorch_model.bin)" in message and "--allow-pickle" in message
+    assert "only pickle weights (pytorch_model.bin)" in message and "--allow_pickle" in message
     assert not os.path.exists(tmp_path / "moe") and sorted(os.listdir(tmp_path)) == ["dense"]
     with pytest.raises(OSError, match="only pickle weights.*use_safetensors=False"):
         SpriForCausalLM.from_dense(str(tmp_path / "dense"), num_experts=4)
@@ -212,7 +212,7 @@ def test_upcycle_takes_a_t5_checkpoint(tmp_path, capsys):
 
 
 def test_cannot_fit_refusal_names_the_command_line_flag(tmp_path, capsys):
-    """The estimate's refusal names --no-resource-check on the command line (check_resources=False in Python)."""
+    """The estimate's refusal names --no_resource_check on the command line (check_resources=False in Python)."""
     import json
 
     folder = tmp_path / "huge"
@@ -222,7 +222,7 @@ def test_cannot_fit_refusal_names_the_command_line_flag(tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps(config))
     assert cli_main(["upcycle", str(folder), str(tmp_path / "out"), "--num-experts", "8"]) == 2
     err = capsys.readouterr().err
-    assert "--no-resource-check" in err and "check_resources=False" not in err
+    assert "--no_resource_check" in err and "check_resources=False" not in err
     assert not (tmp_path / "out").exists()
 
 
