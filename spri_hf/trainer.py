@@ -283,6 +283,15 @@ class SpriTrainerMixin:
                 "(ZeRO-3: stage3_gather_16bit_weights_on_model_save=true), then SpriForCausalLM.from_pretrained(folder)"
                 ".set_stage(2) and SpriTrainer with stage1_steps=0. See docs/DISTRIBUTED.md, 'DeepSpeed'."
             )
+        if self.is_fsdp_enabled and "forward" in vars(self.spri_model()):
+            # e.g. TRL's fused LM head (add_fused_lm_head), set on the model instance by SFT/DPO/GRPO trainers
+            raise ValueError(
+                f"{type(self).__name__} under FSDP: the model's forward is patched on the instance (TRL's fused LM "
+                "head), and the FSDP2 switch rebuilds the model in stage 2 as a new object, which would lose the patch. "
+                "Train the two stages in two launches: stage 1 with the plain TRL trainer (the model's trainability "
+                "is stage 1's) and save_model(), then SpriForCausalLM.from_pretrained(folder).set_stage(2) with "
+                "stage1_steps=0; or use DDP, where the switch keeps the model object."
+            )
         version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) if self.is_fsdp_enabled else 2
         if version != 2:
             raise ValueError(

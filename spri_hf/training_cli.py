@@ -79,6 +79,18 @@ class SpriScriptArguments:
     )
 
 
+@dataclass
+class Seq2SeqGenerationArguments:
+    """`Seq2SeqTrainingArguments`' own flags (evaluation by generation), for encoder-decoder runs."""
+
+    predict_with_generate: bool = field(default=False, metadata={"help": "seq2seq-lm: evaluate by generating."})
+    generation_max_length: int | None = field(
+        default=None, metadata={"help": "seq2seq-lm: max_length when generating."}
+    )
+    generation_num_beams: int | None = field(default=None, metadata={"help": "seq2seq-lm: num_beams when generating."})
+    generation_config: str | None = field(default=None, metadata={"help": "seq2seq-lm: a GenerationConfig to load."})
+
+
 # Flags of spri_hf 0.2's `spri-hf train`, accepted until 0.4 with a message naming TRL's flag
 LEGACY_FLAGS = {
     "model": "model_name_or_path",
@@ -133,7 +145,15 @@ def make_parser():
     from .trl import SpriSFTConfig
 
     return TrlParser(
-        (ScriptArguments, SpriSFTConfig, ModelConfig, DatasetMixtureConfig, UpcyclingArguments, SpriScriptArguments),
+        (
+            ScriptArguments,
+            SpriSFTConfig,
+            ModelConfig,
+            DatasetMixtureConfig,
+            UpcyclingArguments,
+            SpriScriptArguments,
+            Seq2SeqGenerationArguments,
+        ),
         prog="spri-hf train",
         description=(
             "trl sft for SPRI: upcycle a dense model and train both SPRI stages in one run (SpriSFTTrainer; "
@@ -144,7 +164,8 @@ def make_parser():
 
 
 def parse(argv: list[str] | None):
-    """`(script, training, model_args, mixture, upcycling, spri, column renames)`; `--help` prints every flag."""
+    """`(script, training, model_args, mixture, upcycling, spri, generation, column renames)`; `--help` prints every
+    flag."""
     argv, renames = rewrite_legacy_flags(list(sys.argv[1:] if argv is None else argv))
     return (*make_parser().parse_args_and_config(argv), renames)
 
@@ -347,7 +368,9 @@ def peft_config_for(model_args, base_model_type: str):
     return config
 
 
-def train(script, training, model_args, mixture, upcycling, spri, renames: dict[str, str] | None = None):
+def train(
+    script, training, model_args, mixture, upcycling, spri, generation=None, renames: dict[str, str] | None = None
+):
     """Check everything, upcycle (or load the SPRI checkpoint), train both stages, save; returns the trainer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -380,6 +403,9 @@ def train(script, training, model_args, mixture, upcycling, spri, renames: dict[
                 f"{' '.join(given + ['--use_peft'] * model_args.use_peft)}: TRL's SFT options for decoder-only models; "
                 f"{name} is an encoder-decoder ({base.model_type}), trained by SpriSeq2SeqTrainer without them."
             )
+    if task == "causal-lm" and generation is not None and generation != Seq2SeqGenerationArguments():
+        given = [f"--{f.name}" for f in dataclasses.fields(generation) if getattr(generation, f.name) != f.default]
+        raise ValueError(f"{' '.join(given)}: for encoder-decoder runs (seq2seq-lm); {name} is a causal LM.")
     settings = upcycling_settings(upcycling, training)
     if not is_spri:  # validated from the config alone, before any weight is loaded
         make_config(base, **settings)  # also detects the FFN of a family without a table entry
@@ -425,7 +451,7 @@ def train(script, training, model_args, mixture, upcycling, spri, renames: dict[
     model.train()
 
     existed = os.path.exists(training.output_dir)
-    trainer = make_trainer(task, model, training, train_rows, eval_rows, tokenizer, peft_config)
+    trainer = make_trainer(task, model, training, train_rows, eval_rows, tokenizer, peft_config, generation)
     if model.config.stage == 1 and training.stage1_steps != 0:
         try:  # the run's length is known once TRL has prepared the data (packing changes it)
             trainer.planned_switch_step()  # refuses a stage 1 as long as the run
@@ -462,7 +488,7 @@ def save_adapter_base(model, output_dir: str):
     model.name_or_path = model.config.name_or_path = folder  # what PEFT records as the adapter's base
 
 
-def make_trainer(task, model, training, train_rows, eval_rows, tokenizer, peft_config):
+def make_trainer(task, model, training, train_rows, eval_rows, tokenizer, peft_config, generation=None):
     """`SpriSFTTrainer` for causal LMs; `SpriSeq2SeqTrainer` on tokenized prompt/completion for encoder-decoders."""
     if task == "causal-lm":
         from .trl import SpriSFTTrainer
@@ -475,7 +501,9 @@ def make_trainer(task, model, training, train_rows, eval_rows, tokenizer, peft_c
 
     from .trainer import SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments
 
-    values = {f.name: getattr(training, f.name) for f in dataclasses.fields(SpriSeq2SeqTrainingArguments) if f.init}
+    fields = dataclasses.fields(SpriSeq2SeqTrainingArguments)
+    values = {f.name: getattr(training, f.name) for f in fields if f.init and hasattr(training, f.name)}
+    values.update(dataclasses.asdict(generation) if generation is not None else {})
     arguments = SpriSeq2SeqTrainingArguments(**values)
 
     def encode(example):

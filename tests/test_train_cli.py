@@ -241,6 +241,7 @@ BAD_MESSAGES = [{"messages": [{"role": "user", "content": "a"}, {"content": "b"}
         (ROWS, ["--use_peft"], "--use_peft: a LoRA adapter cannot cross SPRI's stage switch.*Add --stage1_steps 0"),
         (ROWS, ["--eval_strategy", "steps"], "--dataset_test_split 'test': .* has the splits \\['train'\\]"),
         (ROWS, ["--task", "speech"], "--task 'speech'"),
+        (ROWS, ["--predict_with_generate"], "--predict_with_generate: for encoder-decoder runs"),
     ],
 )  # fmt: skip
 def test_bad_input_is_refused_before_anything_is_written(dense_folder, tmp_path, rows, extra, message, capsys):
@@ -373,3 +374,35 @@ def test_train_the_real_smollm2_on_chat_data_with_its_chat_template(tmp_path, ca
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+@pytest.fixture(scope="module")
+def t5_folder(dense_folder, tmp_path_factory):
+    """A tiny random T5 with the same word-level tokenizer."""
+    folder = tmp_path_factory.mktemp("t5")
+    tokenizer = AutoTokenizer.from_pretrained(dense_folder)
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model(
+        "t5", d_model=32, d_ff=48, num_heads=4, d_kv=8, num_layers=2, num_decoder_layers=2, vocab_size=len(tokenizer),
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    from transformers import AutoModelForSeq2SeqLM
+
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_an_encoder_decoder_trains_both_stages_with_spri_seq2seq_trainer(t5_folder, tmp_path, capsys):
+    data = _write(tmp_path / "data.jsonl", ROWS)
+    out = tmp_path / "out"
+    assert _train(t5_folder, data, out, "--generation_max_length", "8") == 0
+    assert torch.load(out / "training_args.bin", weights_only=False).generation_max_length == 8
+    assert "SpriForSeq2SeqLM trained 6 steps (stage 1 until step 3)" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["SpriForSeq2SeqLM"] and config["stage"] == 2
+    assert _logged_stages(out / "checkpoint-3") == [1, 1, 1]
+    # TRL's decoder-only options are refused for it, naming them
+    assert _train(t5_folder, data, tmp_path / "packed", "--packing") == 2
+    assert "--packing: TRL's SFT options for decoder-only models" in capsys.readouterr().err
+    assert not (tmp_path / "packed").exists()

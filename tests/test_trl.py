@@ -442,3 +442,15 @@ def test_two_stage_sft_under_accelerate_launch_with_two_processes(tmp_path):
     assert all(record["world_size"] == 2 and record["stage"] == 2 and record["switch_step"] == 3 for record in ranks)
     assert ranks[0]["stages"] == [1, 1, 1, 2, 2, 2]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
+
+
+def test_fsdp_switch_with_trls_fused_head_is_refused_with_the_fix(tokenizer, tmp_path):
+    """TRL patches the forward of the model instance (its fused LM head); the FSDP2 switch rebuilds the model as a new
+    object. FSDP needs several processes (tests/test_parallel.py runs it): here the trainer's own FSDP flag is set on
+    one process to reach the check that runs before stage 1 starts."""
+    trainer = SpriSFTTrainer(model=tiny_spri(tokenizer, stage=1), args=stage_args(SpriSFTConfig, tmp_path / "out"),
+                             train_dataset=prompt_completions(), processing_class=tokenizer)
+    assert "forward" in vars(trainer.model)  # TRL's fused head is set on the instance
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="under FSDP: the model's forward is patched on the instance.*two launches"):
+        trainer.check_switch_is_supported()
