@@ -483,3 +483,33 @@ def test_synthesise_pairs_end_to_end(tmp_path, espeak, monkeypatch):
         with pytest.raises(FileExistsError, match="not a folder of spoken pairs"):
             builder.synthesise_pairs(pairs, tmp_path / name, "xx-en")
         assert [p.name for p in (tmp_path / name).iterdir()] == ["manifest.json" if manifest else "notes.txt"]
+
+
+def test_two_task_build_has_each_clip_once_per_task(tmp_path, xx_en_debs):
+    """`--tasks transcribe,translate`: every clip of the xx-en build twice in its split, the task in the row, the
+    target the XX text (transcribe) or the English (translate); splits disjoint by source; one wav per clip."""
+    plain = builder.build(tmp_path / "plain", disjoint_train=True, **builder.TINY_XX_EN)
+    out = tmp_path / "tasks"
+    assert builder.main(["--tiny", "--direction", "xx-en", "--disjoint-train", "--tasks", "transcribe,translate",
+                         "--out", str(out)]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["tasks"] == ["transcribe", "translate"] and manifest["format"]["row"][-1] == "task"
+    for split in SPLITS:
+        clips = read_jsonl(plain / f"{split}.jsonl")
+        rows = read_jsonl(out / f"{split}.jsonl")
+        assert manifest["counts"][split]["per_task"] == {"transcribe": len(clips), "translate": len(clips)}
+        assert manifest["counts"][split]["audio_seconds"] == json.loads((plain / "manifest.json").read_text())[
+            "counts"][split]["audio_seconds"]  # fmt: skip
+        assert sorted(r["audio"] for r in rows) == sorted(r["audio"] for r in clips for _ in range(2))
+        for clip in clips:
+            by_task = {r["task"]: r for r in rows if r["audio"] == clip["audio"]}
+            assert by_task["transcribe"]["target"] == clip["source_text"] and by_task["translate"]["target"] == clip["en"]
+            assert by_task["transcribe"]["id"] == clip["id"] + "-transcribe"
+        assert len({r["id"] for r in rows}) == len(rows)
+    train, test = (read_jsonl(out / f"{split}.jsonl") for split in ("train", "test"))
+    assert not {r["source_id"] for r in train} & {r["source_id"] for r in test}
+    assert sorted(p.name for p in (out / "audio").iterdir()) == sorted(p.name for p in (plain / "audio").iterdir())
+    with pytest.raises(ValueError, match="direction='xx-en'"):
+        builder.requested_settings(3, 2, 2, ["de"], 0, "en-xx", tasks=("transcribe",))
+    with pytest.raises(ValueError, match="'summarise'"):
+        builder.requested_settings(3, 2, 2, ["de"], 0, "xx-en", tasks=("summarise",))

@@ -529,3 +529,59 @@ def test_ablation_preset_runs_a_variant_of_every_open_setting():
     assert len(preset.seeds) >= 3 and {"spri", "dense", "dense-untrained", "source-copy"} <= set(preset.methods)
     for title, names in ABLATIONS.items():
         assert [name for name in names if name != "spri" and name in preset.methods], title
+
+
+@pytest.fixture(scope="module")
+def tiny_two_task(tmp_path_factory):
+    return _build_tiny(tmp_path_factory.mktemp("quality-two-task"), "covost_tiny_two_task",
+                       dict(builder.TINY_XX_EN, disjoint_train=True, tasks=("transcribe", "translate")))  # fmt: skip
+
+
+def test_two_task_data_end_to_end_with_per_task_metrics_and_routing(tiny_two_task, tmp_path):
+    """Each clip once per task (transcribe: the XX text; translate: the English), the task in the prompt; metrics
+    per language and task, a macro per task, and the routing's language-, task- and written-language-expert MI."""
+    preset = quality.replace(quality.PRESETS["tiny"], methods=("dense-untrained", "source-copy", "dense", "copy"))
+    out = tmp_path / "results"
+    summary = quality.run_benchmark(preset, tiny_two_task, out, cache=tmp_path / "cache", log=lambda message: None)
+    test_rows = [json.loads(line) for line in (tiny_two_task / "test.jsonl").read_text().splitlines()]
+    groups = {f"{row['lang']}-{row['task']}" for row in test_rows}
+    assert groups == {"de-transcribe", "de-translate", "sv-transcribe", "sv-translate"}
+    for name in ("dense-untrained", "dense", "copy"):
+        run = json.loads((out / "runs" / f"{name}-seed0.json").read_text())
+        assert set(run["metrics"]["per_lang"]) == groups
+        assert set(run["metrics"]["per_task"]) == {"transcribe", "translate"}
+        for task in ("transcribe", "translate"):
+            macro = [run["metrics"]["per_lang"][g]["chrf"] for g in groups if g.endswith(task)]
+            assert run["metrics"]["per_task"][task]["chrf"] == pytest.approx(sum(macro) / len(macro))
+    # copying the spoken text is the reference itself when transcribing, and not when translating
+    copy = json.loads((out / "runs" / "source-copy-seed0.json").read_text())["metrics"]
+    assert copy["per_task"]["transcribe"]["chrf"] == pytest.approx(100.0)
+    assert copy["per_task"]["translate"]["chrf"] < 100.0
+    # the task reached the decoder prompt: the examples of one clip differ in their task token only
+    from benchmarks.quality.data import make_examples
+    from benchmarks.quality.models import tiny_whisper
+
+    _, processor, _ = tiny_whisper(["de", "sv"])
+    examples = make_examples(test_rows, processor.tokenizer, preset, "xx-en")
+    by_clip = {}
+    for example in examples:
+        by_clip.setdefault(example.audio, {})[example.task] = example.decoder_input_ids
+    ids = processor.tokenizer.convert_tokens_to_ids
+    for prompts in by_clip.values():
+        assert prompts["transcribe"][2] == ids("<|transcribe|>") and prompts["translate"][2] == ids("<|translate|>")
+    routing = json.loads((out / "runs" / "copy-seed0.json").read_text())["routing"]
+    assert routing["tasks"] == ["transcribe", "translate"]
+    for key in ("language_expert_mi_bits", "task_expert_mi_bits", "target_language_expert_mi_bits"):
+        assert 0.0 <= routing["mean"][key] <= math.log2(3)
+        assert key in summary["methods"]["copy"]["routing"]
+    text = (out / "summary.md").read_text()
+    assert "## Per task" in text and "task-expert MI" in text
+
+
+def test_mutual_information_bits_on_tables_with_a_known_answer():
+    import torch
+
+    from benchmarks.quality.routing import mutual_information_bits
+
+    assert mutual_information_bits(torch.tensor([[5.0, 0.0], [0.0, 5.0]])) == pytest.approx(1.0)  # one bit
+    assert mutual_information_bits(torch.tensor([[3.0, 3.0], [2.0, 2.0]])) == pytest.approx(0.0)  # independent

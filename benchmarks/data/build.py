@@ -526,8 +526,11 @@ def dataset_hashes(folder: Path, splits=SPLITS) -> dict[str, str]:
     return hashes
 
 
+TASKS = ("transcribe", "translate")
+
+
 def requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction: str = "en-xx",
-                       disjoint_train: bool = False) -> dict:
+                       disjoint_train: bool = False, tasks: tuple[str, ...] | None = None) -> dict:
     settings = {
         "builder_version": BUILDER_VERSION,
         "train_sources": int(train_sources),
@@ -549,6 +552,15 @@ def requested_settings(train_sources, dev_sources, test_sources, langs, seed, di
             raise ValueError("disjoint_train=True needs direction='xx-en' (en-xx speaks one English clip per source)")
         # each language its own `train_sources` English sources: len(langs) x more distinct training targets
         settings["train_sources_per_language"] = "disjoint"
+    if tasks is not None:
+        tasks = list(dict.fromkeys(tasks))
+        if normalise_direction(direction) != "xx-en" or not tasks or set(tasks) - set(TASKS):
+            raise ValueError(
+                f"tasks={tasks!r}: Whisper's tasks on XX speech are {list(TASKS)} (transcribe: the XX text; translate: "
+                "the English); they need direction='xx-en'"
+            )
+        # every clip once per task, the task in the row (`task`) and in the decoder prompt: the decoder writes XX and en
+        settings["tasks"] = tasks
     return settings
 
 
@@ -610,6 +622,12 @@ def _row(sid: str, lang: str, en: str, translation: str, direction: str) -> dict
     }
 
 
+def _task_row(row: dict, task: str) -> dict:
+    """An xx-en row as one of Whisper's tasks on its clip: transcribe (the XX text) or translate (the English)."""
+    target = row["source_text"] if task == "transcribe" else row["en"]
+    return dict(row, id=f"{row['id']}-{task}", task=task, target=target)
+
+
 def _row_format(direction: str, voices: dict[str, str] | None = None) -> dict:
     if direction == "xx-en":
         spoken = ", ".join(f"{lang} {voice!r}" for lang, voice in (voices or {}).items())
@@ -666,12 +684,14 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
     log(f"speech done in {time.time() - started:.1f}s ({sum(durations.values()) / 60:.1f} min of audio)")
 
     counts = {}
+    tasks = settings.get("tasks")
     for split in SPLITS:
         rows = []
         for en in sorted(splits[split], key=source_ids.get):
             sid = source_ids[en]
             for lang in speakers[en]:
-                rows.append(_row(sid, lang, en, per_lang[lang][en], direction))
+                row = _row(sid, lang, en, per_lang[lang][en], direction)
+                rows += [_task_row(row, task) for task in tasks] if tasks else [row]
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -679,12 +699,16 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
             seconds = sum(durations[f"{row['source_id']}-{row['lang']}"] for row in rows)
         else:
             seconds = sum(durations[source_ids[en]] for en in splits[split])
+        if tasks:  # each clip is in the split once per task: count its speech once
+            seconds /= len(tasks)
         counts[split] = {
             "sources": len(splits[split]),
             "pairs": len(rows),
             "per_lang": {lang: sum(row["lang"] == lang for row in rows) for lang in langs},
             "audio_seconds": round(seconds, 2),
         }
+        if tasks:
+            counts[split]["per_task"] = {task: sum(row["task"] == task for row in rows) for task in tasks}
 
     manifest = {
         "version": MANIFEST_VERSION,
@@ -699,6 +723,9 @@ def _write_dataset(folder: Path, settings: dict, debs: dict[str, Path]) -> dict:
         "stats": {"per_lang": lang_stats, **pool_info},
         "format": {"splits": [f"{split}.jsonl" for split in SPLITS], **_row_format(direction, settings.get("voices"))},
     }
+    if tasks:
+        manifest["format"]["row"].append("task")
+        manifest["format"]["task"] = "transcribe: target is source_text (XX); translate: target is en; one clip, both rows"
     if direction == "xx-en":
         manifest = {"version": MANIFEST_VERSION, "direction": direction, **manifest}  # en-xx manifests: unchanged
     return manifest
@@ -738,6 +765,7 @@ def build(
     debs_dir: str | os.PathLike | None = None,
     direction: str = "en-xx",
     disjoint_train: bool = False,
+    tasks: tuple[str, ...] | None = None,
 ) -> Path:
     """Build (or verify the cached) dataset in ``out_dir`` and return its path.
 
@@ -745,7 +773,9 @@ def build(
     defaults of ``out_dir`` and ``langs`` follow it (``DEFAULT_OUT``/``LANGS``, ``XX_EN_OUT``/``XX_EN_LANGS``).
     With ``disjoint_train`` (xx-en only), every language gets its own ``train_sources`` training sources, so the
     training set holds ``len(langs)`` times more distinct English targets for the same number of clips; dev and test
-    stay shared by every language (paired per-language comparisons).
+    stay shared by every language (paired per-language comparisons). With ``tasks`` (xx-en only, e.g.
+    ``("transcribe", "translate")``) every clip is in its split once per task, with a ``task`` field: the decoder
+    then writes every spoken language and English.
     """
     direction = normalise_direction(direction)
     xx_en = direction == "xx-en"
@@ -755,7 +785,7 @@ def build(
         raise ValueError("source counts must be >= 0 and not all zero")
     if xx_en:
         check_voices(langs)  # before any download
-    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction, disjoint_train)
+    settings = requested_settings(train_sources, dev_sources, test_sources, langs, seed, direction, disjoint_train, tasks)
     with _locked(out):
         fresh, reason = is_up_to_date(out, settings)
         if fresh:
@@ -989,6 +1019,11 @@ def main(argv=None) -> int:
         help="xx-en: each language its own --train-sources training sources (more distinct targets per clip)",
     )
     parser.add_argument(
+        "--tasks",
+        default=None,
+        help="xx-en: comma-separated Whisper tasks per clip, e.g. transcribe,translate (each clip once per task)",
+    )
+    parser.add_argument(
         "--pairs",
         type=Path,
         default=None,
@@ -1014,6 +1049,8 @@ def main(argv=None) -> int:
         preset = dict(train_sources=300, dev_sources=40, test_sources=60, langs=XX_EN_LANGS if xx_en else LANGS)
     preset["direction"] = args.direction
     preset["disjoint_train"] = args.disjoint_train
+    if args.tasks:
+        preset["tasks"] = tuple(task.strip() for task in args.tasks.split(",") if task.strip())
     for key in ("train_sources", "dev_sources", "test_sources"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)

@@ -190,6 +190,21 @@ class Example:
     reference: str
     source_text: str  # what was spoken: the trivial "copy the source" output
     frames: int | None = None  # encoder states this clip needs (its length + the margin); None: all that are cached
+    task: str | None = None  # two-task data: Whisper's task of this row ("transcribe" or "translate")
+
+    @property
+    def group(self) -> str:
+        """What metrics, batches and generation lengths are kept apart by: the language, and the task if any."""
+        return group_of(self.lang, self.task)
+
+    @property
+    def target_language(self) -> str:
+        """The language the decoder writes: English when translating XX speech, else the row's language."""
+        return "en" if self.task == "translate" else self.lang
+
+
+def group_of(lang: str, task: str | None) -> str:
+    return f"{lang}-{task}" if task else lang
 
 
 def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str,
@@ -197,14 +212,14 @@ def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str,
     """Decoder inputs `<sot> <|xx|> <|task|> <|notimestamps|> target` and labels `-100 x3, target, <eot>`.
 
     en-xx: `<|xx|>` is the target language with the transcribe task (Whisper's "translate" means X->English);
-    xx-en: `<|xx|>` is the spoken language with Whisper's native translate task.
+    xx-en: `<|xx|>` is the spoken language with Whisper's native translate task; two-task data (rows with a `task`):
+    the spoken language with the row's task.
     """
-    task = "<|translate|>" if direction == "xx-en" else "<|transcribe|>"
-    sot, task_id, no_timestamps, eot = tokenizer.convert_tokens_to_ids(
-        ["<|startoftranscript|>", task, "<|notimestamps|>", "<|endoftext|>"]
-    )
+    sot, no_timestamps, eot = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>", "<|endoftext|>"])
     examples = []
     for row in rows:
+        task = row.get("task") or ("translate" if direction == "xx-en" else "transcribe")
+        task_id = tokenizer.convert_tokens_to_ids(f"<|{task}|>")
         language = language_token_id(tokenizer, row["lang"])
         target = tokenizer(row["target"], add_special_tokens=False).input_ids[: preset.max_target_tokens - 1]
         prompt = [sot, language, task_id, no_timestamps]
@@ -213,7 +228,7 @@ def make_examples(rows: list[dict], tokenizer, preset: Preset, direction: str,
         if vocabulary is not None:
             inputs, labels = vocabulary.encode(inputs), vocabulary.encode(labels)
         examples.append(Example(row["lang"], row["source_id"], row["audio"], inputs, [-100] * 3 + labels,
-                                row["target"], spoken, row.get("frames")))  # fmt: skip
+                                row["target"], spoken, row.get("frames"), row.get("task")))  # fmt: skip
     return examples
 
 

@@ -23,11 +23,11 @@ import spri_hf
 from benchmarks.data import build as builder
 from benchmarks.machine import cpu_model
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
-from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, language_token_id, load_split, make_examples, note_context_frames, read_wav
+from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, group_of, language_token_id, load_split, make_examples, note_context_frames, read_wav
 from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, STAGE1_CANDIDATES, UPCYCLING_BASELINES, NOT_IN_SPEC
 from .models import build_model, load_dense, restrict_vocabulary, spri_settings
 from .plots import plot_routing, plot_summary
-from .routing import pairwise_distances, routing_diagnostics
+from .routing import ROUTING_MEANS, pairwise_distances, routing_diagnostics
 from .training import (
     DevScores, bleu_tokenizer, method_learning_rate, same_run_as_spri, score, stage1_overrides, stage1_schedule,
     teacher_forced_cross_entropy, train, translate,
@@ -149,8 +149,8 @@ def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
         model.save_pretrained(ctx["out"] / "models" / f"{method.name}-seed{seed}")
     samples = {}
     for example, hypothesis in zip(ctx["eval_examples"], evaluation["hypotheses"]):
-        if example.lang not in samples:
-            samples[example.lang] = {"reference": example.reference, "hypothesis": hypothesis}
+        if example.group not in samples:
+            samples[example.group] = {"reference": example.reference, "hypothesis": hypothesis}
     return {
         "method": method.name,
         "description": method.description,
@@ -276,6 +276,12 @@ def summarise(results: list[dict], langs: list[str]) -> dict:
                 for key in ("upcycle_s", "train_s", "generate_s", "routing_s")
             },
         }
+        if all("per_task" in run["metrics"] for run in runs):
+            row["per_task"] = {
+                task: {metric: _mean_std([run["metrics"]["per_task"][task][metric] for run in runs])
+                       for metric in ("bleu", "chrf")}
+                for task in runs[0]["metrics"]["per_task"]
+            }  # fmt: skip
         if all("cross_entropy" in run["metrics"] for run in runs):
             row["cross_entropy"] = _mean_std([run["metrics"]["cross_entropy"] for run in runs])
         if all(run.get("test_pairs") for run in runs):
@@ -288,7 +294,7 @@ def summarise(results: list[dict], langs: list[str]) -> dict:
         if runs[0]["routing"]:
             row["routing"] = {
                 key: statistics.fmean(run["routing"]["mean"][key] for run in runs)
-                for key in ("cv", "max_share", "router_entropy", "language_expert_mi_bits")
+                for key in ROUTING_MEANS if all(key in run["routing"]["mean"] for run in runs)
             } | {
                 "pairwise_distance_before": statistics.fmean(
                     statistics.fmean(run["routing"]["pairwise_distance_before"]) for run in runs
@@ -388,6 +394,15 @@ def markdown(summary: dict) -> str:
                   "Δ vs spri: each variant paired with the default over the seeds both have.", "",
                   ablation_header, "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(name, ("spri", "dense")) for name in names]
+    tasked = [name for name, row in methods.items() if row.get("per_task")]
+    if tasked:
+        tasks = sorted(methods[tasked[0]]["per_task"])
+        lines += ["", "## Per task (macro over languages; ± over seeds)", "",
+                  "| method | " + " | ".join(f"{task} chrF++ | {task} BLEU" for task in tasks) + " |",
+                  "|---" * (2 * len(tasks) + 1) + "|"]  # fmt: skip
+        for name in tasked:
+            cells = [_cell(methods[name]["per_task"][task][metric]) for task in tasks for metric in ("chrf", "bleu")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
         lines += ["", f"## {title} per language", "", "| method | " + " | ".join(langs) + " | avg |",
                   "|---" * (len(langs) + 2) + "|"]
@@ -401,14 +416,18 @@ def markdown(summary: dict) -> str:
             "## Routing (evaluation set, teacher forcing; means over layers and seeds)",
             "",
             "| method | load CV | max expert share | router entropy (max {:.2f}) | language-expert MI (bits) | "
-            "pairwise expert distance before → after |".format(math.log(summary["budget"]["num_experts"])),
-            "|---|---|---|---|---|---|",
+            "task-expert MI | written-language-expert MI | pairwise expert distance before → after |".format(
+                math.log(summary["budget"]["num_experts"])
+            ),
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name in moe:
             r = methods[name]["routing"]
+            extra = " | ".join(f"{r[key]:.3f}" if key in r else "" for key in ("task_expert_mi_bits",
+                                                                                "target_language_expert_mi_bits"))
             lines.append(
                 f"| {name} | {r['cv']:.3f} | {r['max_share']:.3f} | {r['router_entropy']:.3f} | "
-                f"{r['language_expert_mi_bits']:.3f} | "
+                f"{r['language_expert_mi_bits']:.3f} | {extra} | "
                 f"{r['pairwise_distance_before']:.4f} → {r['pairwise_distance_after']:.4f} |"
             )
     lines += ["", f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min "
@@ -666,7 +685,7 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         if not (extra_dir / "test.jsonl").is_file():
             builder.synthesise_pairs(test_pairs, extra_dir, direction=direction)
         extra_rows = load_split(extra_dir, "test")
-    langs = sorted({row["lang"] for row in eval_rows})
+    langs = sorted({group_of(row["lang"], row.get("task")) for row in eval_rows})  # languages (x tasks)
     log(f"[{preset.name}] {direction}: {len(train_rows)} training pairs, {len(eval_rows)} {eval_split} pairs, "
         f"languages {langs}")
 
@@ -674,7 +693,7 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     dense, processor, model_id = load_dense(preset, sorted({row["lang"] for row in all_rows + extra_rows}), cache)
     dense = dense.to(device)
     tokenizer = processor.tokenizer
-    for lang in langs:
+    for lang in sorted({row["lang"] for row in eval_rows}):
         language_token_id(tokenizer, lang)
     clock = time.perf_counter()
     data_id = data_fingerprint(data_dir)
@@ -705,8 +724,8 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
     eval_examples = examples(eval_rows)
     lengths = defaultdict(list)
     for example in train_examples:
-        lengths[example.lang].append(len(example.labels) - 3)
-    all_langs = sorted({row["lang"] for row in eval_rows + extra_rows})
+        lengths[example.group].append(len(example.labels) - 3)
+    all_langs = sorted({group_of(row["lang"], row.get("task")) for row in eval_rows + extra_rows + dev_rows})
     max_new_tokens = {
         lang: (math.ceil(np.percentile(lengths[lang], preset.generation_percentile)) if lengths[lang]
                else preset.max_target_tokens) + preset.generation_slack

@@ -160,6 +160,16 @@ PRESETS = {
                         max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
     "cpu-xx-en-ablations": Preset("cpu-xx-en-ablations", "whisper-base", ABLATION_PRESET_METHODS, seeds=(0, 1, 2),
                                   steps=400, max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
+    # two tasks on the same XX clips (issue 35): transcribe (XX text) and translate (English), so the decoder writes
+    # five languages (`python -m benchmarks.data.build --direction xx-en --disjoint-train --tasks
+    # transcribe,translate ...`); the pilot gates the grid: dense must learn both tasks, and routing of a copy-upcycled
+    # model must depend on the language
+    "pilot-multi": Preset("pilot-multi", "whisper-base", ("dense-untrained", "source-copy", "dense", "copy"),
+                          steps=400, max_eval_sources=30, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
+    "cpu-multi": Preset("cpu-multi", "whisper-base", ("dense-untrained", "source-copy", "dense", "copy", "drop", "spri",
+                                                      "spri-stage2only"),
+                        seeds=(0, 1, 2, 3, 4), steps=400, max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True,
+                        amp=True),  # fmt: skip
     # the paper's direction, 15 En->XX languages (`python -m benchmarks.data.build`), for an accelerator
     "gpu": Preset(
         "gpu", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=600, batch_size=32, learning_rate=1e-4,

@@ -142,10 +142,10 @@ def train(model, method: Method, examples, states, preset: Preset, seed: int, de
 
 
 def eval_batches(examples: list[Example], batch_size: int):
-    """Evaluation batches of one language each (one prompt per batch), in a fixed order."""
+    """Evaluation batches of one language (and task) each (one prompt per batch), in a fixed order."""
     groups = defaultdict(list)
     for index, example in enumerate(examples):
-        groups[example.lang].append(index)
+        groups[example.group].append(index)
     for lang in sorted(groups):
         indices = sorted(groups[lang], key=lambda i: examples[i].source_id)
         for start in range(0, len(indices), batch_size):
@@ -156,15 +156,15 @@ def eval_batches(examples: list[Example], batch_size: int):
 def translate(model, tokenizer, examples, states, preset: Preset, max_new_tokens: dict[str, int], device,
               direction: str = "en-xx", vocabulary: Vocabulary | None = None) -> list[str]:
     """Greedy translations through the model's own `generate` (Whisper's prompt, suppression and stopping rules)."""
-    task = "translate" if direction == "xx-en" else "transcribe"
     hypotheses = [""] * len(examples)
     for indices in eval_batches(examples, preset.eval_batch_size):
-        lang = examples[indices[0]].lang
+        lang, group = examples[indices[0]].lang, examples[indices[0]].group
+        task = examples[indices[0]].task or ("translate" if direction == "xx-en" else "transcribe")
         encoder = stack_states([examples[i] for i in indices], states, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=preset.amp):
             generated = model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder), language=whisper_language(lang),
-                task=task, max_new_tokens=max_new_tokens[lang], do_sample=False, num_beams=1,
+                task=task, max_new_tokens=max_new_tokens[group], do_sample=False, num_beams=1,
             )  # fmt: skip
         sequences = [vocabulary.decode(row.tolist()) for row in generated] if vocabulary else generated
         for i, text in zip(indices, tokenizer.batch_decode(sequences, skip_special_tokens=True)):
@@ -203,23 +203,34 @@ def bleu_tokenizer(lang: str) -> str:
 def score(hypotheses: list[str], examples: list[Example]) -> dict:
     from sacrebleu.metrics import BLEU, CHRF
 
-    by_lang = defaultdict(lambda: ([], []))
+    by_lang, written = defaultdict(lambda: ([], [])), {}
     for hypothesis, example in zip(hypotheses, examples):
-        by_lang[example.lang][0].append(hypothesis)
-        by_lang[example.lang][1].append(example.reference)
+        by_lang[example.group][0].append(hypothesis)
+        by_lang[example.group][1].append(example.reference)
+        written[example.group] = example.target_language
     per_lang = {}
     chrf = CHRF(word_order=2)  # chrF++
     for lang in sorted(by_lang):
         hyps, refs = by_lang[lang]
-        tokenize = bleu_tokenizer(lang)
+        tokenize = bleu_tokenizer(written[lang])
         per_lang[lang] = {
             "bleu": BLEU(tokenize=tokenize).corpus_score(hyps, [refs]).score,
             "chrf": chrf.corpus_score(hyps, [refs]).score,
             "bleu_tokenize": tokenize,
             "sentences": len(hyps),
         }
-    return {
+    result = {
         "bleu": statistics.fmean(row["bleu"] for row in per_lang.values()),
         "chrf": statistics.fmean(row["chrf"] for row in per_lang.values()),
         "per_lang": per_lang,
     }
+    tasks = sorted({example.task for example in examples if example.task})
+    if tasks:  # two-task data: the macro average over the languages of each task
+        result["per_task"] = {
+            task: {
+                metric: statistics.fmean(row[metric] for group, row in per_lang.items() if group.endswith(f"-{task}"))
+                for metric in ("bleu", "chrf")
+            }
+            for task in tasks
+        }
+    return result
