@@ -540,9 +540,17 @@ def tiny_two_task(tmp_path_factory):
 def test_two_task_data_end_to_end_with_per_task_metrics_and_routing(tiny_two_task, tmp_path):
     """Each clip once per task (transcribe: the XX text; translate: the English), the task in the prompt; metrics
     per language and task, a macro per task, and the routing's language-, task- and written-language-expert MI."""
-    preset = quality.replace(quality.PRESETS["tiny"], methods=("dense-untrained", "source-copy", "dense", "copy"))
+    preset = quality.replace(quality.PRESETS["tiny"], methods=("dense-untrained", "source-copy", "dense", "copy",
+                                                               "copy-cm"))  # fmt: skip
     out = tmp_path / "results"
     summary = quality.run_benchmark(preset, tiny_two_task, out, cache=tmp_path / "cache", log=lambda message: None)
+    # the compute-matched variant: copy's steps scaled by dense's training time over copy's (seed 0's runs)
+    runs = {name: json.loads((out / "runs" / f"{name}-seed0.json").read_text()) for name in ("dense", "copy", "copy-cm")}
+    matched = runs["copy-cm"]["spec"]["compute_matched"]
+    ratio = runs["dense"]["timings"]["train_s"] / runs["copy"]["timings"]["train_s"]
+    assert matched["time_ratio_dense_over_method"] == pytest.approx(ratio)
+    assert runs["copy-cm"]["spec"]["budget"]["steps"] == matched["steps"] == max(1, round(preset.steps * ratio))
+    assert len(runs["copy-cm"]["history"]) == matched["steps"]
     test_rows = [json.loads(line) for line in (tiny_two_task / "test.jsonl").read_text().splitlines()]
     groups = {f"{row['lang']}-{row['task']}" for row in test_rows}
     assert groups == {"de-transcribe", "de-translate", "sv-transcribe", "sv-translate"}

@@ -65,6 +65,20 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
     return json.loads(json.dumps(spec))
 
 
+def compute_matched_steps(preset: Preset, method: Method, out: Path) -> dict:
+    """The steps of a compute-matched run: the preset's, times dense's training seconds over its base method's, both
+    from the first seed's finished step-matched runs in `out` (fixed once they exist, so the spec is stable)."""
+    seed = preset.seeds[0]
+    seconds = {}
+    for name in ("dense", method.compute_matched_from):
+        path = out / "runs" / f"{name}-seed{seed}.json"
+        if not path.is_file():
+            raise ValueError(f"{method.name} needs the finished {name} run of seed {seed} ({path}): list {name} first")
+        seconds[name] = json.loads(path.read_text())["timings"]["train_s"]
+    ratio = seconds["dense"] / seconds[method.compute_matched_from]
+    return {"steps": max(1, round(preset.steps * ratio)), "time_ratio_dense_over_method": ratio, "seed": seed}
+
+
 def write_json(path: Path, payload):
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -746,7 +760,13 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
             log(f"{name}: stage 1 {schedule} is spri's own schedule; spri's run is its row")
     for method, seed in runs:
         seed = seed if method.train else 0
-        spec = run_spec(method, seed, preset, model_id, data_id, eval_split)
+        run_ctx = ctx
+        if method.compute_matched_from:
+            matched = compute_matched_steps(preset, method, out)
+            run_ctx = dict(ctx, preset=replace(preset, steps=matched["steps"]))
+        spec = run_spec(method, seed, run_ctx["preset"], model_id, data_id, eval_split)
+        if method.compute_matched_from:
+            spec["compute_matched"] = matched
         if test_pairs is not None:
             spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
         path = out / "runs" / f"{method.name}-seed{seed}.json"
@@ -758,7 +778,7 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device
         else:
             log(f"{method.name} seed {seed}: {method.description or method.settings}")
             clock = time.perf_counter()
-            result = run_one(method, seed, ctx, log) | {"spec": spec}
+            result = run_one(method, seed, run_ctx, log) | {"spec": spec}
             result["timings"]["total_s"] = time.perf_counter() - clock
             write_json(path, result)
             log(f"    chrF++ {result['metrics']['chrf']:.2f} BLEU {result['metrics']['bleu']:.2f} "

@@ -20,6 +20,9 @@ class Method:
     description: str = ""
     # two-stage schedule overrides of the preset's (`stage1_fraction`, `stage1_lr_multiplier`): the stage-1 ablations
     stage1: dict | None = None
+    # compute-matched variant of this method: its steps scaled so that its training time matches dense's (both
+    # measured on the first seed's step-matched runs, which must be finished)
+    compute_matched_from: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -64,6 +67,10 @@ def _methods() -> dict[str, Method]:
         rows.append(Method(f"spri-s1len{fraction:g}", {"init": "spri"}, stage1={"stage1_fraction": fraction}))
     for multiplier in STAGE1_LR_MULTIPLIERS:
         rows.append(Method(f"spri-s1lr{multiplier:g}x", {"init": "spri"}, stage1={"stage1_lr_multiplier": multiplier}))
+    for base in ("copy", "drop", "spri", "spri-stage2only"):
+        method = next(row for row in rows if row.name == base)
+        rows.append(Method(f"{base}-cm", method.settings, description=f"{base}, as many steps as dense's training time",
+                           compute_matched_from=base))  # fmt: skip
     return {method.name: method for method in rows}
 
 
@@ -167,7 +174,8 @@ PRESETS = {
     "pilot-multi": Preset("pilot-multi", "whisper-base", ("dense-untrained", "source-copy", "dense", "copy"),
                           steps=400, max_eval_sources=30, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
     "cpu-multi": Preset("cpu-multi", "whisper-base", ("dense-untrained", "source-copy", "dense", "copy", "drop", "spri",
-                                                      "spri-stage2only"),
+                                                      "spri-stage2only", "copy-cm", "drop-cm", "spri-cm",
+                                                      "spri-stage2only-cm"),
                         seeds=(0, 1, 2, 3, 4), steps=400, max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True,
                         amp=True),  # fmt: skip
     # the paper's direction, 15 En->XX languages (`python -m benchmarks.data.build`), for an accelerator

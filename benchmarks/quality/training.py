@@ -97,8 +97,9 @@ def method_learning_rate(preset: Preset, method: Method) -> float:
     """The method's rate chosen on dev; an ablation of SPRI's settings without its own trains at spri's (it is paired
     to spri); otherwise the preset's."""
     rates = dict(preset.learning_rates)
-    if method.name in rates:
-        return rates[method.name]
+    name = method.compute_matched_from or method.name  # a compute-matched variant trains at its base method's rate
+    if name in rates:
+        return rates[name]
     if method.is_moe and method.settings.get("init", "spri") == "spri" and "spri" in rates:
         return rates["spri"]
     return preset.learning_rate
