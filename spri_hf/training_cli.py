@@ -167,7 +167,15 @@ def parse(argv: list[str] | None):
     """`(script, training, model_args, mixture, upcycling, spri, generation, column renames)`; `--help` prints every
     flag."""
     argv, renames = rewrite_legacy_flags(list(sys.argv[1:] if argv is None else argv))
-    return (*make_parser().parse_args_and_config(argv), renames)
+    try:
+        return (*make_parser().parse_args_and_config(argv), renames)
+    except ValueError as err:
+        if "bf16" not in str(err):
+            raise
+        raise ValueError(
+            f"{err} TRL's SFTConfig trains in bfloat16 by default: on a CPU pass --use_cpu (and --bf16 false where the "
+            "CPU has no bfloat16 units, e.g. no AMX: much faster)."
+        ) from None
 
 
 def run(argv: list[str] | None = None) -> int:

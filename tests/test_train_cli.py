@@ -263,6 +263,14 @@ def test_conversations_without_a_chat_template_are_refused(plain_folder, tmp_pat
     assert _train(plain_folder, tmp_path / "chat.jsonl", out, "--chat_template_path", str(tmp_path / "template.jinja")) == 0
 
 
+def test_trls_bfloat16_default_on_a_cpu_is_explained(dense_folder, tmp_path, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("an accelerator supports TRL's bf16 default")
+    flags = ["--model_name_or_path", str(dense_folder), "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path / "o")]
+    assert main(["train", *flags]) == 2
+    assert "on a CPU pass --use_cpu (and --bf16 false" in capsys.readouterr().err
+
+
 def test_missing_data_file_is_named(dense_folder, tmp_path, capsys):
     assert _train(dense_folder, tmp_path / "nope.jsonl", tmp_path / "out") == 2
     assert "--dataset_name " + str(tmp_path / "nope.jsonl") + ": no such file" in capsys.readouterr().err
