@@ -118,6 +118,49 @@ def summarize(results: list[dict]) -> str:
         before = sum(r["held_out_before"] for r in rows) / len(rows)
         runtime = sum(r["train_runtime"] for r in rows) / len(rows)
         lines.append(f"| {method} | {before:.3f} | {mean:.3f} ± {std:.3f} | {runtime:.0f} | {len(rows)} |")
+    lines += ["", "Paired by seed (same data order and upcycling seed): held-out loss after, difference to dense, mean "
+              "and 95% t-interval over seeds; an interval that includes 0 is no difference. Time ratio: train time "
+              "over dense's, same seed.", "", "| method | Δ loss vs dense [95% CI] | time ratio vs dense |",
+              "|---|---|---|"]  # fmt: skip
+    dense = {r["seed"]: r for r in results if r["method"] == "dense"}
+    for method in methods:
+        if method == "dense":
+            continue
+        rows = [r for r in results if r["method"] == method and r["seed"] in dense]
+        diffs = [r["held_out_after"] - dense[r["seed"]]["held_out_after"] for r in rows]
+        ratios = [r["train_runtime"] / dense[r["seed"]]["train_runtime"] for r in rows]
+        if not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        if len(diffs) > 1:
+            half = T_975[len(diffs) - 1] * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+            interval = f"[{mean - half:+.3f}, {mean + half:+.3f}]"
+        else:
+            interval = "(one seed)"
+        lines.append(f"| {method} | {mean:+.3f} {interval} | {sum(ratios) / len(ratios):.2f} |")
+    return "\n".join(lines)
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (few seeds)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def around_the_switch(results: list[dict], width: int = 3) -> str:
+    """The training loss step by step around the two-stage runs' switch, next to the other methods at the same steps
+    (means over seeds): what the re-warm-up is for."""
+    two_stage = [r for r in results if r["method"] == "spri-sft-two-stage"]
+    if not two_stage:
+        return ""
+    switch = min(i for i, stage in enumerate(two_stage[0]["stages"]) if stage == 2)  # first stage-2 step, 0-based
+    steps = range(max(switch - width, 0), min(switch + width + 1, len(two_stage[0]["losses"])))
+    methods = [m for m in ("dense", "spri-sft-stage2-only", "spri-sft-two-stage") if any(r["method"] == m for r in results)]
+    lines = ["| step | " + " | ".join(methods) + " | two-stage: stage |", "|---" * (len(methods) + 2) + "|"]
+    for step in steps:
+        cells = []
+        for method in methods:
+            losses = [r["losses"][step] for r in results if r["method"] == method]
+            cells.append(f"{sum(losses) / len(losses):.3f}")
+        lines.append(f"| {step + 1} | " + " | ".join(cells) + f" | {two_stage[0]['stages'][step]} |")
     return "\n".join(lines)
 
 
@@ -157,6 +200,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.md"), "w") as handle:
         handle.write(f"# SPRI in TRL on SmolLM2-135M-Instruct ({args.steps} steps, batch {args.batch_size}, lr "
                      f"{args.lr:g})\n\n{machine}\n\n{table}\n")
+        switch = around_the_switch([r for r in results if r["steps"] == args.steps])
+        if switch:
+            handle.write(f"\n## Training loss around the switch (means over seeds)\n\n{switch}\n")
     print(table)
     return 0
 
