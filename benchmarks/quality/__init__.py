@@ -17,6 +17,17 @@ seeds and test sentences) against dense and the best upcycling baseline; routing
         --out docs/results/cpu-xx-en-ablations --learning-rates docs/results/cpu-xx-en/lr-selection/lr-selection.json \
         --reuse docs/results/cpu-xx-en --threads 1
 
+Two tasks on the same clips (issue 35): Whisper transcribes each XX clip (the XX text) and translates it (the
+English), so the decoder writes five languages; the pilot (dev, no test) gates the grid, which adds compute-matched
+variants (`copy-cm`, ...: as many steps as dense's training time)::
+
+    python -m benchmarks.data.build --direction xx-en --disjoint-train --tasks transcribe,translate \
+        --langs ca,de,id,sv --train-sources 1000 --dev-sources 40 --test-sources 60 --out benchmarks/data/covost_multi
+    python -m benchmarks.quality --preset pilot-multi --data benchmarks/data/covost_multi --eval-split dev \
+        --out docs/results/pilot-multi --threads 1
+    python -m benchmarks.quality --preset cpu-multi --data benchmarks/data/covost_multi --out docs/results/cpu-multi \
+        --select-lr 1e-4,3e-4,1e-3 --threads 1
+
 The ablations train at spri's chosen rate and stage 1 (the main run's `lr-selection.json`) and take spri's own runs
 from the main comparison; a stage-1 ablation that equals spri's chosen schedule is spri's run, so once dev has chosen
 another stage 1 the ablations pair the former default (0.5 of the steps, 10x) against it.
