@@ -835,7 +835,8 @@ def select_learning_rates(preset: Preset, grid: list[float], data_dir: Path, out
     choice, table = {}, {}
     for lr in grid:
         trial = replace(preset, name=f"{preset.name}-lr{lr:g}", learning_rate=lr, learning_rates=(), seeds=(0,),
-                        methods=tuple(name for name in preset.methods if METHODS[name].train))  # fmt: skip
+                        methods=tuple(name for name in preset.methods  # compute-matched: their base method's rate
+                                      if METHODS[name].train and not METHODS[name].compute_matched_from))  # fmt: skip
         summary = run_benchmark(trial, data_dir, out / f"lr{lr:g}", device, cache, eval_split="dev", log=log)
         for name, row in summary["methods"].items():
             table.setdefault(name, {})[f"{lr:g}"] = row["chrf"]["mean"]
