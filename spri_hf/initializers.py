@@ -191,7 +191,7 @@ def residual_rank_per_expert(tail: int, num_experts: int) -> int:
 
 
 def spri_coefficients(num_experts: int, spri_mode: str, diversity: float, residual_scale: float) -> tuple[float, float]:
-    """`(b, c)` of `W_i = P + b * R + c * R_i` for the two SPRI presets (see SPRI.md)."""
+    """`(b, c)` of `W_i = P + b * R + c * R_i` for the two SPRI presets (see docs/METHOD.md)."""
     if spri_mode == "balanced":
         return 1.0 - diversity, diversity * num_experts
     if spri_mode == "partition":

@@ -2,7 +2,7 @@
 
 The dense architecture is built as it is (attention, norms, embeddings untouched) and each upcycled FFN is swapped
 for a `SpriMoeBlock` = top-k router -> experts (+ optional always-on shared expert). Experts exist in two
-parametrizations (see SPRI.md, "Two-stage training"):
+parametrizations (see spri_hf's docs/METHOD.md, "Two parametrisations, two stages"):
 
 - stage 1, `SpriResidualExperts`: one shared frozen base matrix per projection plus trainable low-rank residual
   factors per expert (`W_i = S + B_i A_i`). Like stage 2 it dispatches through the experts implementation: "eager"

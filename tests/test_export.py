@@ -147,7 +147,7 @@ def test_export_native_command_line(tmp_path, capsys, input_ids):
     "settings", [dict(init="copy"), dict(diversity=0.5), dict(diversity=0.5, stage=2)], ids=["copy", "spri", "spri-2"]
 )
 def test_fold_to_dense_of_an_untrained_model_is_the_dense_model(family, settings, input_ids):
-    """Copy experts average to W trivially; balanced SPRI experts average to W by construction (SPRI.md)."""
+    """Copy experts average to W trivially; balanced SPRI experts average to W by construction (docs/METHOD.md)."""
     dense = tiny_dense(family)
     folded = fold_to_dense(SpriForCausalLM.from_dense(dense, num_experts=4, **settings))
     assert type(folded) is type(dense)

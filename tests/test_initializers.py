@@ -1,4 +1,4 @@
-"""The SPRI invariants of SPRI.md on plain tensors, no model involved."""
+"""The SPRI invariants of docs/METHOD.md on plain tensors, no model involved."""
 
 import pytest
 import torch

@@ -55,7 +55,7 @@ def _leftovers(parent, name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Property-based: valid settings upcycle and keep SPRI.md's invariants; invalid ones raise and write nothing.
+# Property-based: valid settings upcycle and keep docs/METHOD.md's invariants; invalid ones raise and write nothing.
 
 VALID = st.fixed_dictionaries(
     {
