@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import SEQ2SEQ_FAMILIES, TINY_BERT, assert_reloaded_logits, assert_same_state, tiny, tiny_dense
 from spri_hf import SpriForCausalLM, SpriForMaskedLM, SpriModel, upcycle_checkpoint
 from spri_hf.cli import main as cli_main
-from spri_hf.streaming import SafetensorsReader, ShardWriter
+from spri_hf.upcycling.safetensors_io import SafetensorsReader, ShardWriter
 
 
 def _same_files(streamed, saved):
@@ -46,7 +46,7 @@ def test_streamed_checkpoint_equals_from_dense_for_every_causal_family(family, s
 def test_principal_energy_decomposes_every_matrix_once(source, tmp_path, monkeypatch):
     """The ranks `principal_energy` chooses are measured on the singular values alone, before the skeleton is built;
     the upcycling workers take them from there and run one full SVD per FFN matrix (issue 18)."""
-    from spri_hf import initializers
+    from spri_hf.upcycling import initializers
 
     dense = tiny_dense("llama")
     dense.save_pretrained(tmp_path / "dense")
