@@ -33,8 +33,8 @@ from .settings import (
     dequantized_config,
     location_kwargs,
     output_dtype,
-    spri_config,
     split_load_kwargs,
+    spri_config,
     work_options,
 )
 from .sinks import fill_model, write_checkpoint

@@ -255,5 +255,3 @@ def _after(pool: ThreadPoolExecutor, parts: dict[str, Future], assemble: Callabl
     for part in list(parts.values()):  # a part already done runs `part_done` here, and the last one empties `parts`
         part.add_done_callback(part_done)
     return result
-
-

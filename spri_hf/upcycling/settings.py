@@ -147,10 +147,11 @@ def read_license(name_or_path: str | None, may_fetch: bool = False) -> str | Non
 
 @dataclass(frozen=True)
 class WorkOptions:
-    """How the FFN layers are upcycled: never what they become (the tensors are bit-identical whatever `workers`).
+    """How the FFN layers' work is done, kept apart from the settings that say what the model is (`SpriConfig`).
 
-    `svd_method`: see `initializers.thin_svd`; `svd_device`: where the SVDs run (`None`: where the weights are);
-    `workers`: threads computing SVDs at once, each single-threaded; `show_progress`: a progress bar over layers.
+    `svd_method`: see `initializers.thin_svd` (both methods are exact, equal to rounding); `svd_device`: where the
+    SVDs run (`None`: where the weights are); `workers`: threads computing SVDs at once, each single-threaded (the
+    tensors are bit-identical whatever the number); `show_progress`: a progress bar over layers.
     """
 
     svd_method: str = "auto"

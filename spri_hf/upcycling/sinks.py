@@ -44,7 +44,6 @@ CARRIED_FILES = (
 )
 
 
-
 def fill_model(model, source, layouts: dict, dtype: torch.dtype, work: WorkOptions, *, check_resources: bool = True):
     """The in-memory sink: allocate `model` (built on meta) on the source's device and fill it from `stream_tensors`."""
     weights, layer_work = tensor_bytes(model, dtype), layer_work_bytes(model)
@@ -131,4 +130,3 @@ def write_metadata(model, dense_folder: str, staging: str, dtype: torch.dtype):
         if os.path.isfile(os.path.join(dense_folder, name)):
             shutil.copy2(os.path.join(dense_folder, name), os.path.join(staging, name))
     write_model_card(model, staging)
-

@@ -70,7 +70,6 @@ class NotStreamable(ValueError):
     """The checkpoint's tensors need more than renaming to fit the model (merged or split on load)."""
 
 
-
 def checkpoint_names(dense, checkpoint_keys) -> dict[str, str]:
     """Model state-dict name -> checkpoint key, through transformers' own load-time renamings (legacy names such as
     GPT-NeoX's `embed_out`, the base-model prefix). Raises `NotStreamable` when a key needs a tensor conversion."""
@@ -92,7 +91,6 @@ def checkpoint_names(dense, checkpoint_keys) -> dict[str, str]:
             raise NotStreamable(f"checkpoint tensor {key!r} is converted on load ({converted})")
         names.setdefault(name, key)
     return names
-
 
 
 class CheckpointSource:
