@@ -9,7 +9,6 @@ from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layou
 from .callbacks import SpriMonitorCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
-from .initializers import thin_svd
 from .integrations import SpriHubCallback
 from .modeling_spri import (
     SpriForCausalLM,
@@ -22,7 +21,6 @@ from .modeling_spri import (
     SpriPreTrainedModel,
 )
 from .registration import register_auto_classes
-from .streaming import upcycle_checkpoint
 from .trainer import (
     SpriSeq2SeqTrainer,
     SpriSeq2SeqTrainingArguments,
@@ -31,6 +29,8 @@ from .trainer import (
     SpriTrainerMixin,
     SpriTrainingArguments,
 )
+from .upcycling import upcycle_checkpoint
+from .upcycling.initializers import thin_svd
 
 
 register_auto_classes()

@@ -76,11 +76,12 @@ def cmd_upcycle(args) -> int:
     from transformers import AutoConfig
 
     from . import modeling_spri
-    from .initializers import check_device
     from .persistence import refuse_pickle_only
-    from .recipe import dequantized_config, make_config
-    from .streaming import can_stream, resolve_dense_folder, upcycle_checkpoint
     from .training_cli import task_for
+    from .upcycling import upcycle_checkpoint
+    from .upcycling.initializers import check_device
+    from .upcycling.settings import dequantized_config, make_config
+    from .upcycling.sources import can_stream, resolve_dense_folder
     from .utils import atomic_save
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
@@ -188,7 +189,7 @@ def cmd_inspect(args) -> int:
     if args.dense:
         from transformers import AutoConfig
 
-        from .detection import describe
+        from .upcycling.detection import describe
 
         print(describe(AutoConfig.from_pretrained(args.path)))
         return 0
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         _load_for(args.command)
         return args.func(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, ImportError, MemoryError) as err:
-        resources = sys.modules.get("spri_hf.resources")  # a resource shortfall comes from there, once it is imported
+        resources = sys.modules.get("spri_hf.upcycling.resources")  # a resource shortfall comes from there, once it is imported
         shortfall = resources is not None and isinstance(err, resources.ResourceShortfall)
         message = err.with_override("--no_resource_check") if shortfall else str(err)
         print(f"spri-hf {args.command}: error: {message}", file=sys.stderr)

@@ -29,7 +29,7 @@ from transformers import (
 from .architectures import FfnLayout, get_ffn_layout
 from .configuration_spri import SpriConfig
 from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
-from .recipe import default_dtype, module_name
+from .torch_tools import default_dtype, module_name
 from .utils import atomic_save, is_occupied
 
 # Config fields that describe a file, not a model: never carried from the dense config to the native one.

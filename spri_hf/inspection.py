@@ -2,7 +2,7 @@
 
 import torch
 
-from .initializers import principal_rank
+from .upcycling.initializers import principal_rank
 from .modeling_spri import SpriResidualExperts
 
 

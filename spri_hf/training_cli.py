@@ -383,7 +383,7 @@ def train(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import modeling_spri
-    from .recipe import make_config
+    from .upcycling.settings import make_config
 
     if model_args.model_name_or_path is None:
         raise ValueError(

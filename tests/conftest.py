@@ -53,7 +53,7 @@ TINY_CONFIGS = {
 FAMILIES = list(TINY_CONFIGS)
 
 # The families added by issue 17, one tiny config each (hidden 32, 2 layers): `TABLE_FAMILIES` have an entry in
-# spri_hf/architectures.py, `DETECTED_FAMILIES` are upcycled through FFN detection (spri_hf/detection.py).
+# spri_hf/architectures.py, `DETECTED_FAMILIES` are upcycled through FFN detection (spri_hf/upcycling/detection.py).
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 TABLE_FAMILY_CONFIGS = {
     "olmo": _LLAMA_LIKE,

@@ -1,4 +1,4 @@
-"""FFN detection for families without a table entry (spri_hf/detection.py): what it infers, that it agrees with the
+"""FFN detection for families without a table entry (spri_hf/upcycling/detection.py): what it infers, that it agrees with the
 hand-written table, that the probe decides, and what it refuses (clearly, before anything is written)."""
 
 import os
@@ -12,7 +12,7 @@ from conftest import DETECTED_FAMILIES, TINY_CONFIGS, VOCAB, tiny_config, tiny_d
 from spri_hf import FFN_LAYOUTS, SpriForCausalLM, get_ffn_layout
 from spri_hf.architectures import DETECTED_LAYOUT_ATTR
 from spri_hf.cli import main as cli_main
-from spri_hf.detection import FfnDetectionError, detect_ffn_layout, probe_config
+from spri_hf.upcycling.detection import FfnDetectionError, detect_ffn_layout, probe_config
 
 
 EXPECTED_ENTRIES = {

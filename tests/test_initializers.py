@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spri_hf import initializers as spri_init
+from spri_hf.upcycling import initializers as spri_init
 
 
 def _weight(m=24, n=40, seed=0):
@@ -117,7 +117,7 @@ def _matrix_with_spectrum(m, n, singular_values, seed=0):
     "spectrum", ["random", "ill-conditioned", "rank-deficient"],
 )
 def test_fast_svd_matches_torch_linalg_svd(shape, spectrum):
-    from spri_hf.initializers import thin_svd
+    from spri_hf.upcycling.initializers import thin_svd
 
     m, n = shape
     q = min(m, n)
@@ -170,7 +170,7 @@ def test_singular_values_alone_match_torch_linalg_svdvals(shape, spectrum):
 def test_the_batched_svd_of_an_accelerator_matches_torch_linalg_svd(method):
     """What `--svd-device cuda` runs (a layer's gate, up and down as one batch), checked here on the CPU: the same
     accuracy as `thin_svd`, for both orientations and ill-conditioned spectra."""
-    from spri_hf.initializers import _batched_svd
+    from spri_hf.upcycling.initializers import _batched_svd
 
     weights = [
         _matrix_with_spectrum(96, 40, torch.logspace(0, -14, 40, dtype=torch.float64), seed=1),  # gate (I, H)
@@ -189,7 +189,7 @@ def test_the_batched_svd_of_an_accelerator_matches_torch_linalg_svd(method):
 
 
 def test_fast_svd_refuses_unknown_methods():
-    from spri_hf.initializers import thin_svd
+    from spri_hf.upcycling.initializers import thin_svd
 
     with pytest.raises(ValueError, match="svd_method='lanczos' is not supported"):
         thin_svd(torch.ones(2, 3), "lanczos")

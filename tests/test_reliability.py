@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import assert_reloaded_logits, assert_same_state
 
 from spri_hf import SpriConfig, SpriForCausalLM, upcycle_checkpoint
-from spri_hf import initializers as spri_init
+from spri_hf.upcycling import initializers as spri_init
 from spri_hf.cli import main as cli_main
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import SEQ2SEQ_FAMILIES, TINY_BERT, assert_reloaded_logits, assert_same_state, tiny, tiny_dense
 from spri_hf import SpriForCausalLM, SpriForMaskedLM, SpriModel, upcycle_checkpoint
 from spri_hf.cli import main as cli_main
-from spri_hf.streaming import SafetensorsReader, ShardWriter
+from spri_hf.upcycling.safetensors_io import SafetensorsReader, ShardWriter
 
 
 def _same_files(streamed, saved):
@@ -46,7 +46,7 @@ def test_streamed_checkpoint_equals_from_dense_for_every_causal_family(family, s
 def test_principal_energy_decomposes_every_matrix_once(source, tmp_path, monkeypatch):
     """The ranks `principal_energy` chooses are measured on the singular values alone, before the skeleton is built;
     the upcycling workers take them from there and run one full SVD per FFN matrix (issue 18)."""
-    from spri_hf import initializers
+    from spri_hf.upcycling import initializers
 
     dense = tiny_dense("llama")
     dense.save_pretrained(tmp_path / "dense")
@@ -152,6 +152,43 @@ def test_dtype_conversion_and_tokenizer_files_carried(tmp_path):
     reference = SpriForCausalLM.from_dense(dense, num_experts=4, stage=2).state_dict()
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, reference[key].to(torch.bfloat16), rtol=2**-7, atol=1e-6)
+
+
+def test_a_checkpoint_that_cannot_be_streamed_is_loaded_whole_with_the_same_result(tmp_path, monkeypatch):
+    """A folder whose tensors would be converted on load (`NotStreamable`) is loaded with from_pretrained and read as
+    a model in memory by both entry points: the same tensors, bit for bit, as from_dense on the loaded model."""
+    from spri_hf.upcycling import sources
+
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    settings = dict(num_experts=4, diversity=0.2, seed=5)
+    reference = SpriForCausalLM.from_dense(dense, **settings)
+
+    def converted(*args, **kwargs):
+        raise sources.NotStreamable("checkpoint tensor 'x' is converted on load (forced by the test)")
+
+    monkeypatch.setattr(sources, "checkpoint_names", converted)
+    out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "spri", **settings)
+    assert_same_state(AutoModelForCausalLM.from_pretrained(out), reference)
+    assert_same_state(SpriForCausalLM.from_dense(str(tmp_path / "dense"), **settings), reference)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "folder", "module"])
+def test_the_config_is_made_once_per_run(source, tmp_path, monkeypatch):
+    """The entry point makes the run's SpriConfig once, from the config the dense weights come with; the pipeline,
+    the sources and the sinks receive it made."""
+    from spri_hf.upcycling import settings as upcycling_settings
+
+    dense = tiny_dense("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    made = []
+    make_config = upcycling_settings.make_config
+    monkeypatch.setattr(upcycling_settings, "make_config", lambda *a, **k: made.append(1) or make_config(*a, **k))
+    if source == "checkpoint":
+        upcycle_checkpoint(tmp_path / "dense", tmp_path / "spri", num_experts=4)
+    else:
+        SpriForCausalLM.from_dense(str(tmp_path / "dense") if source == "folder" else dense, num_experts=4)
+    assert len(made) == 1
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):

@@ -36,8 +36,8 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 from transformers.activations import ACT2CLS
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import DETECTED_LAYOUT_ATTR, FFN_LAYOUTS, FfnLayout
-from .configuration_spri import SpriConfig
+from ..architectures import DETECTED_LAYOUT_ATTR, FFN_LAYOUTS, FfnLayout
+from ..configuration_spri import SpriConfig
 
 
 PROBE_LAYERS = 2

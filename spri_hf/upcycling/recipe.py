@@ -1,54 +1,20 @@
-"""The per-layer upcycling recipe and the navigation of a dense model that both upcyclers share.
+"""The per-layer SPRI recipe: one dense FFN's matrices in, one SpriMoeBlock's router and expert tensors out.
 
-`from_dense` (upcycling.py, a model in memory) and `upcycle_checkpoint` (streaming.py, a safetensors folder read
-tensor by tensor) are two sources and two sinks around the same recipe: `make_config` validates the settings,
-`residual_rank` sizes the stage-1 factors, `upcycle_layer` turns one dense FFN's matrices into router and expert
-tensors (pure tensor code on top of initializers.py), `dense_to_spri_names` maps every other tensor. Neither imports the
-other's internals.
+Pure tensor code on top of `initializers.py`: it takes a made `SpriConfig`, the FFN layout of its stack and plain
+tensors, and never touches a module, a file or the Hub. `residual_rank` sizes every expert's stage-1 factors from
+the shapes (or, with `principal_energy`, the singular values); `decompose` is a matrix's heavy, random-free part
+(its SVD and shared base), which the pipeline's workers run in any order; `upcycle_layer` draws the layer's random
+stream in a fixed order and assembles the block's tensors, so the result does not depend on how the work was
+scheduled.
 """
 
-from contextlib import contextmanager
-import copy
-import os
 from typing import NamedTuple
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import MODEL_MAPPING, PreTrainedModel
 
+from ..architectures import FfnLayout
+from ..configuration_spri import SpriConfig
 from . import initializers as spri_init
-from .architectures import FfnLayout
-from .configuration_spri import UPCYCLING_SETTINGS, SpriConfig
-from .detection import attach_ffn_layout
-
-
-CONFIG_FIELDS = UPCYCLING_SETTINGS + (
-    "stage",
-    "stage1_experts_implementation",
-    "stage1_trainable",
-    "stage2_frozen",
-    "stage2_train_all",
-    "initializer_range",
-    "output_router_logits",
-    "base_model",
-    "base_model_license",
-)
-
-
-def make_config(base_config, **settings) -> SpriConfig:
-    """`SpriConfig(base_config=..., **settings)` with validation errors raised as `ValueError` / `TypeError`."""
-    unknown = sorted(set(settings) - set(CONFIG_FIELDS))
-    if unknown:
-        raise TypeError(f"Unknown SPRI setting(s) {unknown}; the settings are {list(CONFIG_FIELDS)}.")
-    if "initializer_range" not in settings:
-        settings["initializer_range"] = getattr(base_config, "initializer_range", None) or 0.02
-    attach_ffn_layout(base_config)  # a family without a table entry: its layout detected and verified, or refused
-    try:
-        return SpriConfig(base_config=base_config, **settings)
-    except StrictDataclassError as err:
-        cause = err.__cause__ if isinstance(err.__cause__, (TypeError, ValueError)) else None
-        message = str(cause) if cause is not None else str(err)
-        raise (TypeError if isinstance(cause, TypeError) else ValueError)(message) from None
 
 
 def generator_key(stack: str, idx: int) -> int:
@@ -56,120 +22,13 @@ def generator_key(stack: str, idx: int) -> int:
     return idx if stack == "decoder" else 100_000 + idx
 
 
-def read_license(name_or_path: str | None, may_fetch: bool = False) -> str | None:
-    """The `license` of the dense model's card: a local folder's README.md, a Hub repo's cached README.md, or (only
-    when `may_fetch`) the Hub's. `None` when there is none to read: the model card then says it is unknown."""
-    if not name_or_path:
-        return None
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
-    if os.path.isdir(name_or_path):
-        card = os.path.join(name_or_path, "README.md")
-    else:
-        try:
-            cached = try_to_load_from_cache(name_or_path, "README.md")
-        except Exception:  # not a repo id
-            return None
-        card = cached if isinstance(cached, str) else (name_or_path if may_fetch else None)
-    if card is None or (os.path.isabs(card) and not os.path.isfile(card)):
-        return None
-    try:
-        return ModelCard.load(card).data.get("license")
-    except Exception:  # offline, no card, unreadable card
-        return None
-
-
-TASK_NAMES = {
-    "AutoModelForCausalLM": "causal LM",
-    "AutoModelForSeq2SeqLM": "seq2seq LM",
-    "AutoModelForSpeechSeq2Seq": "speech seq2seq model",
-    "AutoModelForSequenceClassification": "sequence classifier",
-    "AutoModelForMaskedLM": "masked LM",
-}
-
-
-def dense_root_of(spri_class: type, dense: PreTrainedModel) -> PreTrainedModel:
-    """The part of `dense` that `spri_class` wraps: the model itself, or its backbone for `SpriModel`."""
-    mapping = spri_class._dense_mapping
-    expected = mapping[type(dense.config)] if type(dense.config) in mapping else None
-    if expected is not None and isinstance(dense, expected):
-        return dense
-    if mapping is MODEL_MAPPING:
-        return dense.base_model
-    task = TASK_NAMES.get(spri_class._dense_auto_class, spri_class._dense_auto_class)
-    raise TypeError(
-        f"{spri_class.__name__}.from_dense needs a {task}"
-        f"{f' ({expected.__name__})' if expected is not None else ''}, got {type(dense).__name__}; load it with "
-        f"{spri_class._dense_auto_class}, or use the Spri class of its task (SpriModel for a bare backbone)."
-    )
-
-
-def dequantized_config(config):
-    """A copy of the dense config; GGUF checkpoints are dequantised on load, so their quantization entry goes."""
-    config = copy.deepcopy(config)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-        if str(method).lower().endswith("gguf"):
-            del config.quantization_config
-        else:
-            raise ValueError(
-                f"The dense model is quantized ({method}); SPRI needs floating-point weights. Load it without "
-                "quantization (or dequantize it) before upcycling."
-            )
-    return config
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    if dtype.is_floating_point:
-        torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def module_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise RuntimeError("module not found in its model")
-
-
-def dense_to_spri_names(config: SpriConfig, dense_root, layouts: dict, targets, sources) -> dict[str, str]:
-    """Where each tensor named in `sources` (names in `dense_root`) goes in the SPRI inner model (names in `targets`):
-    every non-FFN tensor, and the FFN kept as shared expert.
-
-    Give every name of a tied tensor: which one a deduplicating walk keeps depends on module order (XLM-R's MLM head).
-    """
-    ffn_prefixes = []
-    for stack in config.upcycled_stacks():
-        layout = layouts[stack]
-        layers_name = module_name(dense_root, layout.layers(dense_root))
-        for idx in config.upcycled_layers(stack):
-            ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in layout.ffn_paths()]
-    keep_shared = config.shared_expert == "dense"
-    names = {}
-    for name in sources:
-        target = name
-        prefix = next((p for p in ffn_prefixes if name.startswith(p)), None)
-        if prefix is not None:
-            if not keep_shared:
-                continue
-            target = f"{prefix}shared_expert.{name[len(prefix):]}"
-        if target not in targets:
-            raise RuntimeError(f"Internal error: dense tensor {name!r} has no counterpart in the SPRI model.")
-        names[name] = target
-    return names
-
-
 def principal_of(config: SpriConfig, singular_values: torch.Tensor) -> int:
+    """A matrix's principal rank under the config's rule (`principal_ratio` or `principal_energy`)."""
     return spri_init.principal_rank(singular_values, config.principal_ratio, config.principal_energy)
 
 
 def check_tail(config: SpriConfig, tail: int, where: str):
+    """Refuse a residual rank below `num_experts`: some experts would get no residual direction."""
     if 0 < tail < config.num_experts:
         setting = (
             f"principal_energy={config.principal_energy}"
