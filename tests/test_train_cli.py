@@ -285,12 +285,12 @@ trainer = train(*parse(sys.argv[1:]))
 digest = hashlib.sha256()
 for name, tensor in sorted(trainer.model.state_dict().items()):
     digest.update(name.encode() + tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-with open(os.path.join(trainer.args.output_dir, f"rank{os.environ['RANK']}.json"), "w") as handle:
+with open(os.path.join(os.environ["DIGEST_DIR"], f"rank{os.environ['RANK']}.json"), "w") as handle:
     json.dump({"sha256": digest.hexdigest(), "stage": trainer.model.config.stage}, handle)
 """
 
 
-def _accelerate_launch(*target, timeout=600):
+def _accelerate_launch(*target, timeout=600, **env):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -298,7 +298,7 @@ def _accelerate_launch(*target, timeout=600):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *target,
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -311,10 +311,11 @@ def test_train_under_accelerate_launch_with_two_processes_ends_identical(dense_f
     flags = ["--model_name_or_path", str(dense_folder), "--dataset_name", str(data), "--output_dir", str(out)]
     result = _accelerate_launch(
         str(tmp_path / "rank_digest.py"), *flags, *TRAINING, "--per_device_train_batch_size", "2",
-        "--ddp_find_unused_parameters", "false",
+        "--ddp_find_unused_parameters", "false", DIGEST_DIR=str(tmp_path),
     )  # fmt: skip
     assert result.stderr.count("trained 6 steps (stage 1 until step 3)") == 1  # printed by rank 0 only
-    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # (not in the output folder: rank 0's atomic save replaces it)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["stage"] == 2
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["SpriStageRecord"]["args"]["switch_step"] == 3
