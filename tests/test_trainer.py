@@ -146,7 +146,7 @@ def test_bad_stage_settings_are_refused(tmp_path, overrides, message):
 def test_stage1_longer_than_an_epoch_based_run_is_refused_before_training(tmp_path):
     args = _args(tmp_path, max_steps=-1, num_train_epochs=1, stage1_steps=8)  # 64 rows / 8 = 8 steps in all
     trainer = SpriTrainer(model=_causal(), args=args, train_dataset=progression_dataset())
-    with pytest.raises(ValueError, match="stage 1 of 8 steps, not shorter than the run \\(8 optimizer steps\\)"):
+    with pytest.raises(ValueError, match="stage 1 of 8 steps, not shorter than the run \\(8 optimizer steps over 64 examples\\)"):
         trainer.train()
     assert not any(tmp_path.glob("checkpoint-*"))
 
