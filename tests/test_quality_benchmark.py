@@ -343,7 +343,7 @@ def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, 
 def test_langs_restricts_every_split_and_is_part_of_the_spec(tiny_xx_en, tmp_path):
     preset = quality.replace(quality.PRESETS["tiny"], methods=("source-copy", "dense"), langs=("de",))
     out = tmp_path / "results"
-    summary = quality.run_benchmark(preset, tiny_xx_en, out, cache=tmp_path / "cache", log=lambda message: None)
+    quality.run_benchmark(preset, tiny_xx_en, out, cache=tmp_path / "cache", log=lambda message: None)
     test_rows = [json.loads(line) for line in (tiny_xx_en / "test.jsonl").read_text().splitlines()]
     copy_run = json.loads((out / "runs" / "source-copy-seed0.json").read_text())
     assert sorted(copy_run["hypotheses"]) == sorted(row["source_text"] for row in test_rows if row["lang"] == "de")
