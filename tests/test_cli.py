@@ -245,3 +245,19 @@ def test_console_script_process_imports_the_public_api_for_train_and_demo():
     result = subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT_IMPORTS], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["SpriForCausalLM", "spri", "True"]
+
+
+def test_upcycling_an_spri_checkpoint_says_what_it_is_and_what_to_do(tmp_path, capsys):
+    """The input is already an SPRI model: the message names its settings and the ways on (train it, export it,
+    fold it, or upcycle its dense base), from the command line and from Python, and nothing is written."""
+    moe = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, num_experts_per_tok=2)
+    moe.save_pretrained(tmp_path / "moe")
+    assert cli_main(["upcycle", str(tmp_path / "moe"), str(tmp_path / "again"), "--num_experts", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "This is already an SPRI model: a llama with 4 experts (top-2, init 'spri') in stage 1" in err
+    assert "export-native" in err and "fold_to_dense" in err and "upcycle its dense base model" in err
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ValueError, match="already an SPRI model"):
+        SpriForCausalLM.from_dense(moe, num_experts=8)
+    with pytest.raises(ValueError, match="already an SPRI model"):
+        SpriForCausalLM.from_dense(str(tmp_path / "moe"))

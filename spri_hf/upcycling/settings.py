@@ -36,11 +36,26 @@ CONFIG_FIELDS = UPCYCLING_SETTINGS + (
 CONFIG_LOCATION_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
 
 
+def already_spri(config) -> str:
+    """What to say when the model given to the upcycler is an SPRI model already, and what to do instead."""
+    base = config.base_config
+    origin = f" (upcycled from {config.base_model})" if getattr(config, "base_model", None) else ""
+    return (
+        f"This is already an SPRI model{origin}: a {base.model_type} with {config.num_experts} experts (top-"
+        f"{config.num_experts_per_tok}, init {config.init!r}) in stage {config.stage}. Train it as it is "
+        "(SpriForCausalLM.from_pretrained, or spri-hf train on it); to serve it as a native MoE use "
+        "`spri-hf export-native` (export_native); to get a dense model back use fold_to_dense; to upcycle with other "
+        "settings, upcycle its dense base model instead."
+    )
+
+
 def make_config(base_config, **settings) -> SpriConfig:
     """`SpriConfig(base_config=..., **settings)` with validation errors raised as `ValueError` / `TypeError`."""
     unknown = sorted(set(settings) - set(CONFIG_FIELDS))
     if unknown:
         raise TypeError(f"Unknown SPRI setting(s) {unknown}; the settings are {list(CONFIG_FIELDS)}.")
+    if getattr(base_config, "model_type", None) == SpriConfig.model_type:
+        raise ValueError(already_spri(base_config))
     if "initializer_range" not in settings:
         settings["initializer_range"] = getattr(base_config, "initializer_range", None) or 0.02
     attach_ffn_layout(base_config)  # a family without a table entry: its layout detected and verified, or refused
