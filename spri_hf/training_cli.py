@@ -454,7 +454,7 @@ def train(
         model = spri_class.from_dense(name, **load, **loading, **settings)
     if peft_config is not None and model.config.stage == 1:  # --stage1_steps 0: the adapter trains on stage 2
         model.set_stage(2)
-    if peft_config is not None and not is_spri:
+    if peft_config is not None and (not is_spri or config.stage == 1):  # the adapter's base exists nowhere else
         save_adapter_base(model, training.output_dir)
     model.train()
 
@@ -484,7 +484,7 @@ ADAPTER_BASE_FOLDER = "spri_base_model"
 
 
 def save_adapter_base(model, output_dir: str):
-    """An adapter trained on a model upcycled in this run needs that model to load: it is saved (stage 2, before
+    """An adapter trained on a model upcycled (or switched) in this run needs that model to load: it is saved (stage 2, before
     training) to `output_dir/spri_base_model`, which the adapter's `base_model_name_or_path` names."""
     from accelerate import PartialState
 
