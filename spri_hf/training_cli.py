@@ -484,8 +484,8 @@ ADAPTER_BASE_FOLDER = "spri_base_model"
 
 
 def save_adapter_base(model, output_dir: str):
-    """An adapter trained on a model upcycled (or switched) in this run needs that model to load: it is saved (stage 2, before
-    training) to `output_dir/spri_base_model`, which the adapter's `base_model_name_or_path` names."""
+    """An adapter trained on a model upcycled (or switched) in this run needs that model to load: it is saved
+    (stage 2, before training) to `output_dir/spri_base_model`, which the adapter's `base_model_name_or_path` names."""
     from accelerate import PartialState
 
     folder = os.path.abspath(os.path.join(output_dir, ADAPTER_BASE_FOLDER))
