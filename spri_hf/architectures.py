@@ -8,6 +8,7 @@ with the modeling code, so it imports nothing but the standard library.
 
 from dataclasses import asdict, dataclass, fields, replace
 
+
 # A family without a table entry is upcycled with a layout inferred and verified by `spri_hf.detection`; the verified
 # layout travels in the dense config under this attribute, so a saved checkpoint (and its remote code) reads it back.
 DETECTED_LAYOUT_ATTR = "spri_ffn_layout"

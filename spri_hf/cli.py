@@ -4,8 +4,8 @@ The arguments are parsed before torch and transformers are imported (the flags c
 them without importing either), so `--help` and argument errors answer at once; each command imports what it needs.
 """
 
-import importlib
 import argparse
+import importlib
 import logging as logging_module
 import os
 import re
@@ -20,7 +20,7 @@ def _layers_arg(text: str) -> list[int]:
     try:
         return parse_layers(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err))
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _spellings(flag: str) -> tuple[str, ...]:
@@ -193,7 +193,7 @@ def cmd_inspect(args) -> int:
 
         print(describe(AutoConfig.from_pretrained(args.path)))
         return 0
-    from .inspection import inspect_model, format_report
+    from .inspection import format_report, inspect_model
 
     model = _spri_checkpoint_class(args.path).from_pretrained(args.path)
     print(format_report(model.config, inspect_model(model)))

@@ -9,6 +9,7 @@ from transformers.configuration_utils import strict
 
 from .architectures import get_ffn_layouts
 
+
 # This file is also the remote code of every checkpoint, so it must load in every transformers 5.x from 5.16 on (the
 # ones vLLM and SGLang pin), not only in the one spri_hf needs.
 try:  # transformers >= 5.20: `PreTrainedConfig.__post_init__` builds each sub-config from its `SubConfigSpec`

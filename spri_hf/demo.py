@@ -16,6 +16,7 @@ from importlib import resources
 import torch
 from transformers import DataCollatorForSeq2Seq
 
+
 LANGUAGES = {"de": "German", "ca": "Catalan", "sv": "Swedish", "id": "Indonesian"}
 HELD_OUT_PER_LANGUAGE = 2
 

@@ -32,6 +32,7 @@ from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, S
 from .torch_tools import default_dtype, module_name
 from .utils import atomic_save, is_occupied
 
+
 # Config fields that describe a file, not a model: never carried from the dense config to the native one.
 _NOT_CARRIED = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"}
 

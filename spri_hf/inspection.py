@@ -2,8 +2,8 @@
 
 import torch
 
-from .upcycling.initializers import principal_rank
 from .modeling_spri import SpriResidualExperts
+from .upcycling.initializers import principal_rank
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_spri import UPCYCLING_SETTINGS
 
+
 CARD_NAME = "README.md"
 SECTION_START = "<!-- spri_hf model card: start -->"
 SECTION_END = "<!-- spri_hf model card: end -->"

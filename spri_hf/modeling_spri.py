@@ -40,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils.generic import can_return_tuple
 
+
 try:  # transformers >= 5.20 (this file must load from 5.16 on: see CACHE_NAME)
     from transformers.utils.output_capturing import OutputRecorder
 except ImportError:
@@ -50,6 +51,7 @@ from .configuration_spri import SpriConfig, record_base_model_class
 from .model_card import write_model_card
 from .parallel import add_expert_parallel_plans, check_distributed_config, writes_on_another_rank
 from .persistence import load_checkpoint, push_with_clear_errors, save_atomically
+
 
 # This file is also the remote code of every checkpoint: it must load in every transformers 5.x from 5.16 on (the
 # ones vLLM and SGLang pin). transformers 5.24 renamed the key/value cache of forwards and outputs from

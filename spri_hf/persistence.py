@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from .configuration_spri import SpriConfig
 
+
 # Weights files of any earlier save: never carried into a new one (stale shards would be read as current).
 WEIGHTS_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.].*)?\.(safetensors|bin)(\.index\.json)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -27,6 +27,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .integrations import SpriHubCallback, add_spri_card_section
 
+
 logger = logging.getLogger(__name__)
 
 # stage1_learning_rate=None means this multiple of learning_rate: low-rank factors conventionally take about 10x the

@@ -18,7 +18,6 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .cli_flags import MOE_LAYERS_HELP, TASKS, UPCYCLING_FLAGS, config_help, flag_type, parse_layers
 from .configuration_spri import SpriConfig
@@ -74,7 +73,7 @@ class SpriScriptArguments:
     """What `spri-hf train` adds to TRL's script and model arguments."""
 
     task: str = field(default="auto", metadata={"help": "auto | causal-lm | seq2seq-lm (auto: from the config)."})
-    gguf_file: Optional[str] = field(
+    gguf_file: str | None = field(
         default=None, metadata={"help": "Load the dense model from this GGUF file in it."}
     )
 

@@ -6,7 +6,6 @@ import shutil
 import tempfile
 
 
-
 def is_occupied(path: str) -> bool:
     """Whether writing a checkpoint to `path` would replace something: a file, or a folder that is not empty (an
     empty folder, e.g. a fresh `tempfile.TemporaryDirectory()`, is taken as `save_pretrained` takes it)."""

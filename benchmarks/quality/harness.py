@@ -589,6 +589,10 @@ def main(argv=None) -> int:
         help="seconds of encoder states kept after each clip (presets: 4 on CPU, 30 = Whisper's full window)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast (default: the preset's); --no-amp on CPUs without AVX512-BF16/AMX, where it is slower",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -647,6 +651,8 @@ def main(argv=None) -> int:
         preset = replace(preset, learning_rate=args.learning_rate)
     if args.context_margin is not None:
         preset = replace(preset, context_margin_s=args.context_margin)
+    if args.amp is not None:
+        preset = replace(preset, amp=args.amp)
     if args.langs:
         preset = replace(preset, langs=tuple(sorted(lang for lang in args.langs.split(",") if lang.strip())))
     if args.stage1_fraction is not None:

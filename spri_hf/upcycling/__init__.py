@@ -40,6 +40,7 @@ from .settings import (
 from .sinks import fill_model, write_checkpoint
 from .sources import CheckpointSource, ModuleSource, NotStreamable, can_stream, resolve_dense_folder
 
+
 logger = logging.get_logger(__name__)
 
 
