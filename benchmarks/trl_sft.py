@@ -1,5 +1,5 @@
 """SPRI inside TRL on the real SmolLM2-135M-Instruct: `SpriSFTTrainer` (both stages, the library defaults) against
-`SFTTrainer` on the same SPRI model in stage 2 only and `SFTTrainer` on the dense model (issue 34).
+`SFTTrainer` on the same SPRI model in stage 2 only and `SFTTrainer` on the dense model.
 
 Data: the shipped En->XX LibreOffice pairs (spri_hf/data) as conversational prompt/completion rows, with
 SmolLM2's own chat template; 10 sentences per language held out (their sources never appear in training). Every
@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 
 from spri_hf.demo import chat_rows, load_pairs, split_pairs
+
 
 HELD_OUT_PER_LANGUAGE = 10
 MOE_LAYERS = [0, 5, 10, 15, 20, 25]  # as the demo: every 5th FFN layer

@@ -37,8 +37,8 @@ import json
 import os
 
 import torch
-from torch.utils.data import Dataset
 from safetensors.torch import save_file
+from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 from transformers.utils import logging
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from spri_hf import SpriForCausalLM
 from spri_hf.trl import SpriSFTConfig, SpriSFTTrainer
 
+
 ROWS = [{"prompt": f"count from {i}", "completion": " " + " ".join(str(i + j) for j in range(1, 5))} for i in range(32)]
 
 

@@ -4,8 +4,7 @@ from here (`from conftest import ...`), never from one another (tests/test_suite
 import importlib.util
 import os
 import re
-import sys
-from pathlib import Path
+
 
 # Tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,12 +23,8 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 import spri_hf  # noqa: E402, F401  (registers the auto classes)
+from benchmarks import real_models  # noqa: E402  (the slow tier's offline real-model loaders, shared with the benchmarks)
 from spri_hf import SpriForSeq2SeqLM, SpriForSequenceClassification, SpriForSpeechSeq2Seq  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import real_models  # noqa: E402  (examples/real_models.py: the slow tier's offline real-model loaders)
 
 
 logging.set_verbosity_error()
@@ -52,8 +47,9 @@ TINY_CONFIGS = {
 }
 FAMILIES = list(TINY_CONFIGS)
 
-# The families added by issue 17, one tiny config each (hidden 32, 2 layers): `TABLE_FAMILIES` have an entry in
-# spri_hf/architectures.py, `DETECTED_FAMILIES` are upcycled through FFN detection (spri_hf/upcycling/detection.py).
+# The wider family matrix (tests/test_families.py), one tiny config each (hidden 32, 2 layers): `TABLE_FAMILIES` have
+# an entry in spri_hf/architectures.py, `DETECTED_FAMILIES` are upcycled through FFN detection
+# (spri_hf/upcycling/detection.py).
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 TABLE_FAMILY_CONFIGS = {
     "olmo": _LLAMA_LIKE,
@@ -234,7 +230,7 @@ def without_spri_hf(script: str) -> str:
     return blocker + script
 
 
-# ---- slow tier: real models from examples/real_models.py ------------------------------------------------------------
+# ---- slow tier: real models from benchmarks/real_models.py ----------------------------------------------------------
 def require_packages(*names):
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:

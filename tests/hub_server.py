@@ -44,7 +44,7 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # noqa: UP017  (datetime.UTC is 3.11+; setup.cfg allows 3.10)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class LocalHub:
         self.failures: list[tuple[str, str, int]] = []
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "LocalHub":
+    def start(self) -> LocalHub:
         """Start serving in a daemon thread; returns ``self``."""
         hub = self
 
@@ -143,7 +143,7 @@ class LocalHub:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

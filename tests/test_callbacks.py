@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_dense
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainingArguments
 
-from conftest import VOCAB, tiny_dense
 from spri_hf import SpriForCausalLM
 from spri_hf.callbacks import SpriMonitorCallback, add_spri_monitor
 from spri_hf.modeling_spri import load_balancing_loss

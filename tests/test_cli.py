@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriForCausalLM
 from spri_hf.cli import main as cli_main
 

@@ -1,5 +1,5 @@
 """SPRI models behave as native transformers models, checked the way transformers' common model tests check Mixtral
-and Llama (issue 33), on every kind of SPRI model: SpriForCausalLM in stage 1 and stage 2 on Llama, Qwen3, Gemma 3
+and Llama, on every kind of SPRI model: SpriForCausalLM in stage 1 and stage 2 on Llama, Qwen3, Gemma 3
 and GPT-2 bases, SpriForSeq2SeqLM on T5 and BART, SpriForSpeechSeq2Seq on Whisper, SpriForSequenceClassification on
 BERT. Tiny random configs; each behaviour against the dense model or against the model itself another way."""
 
@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from spri_hf import SpriForCausalLM, upcycle_checkpoint
+
 
 CAUSAL = ["llama", "qwen3", "gemma3_text", "gpt2"]
 CASES = [f"{family}-stage{stage}" for family in CAUSAL for stage in (1, 2)] + ["t5", "bart", "whisper", "bert"]
@@ -192,7 +193,10 @@ def test_use_cache_follows_the_config(case):
     """`config.use_cache = False` does on the SPRI model what it does on the dense one (no cache; T5 keeps its own)."""
     model, dense = spri_of(case), dense_of(case)
     inputs = inputs_of(case)
-    cache_of = lambda out: out.get("cache", out.get("past_key_values"))
+
+    def cache_of(out):
+        return out.get("cache", out.get("past_key_values"))
+
     with torch.no_grad():
         cached = model(**inputs, use_cache=True)
         model.config.use_cache = False

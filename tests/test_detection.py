@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from conftest import DETECTED_FAMILIES, TINY_CONFIGS, VOCAB, tiny_config, tiny_dense
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from conftest import DETECTED_FAMILIES, TINY_CONFIGS, VOCAB, tiny_config, tiny_dense
 from spri_hf import FFN_LAYOUTS, SpriForCausalLM, get_ffn_layout
 from spri_hf.architectures import DETECTED_LAYOUT_ATTR
 from spri_hf.cli import main as cli_main

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dense
 from safetensors.torch import load_file
 
-from conftest import tiny_dense
 from spri_hf import SpriForCausalLM
 
 

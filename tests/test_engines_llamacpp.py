@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import perturb_experts, tiny_dense
 from engines import engine_env, greedy_continuations, installed_version, run_in
+from transformers import AutoModelForCausalLM
+
 from spri_hf import SpriForCausalLM, export_native, fold_to_dense
 from spri_hf.assets import load_smollm2
 
@@ -55,7 +55,8 @@ STEPS = [
     ["!", "sh", "-c", f'python -m pip install -q "$VIRTUAL_ENV/src/{SDIST}/{LLAMA_CPP}/gguf-py"'],
     # the bindings from source; the multimodal library (LLAVA_BUILD) is not needed for text and doubles the build.
     # No -march=native (GGML_NATIVE): on a CPU with AMX it compiles ggml's AMX backend in, whose Q8_0 matmul
-    # segfaulted here (exit -11; llama.cpp issue 20824, machine-dependent); an AVX2 build runs on every x86-64 CPU
+    # segfaulted here (exit -11, on some machines only: a bug of llama.cpp's AMX code); an AVX2 build runs on every
+    # x86-64 CPU
     # these tests meet and gives the same numbers on each of them
     ["!", "sh", "-c", ("CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS='-DLLAVA_BUILD=OFF "
                        "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' "

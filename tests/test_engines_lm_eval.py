@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 
 from spri_hf import SpriForCausalLM
 
+
 pytestmark = pytest.mark.engines
 
 LM_EVAL = "0.4.13"  # the newest on PyPI

@@ -17,6 +17,7 @@ from engines import TORCH_CPU, engine_env, installed_version, run_in
 
 from spri_hf import SpriForCausalLM, SpriForSeq2SeqLM, SpriForSpeechSeq2Seq
 
+
 pytestmark = pytest.mark.engines
 
 # The oldest 5.16.x and the newest 5.x on PyPI (bump NEWEST as transformers releases; the range is the remote code's).

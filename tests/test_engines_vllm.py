@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from conftest import perturb_experts
 from engines import EngineError, engine_env, greedy_continuations, installed_version, run_in
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from spri_hf import SpriForCausalLM, export_native
 from spri_hf.assets import load_smollm2
 

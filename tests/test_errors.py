@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_dense
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_dense
 from spri_hf import SpriConfig, SpriForCausalLM
 from spri_hf.cli import main as cli_main
 

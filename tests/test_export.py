@@ -7,8 +7,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import (
     FAMILIES,
     assert_reloaded_logits,
@@ -18,6 +16,8 @@ from conftest import (
     tiny_dense,
     without_spri_hf,
 )
+from transformers import AutoModelForCausalLM
+
 from spri_hf import SpriForCausalLM, SpriModel, export_native, fold_to_dense
 from spri_hf.cli import main as cli_main
 from spri_hf.export import native_format_for

@@ -1,5 +1,6 @@
-"""The families added by issue 17, in one matrix: copy equivalence and both stages (fast, one test per family);
-save and reload of both stages, generate with cache and remote code (slow, batched per family / over all).
+"""The wider family matrix (conftest.py's TABLE_FAMILIES and DETECTED_FAMILIES), in one matrix: copy equivalence
+and both stages (fast, one test per family); save and reload of both stages, generate with cache and remote code (slow,
+batched per family / over all).
 
 `TABLE_FAMILIES` have an entry in spri_hf/architectures.py; `DETECTED_FAMILIES` have none and go through detection.
 """
@@ -11,8 +12,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import (
     DETECTED_FAMILIES,
     TABLE_FAMILIES,
@@ -22,6 +21,8 @@ from conftest import (
     tiny_dense,
     without_spri_hf,
 )
+from transformers import AutoModelForCausalLM
+
 from spri_hf import FFN_LAYOUTS, SpriForCausalLM
 from spri_hf.architectures import DETECTED_LAYOUT_ATTR
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelF
 
 import spri_hf  # noqa: F401  (registers the auto classes)
 
+
 FIXTURES = Path(__file__).parent / "fixtures"
 VERSIONS = sorted(path.name for path in FIXTURES.iterdir() if (path / "expected.safetensors").exists())
 STAGES = {"causal-stage1": 1, "causal-stage2": 2, "seq2seq": 2, "classification": 1}  # as make_fixtures.py built them

@@ -13,6 +13,7 @@ import textwrap
 import huggingface_hub
 import pytest
 import torch
+from hub_server import LocalHub, hub_env, use_local_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -21,8 +22,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-from hub_server import LocalHub, hub_env, use_local_hub
 
 
 REPO = "user/tiny-llama"

@@ -197,6 +197,7 @@ def test_fast_svd_refuses_unknown_methods():
 
 def test_upcycling_with_either_svd_method_gives_the_same_model():
     from conftest import tiny_dense
+
     from spri_hf import SpriForCausalLM
 
     dense = tiny_dense("llama")
@@ -214,6 +215,7 @@ def test_svd_device_gives_the_same_upcycle():
     """`svd_device` moves only the SVDs: on the device the weights are on it changes nothing, and an unknown device
     is an error naming it."""
     from conftest import assert_same_state, tiny_dense
+
     from spri_hf import SpriForCausalLM
 
     dense = tiny_dense("qwen3")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from transformers import AutoModel, AutoModelForCausalLM
 
-from conftest import assert_reloaded_logits, assert_same_state, tiny_dense
 from spri_hf import SpriConfig, SpriForCausalLM, SpriModel
 
 
@@ -289,7 +289,7 @@ def test_decoder_config_is_its_own_text_config_and_says_what_a_fused_moe_cannot_
         assert getattr(config, name) == getattr(base, name), name
     assert config.num_attention_heads == base.num_attention_heads
     with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
-        config.not_a_field
+        _ = config.not_a_field
     got = config.fused_moe_unsupported_reason()
     assert (got is None) if reason is None else (reason in got), got
     # generation builds its cache from this text config
@@ -299,18 +299,19 @@ def test_decoder_config_is_its_own_text_config_and_says_what_a_fused_moe_cannot_
 
 def test_encoder_decoder_text_config_is_the_base_models():
     from conftest import tiny
+
     from spri_hf import SpriForSeq2SeqLM
 
     config = SpriForSeq2SeqLM.from_dense(tiny("t5"), num_experts=4).config
     assert config.get_text_config() is config.base_config.get_text_config()
     assert config.get_text_config(decoder=True).num_hidden_layers == 2
     assert "decoder-only" in config.fused_moe_unsupported_reason()
-    # dense fields read and write through, as on a native config (issue 33)
+    # dense fields read and write through, as on a native config
     assert config.d_model == 32 and config.num_attention_heads == 4
     config.use_cache = False
     assert config.base_config.use_cache is False and "use_cache" not in config.to_dict()
     with pytest.raises(AttributeError, match="nor has its base_config"):
-        config.no_such_field
+        _ = config.no_such_field
 
 
 def test_saved_causal_lm_names_its_backbone_for_automodel_and_returns_tuples(tmp_path):

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_experts, tiny_dense
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-from conftest import perturb_experts, tiny_dense
 from spri_hf import SpriForCausalLM
 from spri_hf.parallel import check_distributed_config, moe_block_paths
+
 
 REPO = Path(__file__).resolve().parents[1]
 FORWARD = REPO / "examples" / "parallel_forward.py"
@@ -233,7 +234,7 @@ def test_fsdp_trains_both_stages_and_equals_one_process(tmp_path):
     _ok(_run([TRAIN, "--output-dir", tmp_path / "single", "--batch-size", "2", *common], processes=1))
 
     reports = [json.loads((tmp_path / "fsdp" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    for rank, report in enumerate(reports):
+    for report in reports:
         assert report["fsdp"] and report["world_size"] == 2 and report["backend"] == "gloo"
         assert report["final_stage"] == 2 and report["switch_step"] == 4
         assert len(report["losses"]["1"]) == 4 and len(report["losses"]["2"]) == 4

@@ -13,12 +13,12 @@ The stage-2 matrix (`CASES`) runs one lifecycle per family in a module-scoped fi
 
 import pytest
 import torch
+from conftest import progression_dataset, tiny_dense
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import progression_dataset, tiny_dense
 from spri_hf import SpriForCausalLM
 
 

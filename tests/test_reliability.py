@@ -10,18 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
+from conftest import assert_reloaded_logits, assert_same_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_reloaded_logits, assert_same_state
-
 from spri_hf import SpriConfig, SpriForCausalLM, upcycle_checkpoint
-from spri_hf.upcycling import initializers as spri_init
 from spri_hf.cli import main as cli_main
+from spri_hf.upcycling import initializers as spri_init
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -201,6 +201,12 @@ def _wait_for(predicate, timeout=120.0):
         time.sleep(0.002)
 
 
+def _staged_or_exited(tmp_path, before, files, process) -> bool:
+    """Whether the run `process` has staged at least `files` of its checkpoint's files (in a staging folder not in
+    `before`), or has already exited."""
+    return _staged_files(tmp_path, "moe", before) >= files or process.poll() is not None
+
+
 def _check_destination(dest, allowed: list[dict]):
     """'absent', 'previous' or 'new'; anything else (a half checkpoint) fails."""
     if not dest.exists():
@@ -236,7 +242,7 @@ def test_kill_9_during_cli_upcycle_never_leaves_a_half_checkpoint(medium_folder,
         files_before_kill = rng.randrange(1, len(new) - 1)
         before = set(_leftovers(tmp_path, "moe"))
         process = subprocess.Popen(command(1), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(lambda: _staged_files(tmp_path, "moe", before) >= files_before_kill or process.poll() is not None)
+        _wait_for(partial(_staged_or_exited, tmp_path, before, files_before_kill, process))
         mid_write = process.poll() is None and _staged_files(tmp_path, "moe", before) > 0
         process.send_signal(signal.SIGKILL)
         process.wait()

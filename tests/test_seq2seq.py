@@ -7,14 +7,6 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import (
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
-)
-
 from conftest import (
     SEQ2SEQ_FAMILIES,
     VOCAB,
@@ -24,6 +16,14 @@ from conftest import (
     tiny,
     without_spri_hf,
 )
+from datasets import Dataset
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+
 from spri_hf import (
     SpriForMaskedLM,
     SpriForSeq2SeqLM,
@@ -34,7 +34,7 @@ from spri_hf import (
 
 
 ENCODER_DECODER = [
-    family for family in SEQ2SEQ_FAMILIES if not SEQ2SEQ_FAMILIES[family][2] is SpriForSequenceClassification
+    family for family in SEQ2SEQ_FAMILIES if SEQ2SEQ_FAMILIES[family][2] is not SpriForSequenceClassification
 ]
 ENCODER_ONLY = [family for family in SEQ2SEQ_FAMILIES if SEQ2SEQ_FAMILIES[family][2] is SpriForSequenceClassification]
 

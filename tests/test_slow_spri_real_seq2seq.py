@@ -1,6 +1,6 @@
 """Slow tier: SPRI on the real Whisper base (speech, the paper's setting) and the real all-MiniLM-L6-v2 encoder.
 
-Uses the offline loaders of examples/real_models.py (and their fixtures); skips, naming what is missing, without
+Uses the offline loaders of benchmarks/real_models.py (and their fixtures); skips, naming what is missing, without
 the packages or espeak-ng.
 """
 
@@ -10,8 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import words
 
-from conftest import real_models, words
+from benchmarks import real_models
 from spri_hf import SpriForSpeechSeq2Seq, SpriModel
 
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import SEQ2SEQ_FAMILIES, TINY_BERT, assert_reloaded_logits, assert_same_state, tiny, tiny_dense
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import SEQ2SEQ_FAMILIES, TINY_BERT, assert_reloaded_logits, assert_same_state, tiny, tiny_dense
 from spri_hf import SpriForCausalLM, SpriForMaskedLM, SpriModel, upcycle_checkpoint
 from spri_hf.cli import main as cli_main
 from spri_hf.upcycling.safetensors_io import SafetensorsReader, ShardWriter
@@ -45,7 +45,7 @@ def test_streamed_checkpoint_equals_from_dense_for_every_causal_family(family, s
 @pytest.mark.parametrize("source", ["folder", "module"])
 def test_principal_energy_decomposes_every_matrix_once(source, tmp_path, monkeypatch):
     """The ranks `principal_energy` chooses are measured on the singular values alone, before the skeleton is built;
-    the upcycling workers take them from there and run one full SVD per FFN matrix (issue 18)."""
+    the upcycling workers take them from there and run one full SVD per FFN matrix."""
     from spri_hf.upcycling import initializers
 
     dense = tiny_dense("llama")
@@ -60,7 +60,7 @@ def test_principal_energy_decomposes_every_matrix_once(source, tmp_path, monkeyp
     assert len(calls) == matrices
     assert_same_state(upcycled, reference)
     # the ranks are the ones the full SVD's singular values give
-    for idx, layer in enumerate(dense.model.layers):
+    for layer in dense.model.layers:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             weight = getattr(layer.mlp, proj).weight
             exact = initializers.principal_rank(full_svd(weight)[1], principal_energy=0.6)

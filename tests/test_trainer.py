@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_same_state, progression_dataset, speech_dataset, tiny, tiny_dense
 from datasets import Dataset
 from transformers import AutoModelForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
-from conftest import assert_same_state, progression_dataset, speech_dataset, tiny, tiny_dense
 from spri_hf import (
     SpriForCausalLM,
     SpriForMaskedLM,

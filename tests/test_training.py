@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import progression_dataset, tiny_dense
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import progression_dataset, tiny_dense
 from spri_hf import SpriForCausalLM
 
 

@@ -17,7 +17,7 @@ with ``apt-get download`` into a cache folder (``~/.cache/spri_hf/debs`` by defa
 ``--debs DIR`` points at pre-downloaded ones.
 
 Speech: every selected English source sentence is spoken once with espeak-ng and stored as a 16 kHz mono 16-bit
-WAV (``audio/<source_id>.wav``), using ``examples/real_models.py``'s ``espeak_clip``.
+WAV (``audio/<source_id>.wav``), using ``benchmarks/real_models.py``'s ``espeak_clip``.
 
 Output (``<out>/``): ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (one pair per line: ``id``, ``source_id``,
 ``lang``, ``en``, ``target``, ``audio``), ``audio/*.wav`` and ``manifest.json`` (counts, settings, licenses,
@@ -414,10 +414,7 @@ def split_sources(sources, train: int, dev: int, test: int, seed: int) -> dict[s
 def _espeak_clip():
     if shutil.which("espeak-ng") is None:
         raise MissingPackagesError("espeak-ng is not installed: apt-get update && apt-get install -y espeak-ng")
-    root = str(DATA_DIR.parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from examples.real_models import espeak_clip  # noqa: PLC0415  (imports torch: only when synthesising)
+    from ..real_models import espeak_clip  # noqa: PLC0415  (imports torch: only when synthesising)
 
     return espeak_clip
 

@@ -1,4 +1,4 @@
-"""Performance of spri_hf: every figure is a ratio of two things measured side by side in one run (issue 5).
+"""Performance of spri_hf: every figure is a ratio of two things measured side by side in one run.
 
 A shared CPU makes absolute timings noisy, so each figure times SPRI and its reference in the same process (calls
 alternate A B / B A after a warm-up; the median of the repeats is kept) or, for whole commands, in fresh processes run
@@ -23,13 +23,15 @@ Commands (one per figure; `all` runs every figure in one run):
     stream    `spri-hf upcycle --dtype bfloat16` of a Qwen2.5-1.5B-shaped bf16 checkpoint: wall time and peak RSS
               against the checkpoint sizes, then `from_pretrained` of the result and one forward.
 
-Presets: `tiny` runs everything in seconds (the test suite runs it so that the script never rots; it skips
-`mergekit`), `small` in a few minutes, `full` (default) uses the shapes of issue 5. The random checkpoints and the
-SmolLM2 folder are written once to `--cache-dir` and reused. Only the public API of spri_hf is used.
+Presets: `tiny` runs everything on tiny shapes (the test suite's slow tier runs it so that the script never rots;
+it skips `mergekit`), `small` in a few minutes, `full` (default) uses Qwen3- and Qwen2.5-sized shapes
+(benchmarks/perf/common.py). The random checkpoints and the SmolLM2 folder are written once to `--cache-dir` and
+reused. Only the public API of spri_hf is used.
 """
 
 import os
 from pathlib import Path
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,6 +2,8 @@
 
 
 
+from functools import partial
+
 import torch
 from transformers import (
     Qwen3MoeConfig,
@@ -10,6 +12,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
 from spri_hf import SpriForCausalLM
+
 from .common import IMPLEMENTATIONS, TITLES
 from .measuring import close_enough, time_side_by_side
 from .models import qwen3_dense
@@ -94,11 +97,11 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
             figure.skipped.append(dict(setting=implementation, reason=f"{type(err).__name__}: {err}".splitlines()[0]))
             continue
 
-        def forward(block):
+        def forward(block, x=x):
             with torch.no_grad():
                 block(x)
 
-        def forward_backward(block):
+        def forward_backward(block, x=x, grad_output=grad_output):
             inputs = x.detach().requires_grad_(True)
             block(inputs).backward(grad_output)
             for param in block.parameters():
@@ -108,7 +111,7 @@ def figure_block(spec: dict, device, dtype, repeats: int) -> Figure:
         log(f"  block: {setting}")
         floor = flop_floor(spec, tokens, device, dtype, generator)
         for metric, step in (("forward", forward), ("forward+backward", forward_backward)):
-            calls = {name: (lambda b=block: step(b)) for name, block in {**blocks, "stage1": stage1_block}.items()}
+            calls = {name: partial(step, block) for name, block in {**blocks, "stage1": stage1_block}.items()}
             calls["floor"] = floor[metric]
             seconds = time_side_by_side(calls, warmup=spec["warmup"], repeats=repeats, device=device)
             figure.add(setting, metric, "tokens/s", ("spri", tokens / seconds["spri"]),

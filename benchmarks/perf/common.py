@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-
 from transformers.utils import logging as hf_logging
 
 import spri_hf  # noqa: F401  (registers model_type "spri")

@@ -1,7 +1,7 @@
 """Figure (e): greedy generation, SPRI model vs its native Qwen3-MoE export."""
 
+from functools import partial
 from pathlib import Path
-
 
 import torch
 from transformers import (
@@ -10,6 +10,7 @@ from transformers import (
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
 from spri_hf import SpriForCausalLM, export_native
+
 from .common import TITLES
 from .measuring import close_enough, time_side_by_side
 from .models import qwen3_dense
@@ -42,7 +43,7 @@ def figure_generate(spec: dict, device, dtype, repeats: int, work: Path) -> Figu
         mask = torch.ones_like(prompt)
         outputs = {}
 
-        def generate(name):
+        def generate(name, prompt=prompt, mask=mask, outputs=outputs):
             with torch.no_grad():  # greedy, exactly new_tokens (min_new_tokens keeps EOS from stopping early)
                 outputs[name] = models[name].generate(
                     input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
@@ -54,7 +55,7 @@ def figure_generate(spec: dict, device, dtype, repeats: int, work: Path) -> Figu
         same, diff = close_enough(logits["spri"], logits["native"])
         figure.check(f"batch {batch}: same logits", same, max_abs_logit_diff=diff)
         log(f"  generate: batch {batch}")
-        seconds = time_side_by_side({name: (lambda n=name: generate(n)) for name in models},
+        seconds = time_side_by_side({name: partial(generate, name) for name in models},
                                     warmup=spec["warmup"], repeats=repeats, device=device)
         generated = outputs["spri"].shape[1] - prompt.shape[1]
         figure.check(f"batch {batch}: {new_tokens} new tokens each", generated == new_tokens, generated=generated,

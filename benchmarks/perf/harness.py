@@ -11,12 +11,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 import torch
 import transformers
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
 from benchmarks.machine import cpu_model
+
 from .block import figure_block
 from .common import FIGURES, MERGEKIT_VENV, PRESETS, TITLES
 from .generate import figure_generate
@@ -95,7 +95,7 @@ def run_figures(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.perf",
-        description="spri_hf performance figures, each a ratio measured side by side in one run (issue 5).",
+        description="spri_hf performance figures, each a ratio measured side by side in one run.",
         epilog=sys.modules[__package__].__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=(*FIGURES, "all"))

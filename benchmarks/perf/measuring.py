@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
+
 from .results import Figure, log
 
 

@@ -3,9 +3,8 @@
 import subprocess
 from pathlib import Path
 
-
-
 import spri_hf  # noqa: F401  (registers model_type "spri")
+
 from .common import MERGEKIT_SETUP, TITLES
 from .measuring import check_outputs, measure_commands, spread_note
 from .models import smollm2_folder, upcycle_command

@@ -5,7 +5,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 import torch
 from transformers import (
     Qwen2Config,
@@ -15,6 +14,7 @@ from transformers import (
 )
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
+
 from .measuring import folder_bytes
 from .results import log
 

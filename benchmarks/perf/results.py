@@ -4,8 +4,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-
-
 import spri_hf  # noqa: F401  (registers model_type "spri")
 
 

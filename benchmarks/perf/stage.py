@@ -4,11 +4,11 @@ import gc
 import json
 from pathlib import Path
 
-
 import torch
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
 from spri_hf import SpriForCausalLM
+
 from .common import COMMAND, PRESETS, TITLES
 from .measuring import _proc_status_bytes, _reset_peak_rss, close_enough, run_many, synchronize, time_side_by_side
 from .models import qwen3_dense

@@ -4,13 +4,13 @@ import json
 import time
 from pathlib import Path
 
-
 import torch
 from transformers import (
     AutoModelForCausalLM,
 )
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
+
 from .common import COMMAND, TITLES
 from .measuring import folder_bytes, run_measured
 from .models import qwen2_checkpoint, upcycle_command

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-
 import torch
 
 import spri_hf  # noqa: F401  (registers model_type "spri")
 from spri_hf import thin_svd
+
 from .common import TITLES
 from .measuring import check_outputs, folder_bytes, measure_commands, spread_note, time_side_by_side
 from .models import qwen2_checkpoint, upcycle_command

@@ -17,7 +17,7 @@ seeds and test sentences) against dense and the best upcycling baseline; routing
         --out docs/results/cpu-xx-en-ablations --learning-rates docs/results/cpu-xx-en/lr-selection/lr-selection.json \
         --reuse docs/results/cpu-xx-en --threads 1
 
-Two tasks on the same clips (issue 35): Whisper transcribes each XX clip (the XX text) and translates it (the
+Two tasks on the same clips: Whisper transcribes each XX clip (the XX text) and translates it (the
 English), so the decoder writes five languages; the pilot (dev, no test) gates the grid, which adds compute-matched
 variants (`copy-cm`, ...: as many steps as dense's training time)::
 
@@ -79,6 +79,7 @@ spec), `<out>/summary.json`, `<out>/summary.md` and `<out>/plots/*.png`.
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -97,6 +98,7 @@ from .harness import (  # noqa: E402
 from .methods import METHODS, PRESETS, Method, Preset  # noqa: E402
 from .models import tiny_whisper  # noqa: E402
 from .training import bleu_tokenizer  # noqa: E402
+
 
 __all__ = [
     "CONTEXT_CHECK_MARGINS",

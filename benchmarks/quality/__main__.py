@@ -4,4 +4,5 @@ import sys
 
 from .harness import main
 
+
 sys.exit(main())

@@ -3,7 +3,6 @@
 import os
 from pathlib import Path
 
-
 from transformers.utils import logging as hf_logging
 
 

@@ -9,11 +9,9 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
-
 
 from .common import FRAMES_PER_SECOND, MAX_FRAMES, SAMPLING_RATE, WHISPER_LANGUAGE
 from .methods import Preset

@@ -12,26 +12,59 @@ from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
-
 import numpy as np
 import torch
 import transformers
 from transformers.modeling_outputs import BaseModelOutput
 
 import spri_hf
-
 from benchmarks.data import build as builder
 from benchmarks.machine import cpu_model
+
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
-from .data import Example, context_frames, data_direction, data_fingerprint, encoder_states, fingerprint, group_of, language_token_id, load_split, make_examples, note_context_frames, read_wav
-from .methods import ABLATIONS, HEADLINE_METHODS, METHODS, Method, PRESETS, Preset, STAGE1_CANDIDATES, UPCYCLING_BASELINES, NOT_IN_SPEC
+from .data import (
+    Example,
+    context_frames,
+    data_direction,
+    data_fingerprint,
+    encoder_states,
+    fingerprint,
+    group_of,
+    language_token_id,
+    load_split,
+    make_examples,
+    note_context_frames,
+    read_wav,
+)
+from .methods import (
+    ABLATIONS,
+    HEADLINE_METHODS,
+    METHODS,
+    NOT_IN_SPEC,
+    PRESETS,
+    STAGE1_CANDIDATES,
+    UPCYCLING_BASELINES,
+    Method,
+    Preset,
+)
 from .models import build_model, load_dense, restrict_vocabulary, spri_settings
 from .plots import plot_routing, plot_summary
 from .routing import ROUTING_MEANS, pairwise_distances, routing_diagnostics
 from .training import (
-    DevScores, bleu_tokenizer, method_learning_rate, same_run_as_spri, score, stage1_overrides, stage1_schedule,
-    teacher_forced_cross_entropy, train, translate,
+    DevScores,
+    bleu_tokenizer,
+    method_learning_rate,
+    same_run_as_spri,
+    score,
+    stage1_overrides,
+    stage1_schedule,
+    teacher_forced_cross_entropy,
+    train,
+    translate,
 )
+
+
+CPU = torch.device("cpu")  # run_benchmark's default device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -680,7 +713,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=torch.device("cpu"), cache: Path = DEFAULT_CACHE,
+def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: Path = DEFAULT_CACHE,
                   reuse: list[Path] = (), eval_split: str = "test", check_context: bool = False,
                   log=lambda message: print(message, flush=True), test_pairs: Path | None = None,
                   keep_models: bool = False) -> dict:

@@ -92,7 +92,7 @@ ABLATIONS = {
     "stage-1 learning rate": ("spri", "spri-s1lr1x", "spri-s1lr3x", "spri-s1lr10x", "spri-s1lr30x"),
 }
 
-# the ablation preset: one variant per open setting (at least 3 seeds each, issue 13), plus the trivial baselines,
+# the ablation preset: one variant per open setting (at least 3 seeds each), plus the trivial baselines,
 # dense and the main comparison's spri, spri-div0 and spri-stage2only (taken from it with `--reuse`). The other
 # variants of the tables above run with `--methods` and join the summary's tables when they are finished.
 ABLATION_PRESET_METHODS = ("dense-untrained", "source-copy", "dense", "spri", "spri-div0", "spri-div0.5",
@@ -167,7 +167,7 @@ PRESETS = {
                         max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
     "cpu-xx-en-ablations": Preset("cpu-xx-en-ablations", "whisper-base", ABLATION_PRESET_METHODS, seeds=(0, 1, 2),
                                   steps=400, max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
-    # two tasks on the same XX clips (issue 35): transcribe (XX text) and translate (English), so the decoder writes
+    # two tasks on the same XX clips: transcribe (XX text) and translate (English), so the decoder writes
     # five languages (`python -m benchmarks.data.build --direction xx-en --disjoint-train --tasks
     # transcribe,translate ...`); the pilot gates the grid: dense must learn both tasks, and routing of a copy-upcycled
     # model must depend on the language

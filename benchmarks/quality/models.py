@@ -1,9 +1,7 @@
 """The models: the real Whisper base or a tiny random one, the restricted output vocabulary, freezing."""
 
 import copy
-import sys
 from pathlib import Path
-
 
 import torch
 from transformers import (
@@ -16,9 +14,8 @@ from transformers import (
 )
 
 import spri_hf
-
 from spri_hf import SpriForSpeechSeq2Seq
-from .common import ROOT
+
 from .data import Vocabulary, fingerprint, whisper_language
 from .methods import Method, Preset
 
@@ -62,9 +59,8 @@ def tiny_whisper(langs: list[str], seed: int = 0):
 
 
 def whisper_base(cache: Path):
-    """The real Whisper base, converted once from the packaged CTranslate2 weights (examples/real_models.py)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import real_models
+    """The real Whisper base, converted once from the packaged CTranslate2 weights (benchmarks/real_models.py)."""
+    from .. import real_models
 
     folder = Path(real_models.whisper_base_folder(cache / "whisper-base-hf"))
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
@@ -75,7 +71,7 @@ def whisper_base(cache: Path):
 def whisper_specials(tokenizer, langs: list[str]) -> list[int]:
     """The special tokens a prompt of these languages and either task needs, and Whisper's control tokens."""
     names = ["<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
-             "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"] + [f"<|{whisper_language(l)}|>" for l in ["en", *langs]]
+             "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"] + [f"<|{whisper_language(lang)}|>" for lang in ["en", *langs]]
     return [tokenizer.convert_tokens_to_ids(name) for name in dict.fromkeys(names)]
 
 

