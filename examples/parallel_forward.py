@@ -11,8 +11,9 @@ One process (the reference; no launcher)::
     python examples/parallel_forward.py CHECKPOINT --mode single --output out/single
 
 Modes: `tp` = `DistributedConfig(tp_plan="auto")` (the model's tensor-parallel plan over all ranks; the same as the
-older `from_pretrained(..., tp_plan="auto")`), `ep` = `DistributedConfig(tp_size=N, ep_size=N, tp_plan={})` (experts
-split across the ranks, everything else replicated), `tp+ep` = `DistributedConfig(tp_size=N, ep_size=N)` (attention
+older `from_pretrained(..., tp_plan="auto")`), `ep` = `DistributedConfig(fsdp_size=N, ep_size=N)` (experts
+split across the ranks by expert, tokens dispatched all-to-all; `tp_size=N, ep_size=N, tp_plan={}` raises in
+transformers 5.24, see docs/DISTRIBUTED.md), `tp+ep` = `DistributedConfig(tp_size=N, ep_size=N)` (attention
 tensor-parallel, experts expert-parallel). `--ep-implementation` picks how tokens reach their experts ("auto":
 all-reduce at inference, all-to-all under autograd; "all_to_all"; "all_reduce").
 
