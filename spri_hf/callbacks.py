@@ -16,7 +16,8 @@ import torch
 from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.utils import logging
 
-from .modeling_spri import load_balancing_loss, router_z_loss, token_weights
+from .integrations import find_spri_model
+from .moe_layers import load_balancing_loss, router_z_loss, token_weights
 
 
 logger = logging.get_logger(__name__)
@@ -311,18 +312,6 @@ class SpriMonitorCallback(TrainerCallback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def find_spri_model(model):
-    """The SPRI model inside `model` (itself, or wrapped by DDP, accelerate, PEFT or `torch.compile`), else `None`."""
-    if model is None:
-        return None
-    # duck-typed: a checkpoint loaded with trust_remote_code has its own copy of the SPRI classes
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if callable(getattr(module, "moe_sites", None)) and getattr(config, "model_type", None) == "spri":
-            return module
-    return None
 
 
 def add_spri_monitor(trainer, **settings) -> SpriMonitorCallback:

@@ -76,13 +76,12 @@ def cmd_upcycle(args) -> int:
     from transformers import AutoConfig
 
     from . import modeling_spri
-    from .persistence import refuse_pickle_only
+    from .persistence import atomic_save, refuse_pickle_only
     from .training_cli import task_for
     from .upcycling import upcycle_checkpoint
     from .upcycling.initializers import check_device
     from .upcycling.settings import dequantized_config, make_config
     from .upcycling.sources import can_stream, resolve_dense_folder
-    from .utils import atomic_save
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
     svd = {
@@ -147,8 +146,8 @@ def cmd_export_native(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from . import SpriForCausalLM
+    from .configuration_spri import SpriConfig
     from .export import export_native, native_format_for
-    from .modeling_spri import SpriConfig
 
     out_dir = os.path.abspath(args.out)  # checked by `_check_paths` before the imports
     native_format_for(SpriConfig.from_pretrained(args.src))  # refuse before loading any weight

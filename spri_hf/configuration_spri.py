@@ -8,6 +8,17 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.configuration_utils import strict
 
 from .architectures import get_ffn_layouts
+from .defaults import (
+    DEFAULTS,
+    INITS,
+    MAX_EXPERTS,
+    MAX_SEED,
+    PARTITIONS,
+    SHARED_EXPERTS,
+    SPRI_MODES,
+    STAGE1_EXPERTS,
+    UPCYCLE,
+)
 
 
 # This file is also the remote code of every checkpoint, so it must load in every transformers 5.x from 5.16 on (the
@@ -18,12 +29,6 @@ except ImportError:  # 5.16 - 5.19: a plain `sub_configs` map; the config builds
     SubConfigSpec = None
 
 
-_INITS = ("spri", "copy", "noise", "drop", "random")
-_SPRI_MODES = ("balanced", "partition")
-_PARTITIONS = ("interleaved", "contiguous", "random")
-_STAGE1_EXPERTS = (None, "eager", "batched_mm", "grouped_mm")
-_SHARED_EXPERTS = (None, "dense")
-_UPCYCLE = (None, "decoder", "encoder", "both")
 # The fields that say how the dense model was upcycled (the model card lists them).
 UPCYCLING_SETTINGS = (
     "num_experts",
@@ -61,10 +66,6 @@ MIRRORED_FIELDS = (
     "problem_type",
     "num_labels",
 )
-# Far beyond any released MoE; refuses absurd configs before anything is allocated.
-_MAX_EXPERTS = 4096
-# upcycling seeds are mixed with layer indices into one 64-bit generator seed
-_MAX_SEED = 2**32 - 1
 
 
 @strict
@@ -152,31 +153,31 @@ class SpriConfig(PreTrainedConfig):
         sub_configs = {"base_config": AutoConfig}
 
     base_config: dict | PreTrainedConfig | None = None
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    init: str = "spri"
-    principal_ratio: float | int = 0.5
-    principal_energy: float | int | None = None
-    partition: str = "interleaved"
-    spri_mode: str = "balanced"
-    diversity: float | int = 0.1
-    residual_scale: float | int = 1.0
-    noise_std: float | int = 0.01
-    drop_ratio: float | int = 0.5
+    num_experts: int = DEFAULTS.num_experts
+    num_experts_per_tok: int = DEFAULTS.num_experts_per_tok
+    init: str = DEFAULTS.init
+    principal_ratio: float | int = DEFAULTS.principal_ratio
+    principal_energy: float | int | None = DEFAULTS.principal_energy
+    partition: str = DEFAULTS.partition
+    spri_mode: str = DEFAULTS.spri_mode
+    diversity: float | int = DEFAULTS.diversity
+    residual_scale: float | int = DEFAULTS.residual_scale
+    noise_std: float | int = DEFAULTS.noise_std
+    drop_ratio: float | int = DEFAULTS.drop_ratio
     upcycle: str | None = None
-    moe_layers: list[int] | dict[str, list[int]] | None = None
-    shared_expert: str | None = None
-    router_aux_loss_coef: float | int = 0.01
-    router_z_loss_coef: float | int = 0.0
-    norm_topk_prob: bool = True
+    moe_layers: list[int] | dict[str, list[int]] | None = DEFAULTS.moe_layers
+    shared_expert: str | None = DEFAULTS.shared_expert
+    router_aux_loss_coef: float | int = DEFAULTS.router_aux_loss_coef
+    router_z_loss_coef: float | int = DEFAULTS.router_z_loss_coef
+    norm_topk_prob: bool = DEFAULTS.norm_topk_prob
     output_router_logits: bool = False
-    stage: int | None = None
+    stage: int | None = DEFAULTS.stage
     residual_rank: int | None = None
     stage1_experts_implementation: str | None = None
     stage1_trainable: list[str] | None = None
     stage2_train_all: bool = True
     stage2_frozen: list[str] | None = None
-    seed: int = 0
+    seed: int = DEFAULTS.seed
     initializer_range: float = 0.02
     base_model: str | None = None
     base_model_license: str | None = None
@@ -204,12 +205,12 @@ class SpriConfig(PreTrainedConfig):
 
     def validate_spri_settings(self):
         """Check every SPRI field; raise `ValueError` naming the field, the value and the allowed range."""
-        _check_choice("init", self.init, _INITS)
-        _check_choice("spri_mode", self.spri_mode, _SPRI_MODES)
-        _check_choice("partition", self.partition, _PARTITIONS)
-        _check_choice("shared_expert", self.shared_expert, _SHARED_EXPERTS)
-        if not 1 <= self.num_experts <= _MAX_EXPERTS:
-            raise ValueError(f"num_experts={self.num_experts} must be between 1 and {_MAX_EXPERTS}.")
+        _check_choice("init", self.init, INITS)
+        _check_choice("spri_mode", self.spri_mode, SPRI_MODES)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("shared_expert", self.shared_expert, SHARED_EXPERTS)
+        if not 1 <= self.num_experts <= MAX_EXPERTS:
+            raise ValueError(f"num_experts={self.num_experts} must be between 1 and {MAX_EXPERTS}.")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts="
@@ -232,12 +233,12 @@ class SpriConfig(PreTrainedConfig):
             raise ValueError(
                 f"stage=1 needs init='spri' (only SPRI has residual factors), got init={self.init!r}; use stage=2."
             )
-        _check_choice("stage1_experts_implementation", self.stage1_experts_implementation, _STAGE1_EXPERTS)
+        _check_choice("stage1_experts_implementation", self.stage1_experts_implementation, STAGE1_EXPERTS)
         if self.residual_rank is not None and self.residual_rank < 1:
             raise ValueError(f"residual_rank={self.residual_rank} must be >= 1.")
-        if not 0 <= self.seed <= _MAX_SEED:
-            raise ValueError(f"seed={self.seed} must be between 0 and {_MAX_SEED} (2**32 - 1).")
-        _check_choice("upcycle", self.upcycle, _UPCYCLE)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be between 0 and {MAX_SEED} (2**32 - 1).")
+        _check_choice("upcycle", self.upcycle, UPCYCLE)
         stacks = get_ffn_layouts(self.base_config)
         if self.upcycle in ("encoder", "decoder") and self.upcycle not in stacks:
             raise ValueError(
@@ -297,6 +298,20 @@ class SpriConfig(PreTrainedConfig):
             return list(get_ffn_layouts(base)) == ["decoder"]
         except (ValueError, TypeError):
             return False
+
+    def check_vllm_can_run(self):
+        """vLLM's Transformers backend (it sets the attention implementation to "vllm") replaces every experts module
+        whose parameters are all 3D by its fused MoE, which computes `down(silu(gate(x)) * up(x))`: refuse the
+        stage-2 experts it would compute wrongly (another activation, ungated FFNs) rather than serve wrong text."""
+        if getattr(self, "_attn_implementation", None) != "vllm" or self.stage != 2:
+            return  # stage 1's shared base is 2D: vLLM leaves those experts to the modeling file's eager forward
+        reason = self.fused_moe_unsupported_reason()
+        if reason is not None:
+            raise ValueError(
+                f"This SPRI checkpoint cannot run in vLLM's Transformers backend: {reason}. Serve its native export "
+                "instead (spri_hf.export_native / `spri-hf export-native`, for Llama, Mistral, Qwen2 and Qwen3 "
+                "bases), or run it with transformers."
+            )
 
     def fused_moe_unsupported_reason(self) -> str | None:
         """Why a fused-MoE kernel (vLLM's `FusedMoE`: `down(silu(gate(x)) * up(x))` per expert, no biases) cannot run

@@ -119,7 +119,7 @@ def run_demo(output_dir: str = "spri-demo-output", steps: int = 12, batch_size: 
 
     from . import SpriForCausalLM
     from .assets import SMOLLM2_HUB_ID, SMOLLM2_LICENSE, load_smollm2
-    from .utils import atomic_save
+    from .persistence import atomic_save
 
     torch.manual_seed(0)
     timings, start = {}, time.perf_counter()

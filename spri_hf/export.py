@@ -25,12 +25,15 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
+from transformers.modeling_utils import local_torch_dtype
 
 from .architectures import FfnLayout, get_ffn_layout
 from .configuration_spri import SpriConfig
-from .modeling_spri import SpriForCausalLM, SpriMoeBlock, SpriPreTrainedModel, SpriResidualExperts
-from .torch_tools import default_dtype, module_name
-from .utils import atomic_save, is_occupied
+from .modeling_spri import SpriForCausalLM, SpriPreTrainedModel
+from .moe_layers import SpriMoeBlock, SpriResidualExperts
+from .persistence import atomic_save
+from .torch_tools import module_name
+from .utils import is_occupied
 
 
 # Config fields that describe a file, not a model: never carried from the dense config to the native one.
@@ -286,27 +289,21 @@ def _inner_tensors(model: SpriPreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def _build_skeleton(model_class, config, like: torch.Tensor) -> PreTrainedModel:
-    with torch.no_grad(), default_dtype(like.dtype), torch.device("meta"):
+    with torch.no_grad(), local_torch_dtype(like.dtype), torch.device("meta"):
         skeleton = model_class(config)
     return skeleton.to_empty(device=like.device)
 
 
 def _fill(target: PreTrainedModel, tensors: dict[str, torch.Tensor], what: str):
-    """Copy `tensors` into `target` by name, checking every shape; every target tensor must be filled."""
-    slots = dict(target.named_parameters())
-    slots.update(dict(target.named_buffers()))
-    missing = set(slots) - set(tensors) - {name for name in target.all_tied_weights_keys}
-    if missing:
-        raise RuntimeError(f"Internal error: {what} left {sorted(missing)[:5]} unset; please report it.")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name not in slots:
-                raise RuntimeError(f"Internal error: {what} has no tensor {name!r}; please report it.")
-            if tuple(slots[name].shape) != tuple(value.shape):
-                raise RuntimeError(
-                    f"Internal error: {what} tensor {name!r} is {tuple(slots[name].shape)}, got {tuple(value.shape)}."
-                )
-            slots[name].copy_(value)
+    """Copy `tensors` into `target` by name (`load_state_dict` checks every shape); every target tensor but the tied
+    ones must be filled, and no tensor may be left over."""
+    report = target.load_state_dict(tensors, strict=False)
+    missing = set(report.missing_keys) - set(target.all_tied_weights_keys)
+    if missing or report.unexpected_keys:
+        raise RuntimeError(
+            f"Internal error: {what} left {sorted(missing)[:5]} unset and has no slot for "
+            f"{sorted(report.unexpected_keys)[:5]}; please report it."
+        )
     target.tie_weights()
 
 

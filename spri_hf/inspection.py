@@ -2,7 +2,7 @@
 
 import torch
 
-from .modeling_spri import SpriResidualExperts
+from .moe_layers import SpriResidualExperts
 from .upcycling.initializers import principal_rank
 
 

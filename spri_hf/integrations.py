@@ -1,4 +1,4 @@
-"""Hooks into transformers' own tools: the SPRI section of the card a trainer writes (SPRI's trainers add it; nothing
+"""The one SPRI-model check, and hooks into transformers' own tools: the SPRI section of the card a trainer writes (SPRI's trainers add it; nothing
 is patched at import) and the checkpoint-push callback."""
 
 import glob
@@ -9,9 +9,18 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
-def _is_spri_model(model) -> bool:
+def is_spri_model(model) -> bool:
+    """Whether `model` is a SPRI model: spri_hf's classes, or the copy a checkpoint's remote code defines (so the
+    check is by config and interface, not by class)."""
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) == "spri" and hasattr(model, "create_or_update_model_card")
+    return getattr(config, "model_type", None) == "spri" and callable(getattr(model, "moe_sites", None))
+
+
+def find_spri_model(model):
+    """The SPRI model inside `model` (itself, or wrapped by DDP, accelerate, PEFT or `torch.compile`), else `None`."""
+    if model is None:
+        return None
+    return next((module for module in model.modules() if is_spri_model(module)), None)
 
 
 def add_spri_card_section(trainer) -> None:
@@ -20,7 +29,7 @@ def add_spri_card_section(trainer) -> None:
     transformers does for PEFT adapters. SPRI's trainers call it from their `create_model_card`; other models are left
     as they are."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_world_process_zero() and _is_spri_model(model):
+    if trainer.is_world_process_zero() and is_spri_model(model):
         model.create_or_update_model_card(trainer.args.output_dir, repo_id=trainer.hub_model_id)
 
 
@@ -35,7 +44,7 @@ class SpriHubCallback(TrainerCallback):
     """
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or not _is_spri_model(model):
+        if not state.is_world_process_zero or not is_spri_model(model):
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         for path in glob.glob(os.path.join(checkpoint, "*.py")) + [os.path.join(checkpoint, "README.md")]:

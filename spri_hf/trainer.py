@@ -13,19 +13,32 @@ checkpoint. Stage 2 is then a second `Trainer.train` call resumed from that chec
 checkpoint therefore take the same path.
 """
 
+import inspect
 import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
+from torch import nn
+from transformers import (
+    EvalPrediction,
+    PreTrainedModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.optimization import get_scheduler
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from .integrations import SpriHubCallback, add_spri_card_section
+from .integrations import SpriHubCallback, add_spri_card_section, is_spri_model
 
 
 logger = logging.getLogger(__name__)
@@ -35,7 +48,6 @@ logger = logging.getLogger(__name__)
 # one of the dense weights at the same rate (issue 12).
 STAGE1_LR_MULTIPLIER = 10.0
 
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -122,15 +134,6 @@ def resolve_steps(value: float, total: int) -> int:
     return int(value) if value >= 1 or value == 0 else max(1, round(value * total))
 
 
-def total_optimizer_steps(args: TrainingArguments, batches_per_epoch: int) -> int:
-    """`max_steps`, or epochs x optimizer steps per epoch of `batches_per_epoch` batches per process."""
-    if args.max_steps > 0:
-        return args.max_steps
-    accumulation = args.gradient_accumulation_steps
-    per_epoch = max(batches_per_epoch // accumulation + int(batches_per_epoch % accumulation > 0), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
-
-
 class SpriStageRecord(TrainerCallback, ExportableState):
     """Keeps the switch step in every checkpoint's `trainer_state.json` (a resumed run needs it for its schedule)."""
 
@@ -161,16 +164,19 @@ class SpriTrainerMixin:
     _args_class = SpriTrainingArguments
 
     def __init__(self, *args, **kwargs):
-        if kwargs.get("args") is None and not (len(args) > 1 and args[1] is not None):
-            kwargs["args"] = self._args_class(output_dir="trainer_output")
-        optimizers = kwargs.get("optimizers") or (None, None)
+        # the parent trainer's own signature says which argument is `args` and which `optimizers`, positional or not
+        parent_init = super().__init__
+        bound = inspect.signature(parent_init).bind(*args, **kwargs)
+        given = bound.arguments.get("args")
+        bound.arguments["args"] = self._args_class(output_dir="trainer_output") if given is None else self._stage_args(given)
+        optimizers = bound.arguments.get("optimizers") or (None, None)
         if any(item is not None for item in optimizers):
             raise ValueError(
                 "SpriTrainer builds the optimizer and scheduler of each stage itself (the parameters change at the "
                 "switch), so optimizers=(optimizer, scheduler) cannot be used; pass optimizer_cls_and_kwargs=(cls, "
                 "kwargs) for another optimizer class, and lr_scheduler_type for another schedule shape."
             )
-        super().__init__(*args, **kwargs)
+        parent_init(*bound.args, **bound.kwargs)
         self.switch_step: int | None = None  # global step after which the model is in stage 2; None: no stage 1
         self._stage_record = SpriStageRecord()
         self.add_callback(self._stage_record)
@@ -185,6 +191,10 @@ class SpriTrainerMixin:
             )
 
     # ---- settings -------------------------------------------------------------------------------------------------
+    def _stage_args(self, args: TrainingArguments) -> TrainingArguments:
+        """The training arguments the trainer runs with; plain `TrainingArguments` take the stage defaults."""
+        return args
+
     def stage_setting(self, name: str):
         """A two-stage setting of `self.args`, or its default when plain `TrainingArguments` were passed."""
         return getattr(self.args, name, _STAGE_DEFAULTS[name])
@@ -197,10 +207,10 @@ class SpriTrainerMixin:
     def spri_model(self):
         """The SPRI model under training (`None` for other models, which train as with `Trainer`)."""
         model = self.model
-        if getattr(getattr(model, "config", None), "model_type", None) == "spri" and hasattr(model, "set_stage"):
+        if is_spri_model(model):
             return model
         base = model.get_base_model() if hasattr(model, "get_base_model") else None
-        if getattr(getattr(base, "config", None), "model_type", None) == "spri" and getattr(base.config, "stage", 2) == 1:
+        if is_spri_model(base) and base.config.stage == 1:
             raise ValueError(
                 "SpriTrainer got a PEFT-wrapped SPRI model in stage 1: the switch to stage 2 cannot run under an "
                 "adapter. Call set_stage(2) before get_peft_model (then it trains as plain stage 2)."
@@ -316,8 +326,7 @@ class SpriTrainerMixin:
 
     def planned_total_steps(self) -> int:
         """The run's optimizer steps (as `Trainer` counts them)."""
-        batches = len(self.get_train_dataloader()) if self.args.max_steps <= 0 else 0
-        return total_optimizer_steps(self.args, batches)
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     @torch.no_grad()
     def switch_to_stage2(self):
@@ -433,12 +442,58 @@ class SpriTrainer(SpriTrainerMixin, Trainer):
 
     _args_class = SpriTrainingArguments
 
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: SpriTrainingArguments | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init: Callable[..., PreTrainedModel] | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
+            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
+            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )  # fmt: skip
+
 
 class SpriSeq2SeqTrainer(SpriTrainerMixin, Seq2SeqTrainer):
     """`Seq2SeqTrainer` that runs both SPRI stages in one `train()`; configure it with
     `SpriSeq2SeqTrainingArguments`."""
 
     _args_class = SpriSeq2SeqTrainingArguments
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: SpriSeq2SeqTrainingArguments | Seq2SeqTrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init: Callable[..., PreTrainedModel] | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
+            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
+            optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )  # fmt: skip
 
 
 def _checkpoint_stage(checkpoint: str) -> int:

@@ -41,21 +41,17 @@ class SpriDPOConfig(SpriStageArguments, DPOConfig):
 class _SpriTRLTrainerMixin(SpriTrainerMixin):
     """Takes TRL's plain config class too: it is converted to the SPRI one, with the stage defaults, and said so."""
 
-    def __init__(self, *args, **kwargs):
-        given = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
-        if given is not None and not isinstance(given, SpriStageArguments):
-            converted = _with_stage_defaults(given, self._args_class)
-            logger.warning(
-                "%s got a plain %s: the SPRI stage settings take their defaults (%s). Pass a %s to set them.",
-                type(self).__name__, type(given).__name__,
-                ", ".join(f"{f.name}={getattr(converted, f.name)}" for f in fields(SpriStageArguments)),
-                self._args_class.__name__,
-            )  # fmt: skip
-            if "args" in kwargs:
-                kwargs["args"] = converted
-            else:
-                args = (args[0], converted, *args[2:])
-        super().__init__(*args, **kwargs)
+    def _stage_args(self, args):
+        if isinstance(args, SpriStageArguments):
+            return args
+        converted = _with_stage_defaults(args, self._args_class)
+        logger.warning(
+            "%s got a plain %s: the SPRI stage settings take their defaults (%s). Pass a %s to set them.",
+            type(self).__name__, type(args).__name__,
+            ", ".join(f"{f.name}={getattr(converted, f.name)}" for f in fields(SpriStageArguments)),
+            self._args_class.__name__,
+        )  # fmt: skip
+        return converted
 
 
 def _with_stage_defaults(config, spri_class: type):

@@ -140,3 +140,61 @@ def test_extra_modules_import_only_their_extra_and_are_not_imported_by_the_packa
         top_level = ast.parse(path.read_text(encoding="utf-8")).body
         imported = {node.module for node in top_level if isinstance(node, ast.ImportFrom) and node.level == 1}
         assert name not in imported, path
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_longer_than_600_lines():
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}  # fmt: skip
+    assert not long, f"split these modules (at most {MAX_MODULE_LINES} lines each): {long}"
+
+
+def shipped_files() -> set[str]:
+    """The files `save_pretrained` copies into every checkpoint: the modeling and configuration files and, as
+    transformers collects them, their relative imports (recursively)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    shipped = set()
+    for entry in ("modeling_spri.py", "configuration_spri.py"):
+        shipped |= {Path(path).name for path in get_relative_import_files(str(PACKAGE / entry))} | {entry}
+    return shipped
+
+
+def _guarded(tree: ast.AST, node: ast.AST) -> bool:
+    """Whether `node` sits in a `try` whose handler catches ImportError (the modeling file's `from_dense` import)."""
+    for parent in ast.walk(tree):
+        if isinstance(parent, ast.Try) and any(node in ast.walk(statement) for statement in parent.body):
+            caught = [ast.unparse(handler.type) for handler in parent.handlers if handler.type is not None]
+            if any("ImportError" in name for name in caught):
+                return True
+    return False
+
+
+def test_shipped_files_import_only_shipped_files_and_transformers_dependencies():
+    shipped = shipped_files()
+    assert {"modeling_spri.py", "configuration_spri.py", "moe_layers.py", "backbone.py", "persistence.py"} <= shipped
+    allowed_third_party = {"torch", "transformers", "safetensors", "huggingface_hub"}
+    problems = []
+    for name in sorted(shipped):
+        tree = ast.parse((PACKAGE / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                targets = [node.module] if node.module else [alias.name for alias in node.names]
+                for target in targets:
+                    if f"{target.split('.')[0]}.py" not in shipped and not _guarded(tree, node):
+                        problems.append(f"{name} imports .{target}, which is not shipped")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in allowed_third_party:
+                        problems.append(f"{name} imports {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_shipped_file_check_sees_an_unguarded_import():
+    tree = ast.parse("try:\n    from . import upcycling\nexcept ImportError:\n    pass\nfrom . import cli\n")
+    guarded, plain = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert _guarded(tree, guarded) and not _guarded(tree, plain)

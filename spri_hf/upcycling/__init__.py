@@ -25,8 +25,7 @@ from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
 from ..configuration_spri import SpriConfig
-from ..persistence import refuse_pickle_only
-from ..utils import atomic_save
+from ..persistence import atomic_save, refuse_pickle_only
 from .pipeline import skeleton
 from .settings import (
     check_settings,

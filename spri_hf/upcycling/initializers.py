@@ -136,7 +136,6 @@ def check_device(device: torch.device | str | None, setting: str = "svd_device")
     return device
 
 
-INITS = ("spri", "copy", "noise", "drop", "random")
 
 
 def layer_generator(seed: int, layer_idx: int) -> torch.Generator:

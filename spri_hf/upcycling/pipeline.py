@@ -16,11 +16,12 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import torch
 from transformers.initialization import no_init_weights
+from transformers.modeling_utils import local_torch_dtype
 from transformers.utils import logging
 
 from ..architectures import FfnLayout, get_ffn_layouts
 from ..configuration_spri import SpriConfig
-from ..torch_tools import default_dtype, module_name
+from ..torch_tools import module_name
 from . import initializers as spri_init
 from .recipe import decompose, generator_key, residual_rank, upcycle_layer
 from .settings import WorkOptions
@@ -120,7 +121,7 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
         # with principal_energy, every matrix's principal rank: the upcycling workers take them from here
         source.principal_ranks = {stack: ranks for stack, (_, ranks) in measured.items() if ranks is not None}
     # on meta the weight initialisation computes nothing but costs a second of decompositions: skipped
-    with torch.no_grad(), default_dtype(dtype), torch.device("meta"), no_init_weights():
+    with torch.no_grad(), local_torch_dtype(dtype), torch.device("meta"), no_init_weights():
         model = spri_class(config)
     model.tie_weights()
     return model, layouts

@@ -4,7 +4,9 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import psutil
 import torch
+from tqdm import tqdm
 from transformers.utils import logging
 
 
@@ -26,11 +28,7 @@ class Estimate:
 
 
 def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1000
-    return f"{size:.1f} TB"
+    return tqdm.format_sizeof(size, suffix="B", divisor=1000)
 
 
 def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -60,19 +58,9 @@ def layer_work_bytes(model) -> int:
     return largest
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else physical memory; `None` when unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+def available_memory() -> int:
+    """The memory the system can give without swapping (psutil's `available`)."""
+    return psutil.virtual_memory().available
 
 
 class ResourceShortfall:

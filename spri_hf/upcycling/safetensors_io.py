@@ -6,6 +6,7 @@ tensors of a fixed plan into shards as they come. The dtype table (`SAFETENSORS_
 
 import contextlib
 import json
+import math
 import os
 import struct
 from typing import NamedTuple
@@ -118,7 +119,7 @@ class ShardWriter:
         self.files: dict[str, list[str]] = {}
         for name in self.order:
             self.files.setdefault(self.file_of[name], []).append(name)
-        self.total_size = sum(numel(shape) * dtype.itemsize for _, shape, dtype in plan)
+        self.total_size = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan)
         self.position = 0
         self.handles, self.left = {}, {file: len(names) for file, names in self.files.items()}
 
@@ -126,7 +127,7 @@ class ShardWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in self.files[file]:
             shape, dtype = self.planned[name]
-            nbytes = numel(shape) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -162,11 +163,3 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as handle:
                 json.dump(index, handle, indent=2, sort_keys=True)
-
-
-def numel(shape) -> int:
-    """The number of elements of a tensor of `shape` (a plan's shapes are tuples, not tensors)."""
-    count = 1
-    for size in shape:
-        count *= size
-    return count

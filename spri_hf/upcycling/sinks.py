@@ -7,9 +7,9 @@ the model card) plus the dense folder's tokenizer and processor files. Each firs
 (and disk) it needs (`resources.py`).
 """
 
+import math
 import os
 import shutil
-import tempfile
 
 import torch
 from transformers import GenerationConfig
@@ -17,10 +17,10 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_spri import record_base_model_class
 from ..model_card import write_model_card
-from ..persistence import replace_folder
+from ..persistence import staged_folder
 from .pipeline import plan_order, stream_tensors
 from .resources import Estimate, check_fits, layer_work_bytes, tensor_bytes
-from .safetensors_io import ShardWriter, numel
+from .safetensors_io import ShardWriter
 from .settings import WorkOptions
 
 
@@ -84,32 +84,24 @@ def write_checkpoint(
 
     `dense_folder` is where the generation config and the tokenizer and processor files come from.
     """
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
-        with torch.no_grad():
-            tied = {name.removeprefix("model.") for name in model.all_tied_weights_keys}
-            inner_params = model.model.state_dict(keep_vars=True)
-            plan = [
-                (f"model.{name}", tuple(inner_params[name].shape), _out_dtype(inner_params[name], dtype))
-                for name in plan_order(model, source, layouts, tied)
-            ]
-            writer = ShardWriter(staging, plan, max_shard_bytes)
-            largest = max((numel(shape) * dtype_.itemsize for _, shape, dtype_ in plan), default=0)
-            layer_work = layer_work_bytes(model)
-            estimate = Estimate(tensor_bytes(model, dtype), layer_work, layer_work + largest, writer.total_size)
-            check_fits(estimate, out_dir, check_resources)
-            for name, tensor in stream_tensors(model, source, layouts, dtype, work):
-                if name in tied:
-                    continue
-                writer.write(f"model.{name}", tensor)
-            writer.close()
+    with staged_folder(out_dir) as staging, torch.no_grad():
+        tied = {name.removeprefix("model.") for name in model.all_tied_weights_keys}
+        inner_params = model.model.state_dict(keep_vars=True)
+        plan = [
+            (f"model.{name}", tuple(inner_params[name].shape), _out_dtype(inner_params[name], dtype))
+            for name in plan_order(model, source, layouts, tied)
+        ]
+        writer = ShardWriter(staging, plan, max_shard_bytes)
+        largest = max((math.prod(shape) * dtype_.itemsize for _, shape, dtype_ in plan), default=0)
+        layer_work = layer_work_bytes(model)
+        estimate = Estimate(tensor_bytes(model, dtype), layer_work, layer_work + largest, writer.total_size)
+        check_fits(estimate, out_dir, check_resources)
+        for name, tensor in stream_tensors(model, source, layouts, dtype, work):
+            if name in tied:
+                continue
+            writer.write(f"model.{name}", tensor)
+        writer.close()
         write_metadata(model, dense_folder, staging, dtype)
-        replace_folder(staging, out_dir)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _out_dtype(param: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
