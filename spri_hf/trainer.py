@@ -15,7 +15,6 @@ checkpoint therefore take the same path.
 
 import inspect
 import json
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -37,15 +36,16 @@ from transformers.optimization import get_scheduler
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.utils import logging
 
 from .integrations import SpriHubCallback, add_spri_card_section, is_spri_model
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # stage1_learning_rate=None means this multiple of learning_rate: low-rank factors conventionally take about 10x the
 # full fine-tuning rate (LoRA practice), and one sign step of the stage-1 factors decreases the loss ~20x less than
-# one of the dense weights at the same rate (issue 12).
+# one of the dense weights at the same rate (docs/RESULTS.md, "Defaults").
 STAGE1_LR_MULTIPLIER = 10.0
 
 

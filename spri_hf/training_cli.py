@@ -293,7 +293,7 @@ def data_format(rows, training, task: str, source: str) -> str:
     if "chosen" in columns and "rejected" in columns:
         raise ValueError(
             f"{source} is preference data ('chosen'/'rejected'): spri-hf train runs SFT. Train preferences with "
-            "spri_hf.trl.SpriDPOTrainer from Python (README, 'Training with TRL')."
+            "spri_hf.trl.SpriDPOTrainer from Python (docs/TRAINING.md, 'DPO')."
         )
     if "prompt" in columns and "completion" in columns:
         kind, checked = "prompt-completion", ("prompt", "completion")

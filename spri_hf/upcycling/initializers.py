@@ -6,26 +6,25 @@ All arithmetic is done in float64 and the results are returned in float64; calle
 """
 
 import math
-from contextlib import contextmanager
 
 import torch
 
+from ..defaults import PARTITIONS, SPRI_MODES
+from ..torch_tools import torch_threads
 
-SPRI_MODES = ("balanced", "partition")
-PARTITIONS = ("interleaved", "contiguous", "random")
+
 SVD_METHODS = ("auto", "gram", "full")
 
 
-@contextmanager
-def _single_thread(enabled: bool):
-    previous = torch.get_num_threads()
-    if enabled and previous > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
+def check_svd_method(method: str) -> str:
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd_method={method!r} is not supported; choose one of {SVD_METHODS}.")
+    return method
+
+
+def _one_thread_if(small: bool):
+    """One thread for a CPU factorisation of an FFN-sized problem (see `torch_threads`)."""
+    return torch_threads(1 if small else None)
 
 
 def thin_svd(
@@ -43,11 +42,10 @@ def thin_svd(
             `torch.linalg.svd`. "auto" is "gram".
         device: where to compute (e.g. "cuda"); results come back on `weight`'s device.
     """
-    if method not in SVD_METHODS:
-        raise ValueError(f"svd_method={method!r} is not supported; choose one of {SVD_METHODS}.")
+    check_svd_method(method)
     w = weight.detach().to(device=device or weight.device, dtype=torch.float64)
     if method == "full":
-        with _single_thread(w.device.type == "cpu" and min(w.shape) <= 2048):
+        with _one_thread_if(w.device.type == "cpu" and min(w.shape) <= 2048):
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
     else:
         transpose = w.shape[0] > w.shape[1]
@@ -55,7 +53,7 @@ def thin_svd(
         gram = a @ a.T
         # LAPACK's threaded symmetric eigensolver spins badly when cores are shared (10x slower on 2 busy cores);
         # one thread solves an FFN-sized problem (p <= 2048) in tens of milliseconds anyway
-        with _single_thread(gram.device.type == "cpu" and gram.shape[0] <= 2048):
+        with _one_thread_if(gram.device.type == "cpu" and gram.shape[0] <= 2048):
             _, eigenvectors = torch.linalg.eigh(gram)
         scaled = eigenvectors.T @ a  # diag(s) V_a^T, exact as a product
         # singular values as the norms of those rows: exact even where the Gram eigenvalues are rounding noise
@@ -70,8 +68,7 @@ def thin_svds(
     """`thin_svd` of each of `weights`. On an accelerator the matrices whose Gram matrices have one size (a gated
     FFN's gate, up and down all do) are solved as one batch there; on the CPU one after another, as `thin_svd`.
     """
-    if method not in SVD_METHODS:
-        raise ValueError(f"svd_method={method!r} is not supported; choose one of {SVD_METHODS}.")
+    check_svd_method(method)
     target = torch.device(device) if device is not None else (weights[0].device if weights else torch.device("cpu"))
     if target.type == "cpu" or len(weights) < 2:
         return [thin_svd(weight, method, device) for weight in weights]
@@ -100,7 +97,7 @@ def singular_values(weight: torch.Tensor, device: torch.device | str | None = No
     w = weight.detach().to(device=device or weight.device, dtype=torch.float64)
     a = w.T if w.shape[0] > w.shape[1] else w
     gram = a @ a.T
-    with _single_thread(gram.device.type == "cpu" and gram.shape[0] <= 2048):
+    with _one_thread_if(gram.device.type == "cpu" and gram.shape[0] <= 2048):
         values = torch.linalg.eigvalsh(gram)  # ascending
     return values.clamp_min(0).sqrt().flip(0).to(weight.device)
 

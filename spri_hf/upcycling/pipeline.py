@@ -8,7 +8,6 @@ blocks layer by layer, each computed by the recipe (`recipe.py`) on a pool of si
 """
 
 import collections
-import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from transformers.utils import logging
 
 from ..architectures import FfnLayout, get_ffn_layouts
 from ..configuration_spri import SpriConfig
-from ..torch_tools import module_name
+from ..torch_tools import module_name, torch_threads
 from . import initializers as spri_init
 from .recipe import decompose, generator_key, residual_rank, upcycle_layer
 from .settings import WorkOptions
@@ -112,7 +111,7 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
             return read if source.resident else {proj: weight.clone() for proj, weight in read.items()}
 
         # single-threaded as the upcycling workers are: the same singular values, so the same principal ranks
-        with _threads(1):
+        with torch_threads(1):
             measured = {
                 stack: residual_rank(config, layouts[stack], stack, functools.partial(matrices, stack))
                 for stack in config.upcycled_stacks()
@@ -147,16 +146,6 @@ def stream_tensors(
         for name in blocks[block_name]:
             yield f"{block_name}.{name}", tensors.pop(name)
         del tensors
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _single_threaded_worker():

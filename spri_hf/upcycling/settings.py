@@ -183,8 +183,7 @@ def work_options(
 ) -> WorkOptions:
     """The entry points' work arguments, checked (an unknown method, a device that is not there, no worker) before
     anything is read."""
-    if svd_method not in spri_init.SVD_METHODS:
-        raise ValueError(f"svd_method={svd_method!r} is not supported; choose one of {spri_init.SVD_METHODS}.")
+    spri_init.check_svd_method(svd_method)
     svd_device = spri_init.check_device(svd_device)
     workers = svd_workers if svd_workers is not None else svd_worker_count(svd_device)
     if workers < 1:
