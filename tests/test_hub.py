@@ -11,16 +11,17 @@ import sys
 
 import pytest
 import torch
+from conftest import perturb_experts, tiny_dense, without_spri_hf
 from datasets import Dataset
+from hub_server import LocalHub, hub_env, use_local_hub
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import perturb_experts, tiny_dense, without_spri_hf
-from hub_server import LocalHub, hub_env, use_local_hub
 from spri_hf import SpriForCausalLM, SpriHubCallback, SpriTrainer, SpriTrainingArguments
 
 
 SHIPPED_CODE = {
-    "configuration_spri.py", "modeling_spri.py", "architectures.py", "model_card.py", "persistence.py", "parallel.py"
+    "configuration_spri.py", "modeling_spri.py", "moe_layers.py", "backbone.py", "architectures.py", "model_card.py",
+    "persistence.py", "parallel.py", "defaults.py", "utils.py",
 }
 # transformers itself depends on safetensors and huggingface_hub, so wherever it loads remote code they are installed
 ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "huggingface_hub"} | set(sys.stdlib_module_names)

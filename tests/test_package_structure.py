@@ -196,5 +196,6 @@ def test_shipped_files_import_only_shipped_files_and_transformers_dependencies()
 
 def test_the_shipped_file_check_sees_an_unguarded_import():
     tree = ast.parse("try:\n    from . import upcycling\nexcept ImportError:\n    pass\nfrom . import cli\n")
-    guarded, plain = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imports = {node.names[0].name: node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    guarded, plain = imports["upcycling"], imports["cli"]
     assert _guarded(tree, guarded) and not _guarded(tree, plain)
