@@ -1,7 +1,7 @@
 """How SPRI checkpoints are read and written: safetensors only, atomic saves, clear errors.
 
-`SpriPreTrainedModel` delegates its `from_pretrained` / `save_pretrained` / `push_to_hub` policy here, so the modeling
-file holds model code only. Shipped to the Hub with the modeling file (it is one of its relative imports): it imports
+`SpriCheckpointMixin` gives `SpriPreTrainedModel` its `from_pretrained` / `save_pretrained` / `push_to_hub`, so the
+modeling file holds model code only; `staged_folder` is the one way anything in spri_hf writes a folder atomically. Shipped to the Hub with the modeling file (it is one of its relative imports): it imports
 only torch, transformers and transformers' own hard dependencies (safetensors, huggingface_hub).
 """
 
