@@ -1,8 +1,9 @@
 """How SPRI checkpoints are read and written: safetensors only, atomic saves, clear errors.
 
 `SpriCheckpointMixin` gives `SpriPreTrainedModel` its `from_pretrained` / `save_pretrained` / `push_to_hub`, so the
-modeling file holds model code only; `staged_folder` is the one way anything in spri_hf writes a folder atomically. Shipped to the Hub with the modeling file (it is one of its relative imports): it imports
-only torch, transformers and transformers' own hard dependencies (safetensors, huggingface_hub).
+modeling file holds model code only; `staged_folder` is the one way anything in spri_hf writes a folder atomically.
+Shipped to the Hub with the modeling file (it is one of its relative imports): it imports only torch, transformers
+and transformers' own hard dependencies (safetensors, huggingface_hub).
 """
 
 import os
