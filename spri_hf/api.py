@@ -21,6 +21,7 @@ from .modeling_spri import (
     SpriPreTrainedModel,
 )
 from .registration import register_auto_classes
+from .router_init import init_routers
 from .trainer import (
     SpriSeq2SeqTrainer,
     SpriSeq2SeqTrainingArguments,
@@ -60,6 +61,7 @@ __all__ = [
     "fold_to_dense",
     "get_ffn_layout",
     "get_ffn_layouts",
+    "init_routers",
     "thin_svd",
     "upcycle_checkpoint",
 ]

@@ -84,6 +84,7 @@ def cmd_upcycle(args) -> int:
     from .upcycling.sources import can_stream, resolve_dense_folder
 
     settings = {name: getattr(args, name) for name in UPCYCLING_FLAGS}
+    calibration = _calibration(args)
     svd = {
         "svd_method": args.svd_method, "svd_device": check_device(args.svd_device, "--svd_device"),
         "svd_workers": args.svd_workers, "check_resources": not args.no_resource_check,
@@ -118,7 +119,7 @@ def cmd_upcycle(args) -> int:
             f"{config.num_experts} experts (top-{config.num_experts_per_tok}), init={config.init}, stage {config.stage}, "
             f"{str(config.dtype).removeprefix('torch.')}; {time.perf_counter() - start:.1f}s."
         )
-        return 0
+        return _init_routers(args, spri_class, out_dir, calibration)
 
     load_kwargs = {"dtype": getattr(torch, args.dtype or "float32")}
     if args.gguf_file:
@@ -139,6 +140,36 @@ def cmd_upcycle(args) -> int:
         f"stage {model.config.stage}; load {loaded - start:.1f}s, upcycle {upcycled - loaded:.1f}s, "
         f"save {time.perf_counter() - upcycled:.1f}s."
     )
+    return _init_routers(args, spri_class, out_dir, calibration)
+
+
+def _calibration(args):
+    """--router_init's texts, read and checked before anything is upcycled."""
+    from .router_init import check_router_init, read_calibration
+
+    if args.router_init in ("kmeans", "prompts") and args.calibration_data is None:
+        raise ValueError(f"--router_init {args.router_init} needs --calibration_data FILE (the texts to route).")
+    if args.calibration_data is not None and args.router_init == "random":
+        raise ValueError("--calibration_data is used by --router_init kmeans, prompts or orthogonal; pass one of them.")
+    texts = read_calibration(args.calibration_data, args.router_init) if args.calibration_data else None
+    check_router_init(None, args.router_init, texts, num_experts=args.num_experts)
+    return texts
+
+
+def _init_routers(args, spri_class, out_dir: str, texts) -> int:
+    if args.router_init == "random":
+        return 0
+    from transformers import AutoTokenizer
+
+    from .router_init import init_routers
+
+    model = spri_class.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir) if texts is not None else None
+    reports = init_routers(model, tokenizer, texts, method=args.router_init, show_progress=_show_progress(args))
+    model.save_pretrained(out_dir)
+    entropies = [report["entropy"] for report in reports if report["entropy"] is not None]
+    summary = f", mean routing entropy {sum(entropies) / len(entropies):.2f} of the maximum" if entropies else ""
+    print(f"Routers of {len(reports)} MoE layers initialised by {args.router_init}{summary}.")
     return 0
 
 
@@ -267,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         *_spellings("--no_resource_check"),
         action="store_true",
         help="upcycle even when the memory / disk estimate says it will not fit",
+    )
+    upcycle.add_argument(
+        *_spellings("--router_init"), default="random", choices=("random", "kmeans", "prompts", "orthogonal"),
+        help="initialise the routers after upcycling: from k-means centroids of the hidden states of the calibration "
+        "texts, from each expert's prompts, orthogonally, or leave the random init (default); docs/API.md",
+    )
+    upcycle.add_argument(
+        *_spellings("--calibration_data"), default=None, metavar="FILE",
+        help="texts for --router_init: .txt (one per line) or .jsonl ({\"text\": ...}, with \"expert\" for prompts)",
     )
     _add_settings(upcycle)
     upcycle.set_defaults(func=cmd_upcycle)
