@@ -295,15 +295,22 @@ def _build_skeleton(model_class, config, like: torch.Tensor) -> PreTrainedModel:
 
 
 def _fill(target: PreTrainedModel, tensors: dict[str, torch.Tensor], what: str):
-    """Copy `tensors` into `target` by name (`load_state_dict` checks every shape); every target tensor but the tied
-    ones must be filled, and no tensor may be left over."""
-    report = target.load_state_dict(tensors, strict=False)
+    """Copy `tensors` into `target` by name (`load_state_dict` checks every shape; the buffers that are not part of a
+    state dict, such as rotary frequencies, are copied beside it); every target tensor but the tied ones must be
+    filled, and no tensor may be left over."""
+    stored = set(target.state_dict())
+    report = target.load_state_dict({name: value for name, value in tensors.items() if name in stored}, strict=False)
+    buffers = dict(target.named_buffers())
+    unexpected = [name for name in tensors if name not in stored and name not in buffers]
     missing = set(report.missing_keys) - set(target.all_tied_weights_keys)
-    if missing or report.unexpected_keys:
+    if missing or unexpected:
         raise RuntimeError(
-            f"Internal error: {what} left {sorted(missing)[:5]} unset and has no slot for "
-            f"{sorted(report.unexpected_keys)[:5]}; please report it."
+            f"Internal error: {what} left {sorted(missing)[:5]} unset and has no slot for {sorted(unexpected)[:5]}; "
+            "please report it."
         )
+    with torch.no_grad():
+        for name in set(tensors) - stored:
+            buffers[name].copy_(tensors[name])
     target.tie_weights()
 
 
