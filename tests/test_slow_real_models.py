@@ -52,16 +52,6 @@ def test_spri_upcycled_smollm2_save_reload(smollm2, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-4, rtol=0)
 
 
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "max |logits difference| after reload: 0" in outputs
-
-
 def test_demo_runs_end_to_end(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "spri-hf")
     result = subprocess.run(
