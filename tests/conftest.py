@@ -9,6 +9,10 @@ import re
 # Tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One intra-op thread, here and in every process a test starts, unless OMP_NUM_THREADS says otherwise: the models are
+# tiny, so a second thread only adds synchronisation, and on a shared CPU OpenMP's threads spin waiting for one
+# another (measured on 2 busy cores: ten tiny `generate` tests took 187 s with two threads and 4 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,6 +31,8 @@ from benchmarks import real_models  # noqa: E402  (the slow tier's offline real-
 from spri_hf import SpriForSeq2SeqLM, SpriForSequenceClassification, SpriForSpeechSeq2Seq  # noqa: E402
 
 
+if os.environ["OMP_NUM_THREADS"].isdigit():  # torch may have been imported (by a plugin) before the variable was set
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 logging.set_verbosity_error()
 logging.disable_progress_bar()
 

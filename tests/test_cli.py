@@ -108,12 +108,14 @@ def test_the_flags_read_from_the_config_source_are_the_config_fields():
     assert all(help_text for *_, help_text in live)
 
 
+@pytest.mark.slow
 def test_an_import_of_spri_hf_outside_the_console_script_registers_at_once():
     code = "import spri_hf, sys; from transformers import AutoConfig; print(AutoConfig.for_model('spri').model_type)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().endswith("spri"), result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_console_script_upcycles_and_inspects_in_a_fresh_process(tmp_path):
     """The deferred imports of the console script still register SPRI with the Auto classes before a command runs;
     no progress bar is drawn when stderr is not a terminal."""
@@ -239,6 +241,7 @@ print(spri_hf.SpriForCausalLM.__name__, AutoConfig.for_model("spri").model_type,
 """
 
 
+@pytest.mark.slow
 def test_console_script_process_imports_the_public_api_for_train_and_demo():
     """In the console script's process the package defers its imports; `from spri_hf import x` and the public names
     must still resolve (a `from . import api` inside the lazy `__getattr__` recursed until the stack overflowed)."""

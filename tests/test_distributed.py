@@ -1,6 +1,6 @@
 """Multi-process (DDP, gloo on CPU) two-stage training through `accelerate launch`, and why idle experts are safe.
 
-The launch test runs `examples/train_distributed.py` in 2 processes with 8 experts, top-1 routing and one 8-token
+The launch test (slow tier) runs `examples/train_distributed.py` in 2 processes with 8 experts, top-1 routing and one 8-token
 sequence per rank and step, so that experts routinely receive no token on a rank. It runs with
 `ddp_find_unused_parameters=False`, which DDP would punish with an error at the next step if any trainable parameter
 went without a gradient; the in-process test shows why that never happens with fused expert tensors.
@@ -65,6 +65,7 @@ def test_idle_experts_still_get_a_gradient_tensor(stage):
                 assert torch.count_nonzero(param.grad[sorted(used)]) > 0, name
 
 
+@pytest.mark.slow
 def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     """`accelerate launch` with 2 CPU processes, one SpriTrainer run through the switch: both stages run, ranks end
     bit-identical, some experts sat idle, and the weights match a single process with the same global batch."""

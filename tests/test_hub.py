@@ -92,6 +92,7 @@ def _third_party_imports(source: str) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_push_to_hub_then_load_with_and_without_spri_hf_and_push_again(hub, tmp_path, input_ids):
     repo_id = "alice/spri-tiny-llama"
     model = perturb_experts(SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, diversity=0.3))
@@ -160,6 +161,7 @@ def _dataset(n=32, length=10):
     return Dataset.from_list([dict(row, labels=row["input_ids"]) for row in rows])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_class", [Trainer, SpriTrainer])
 def test_trainer_push_to_hub_uploads_code_weights_and_the_spri_card(hub, tmp_path, input_ids, trainer_class):
     """Trainer (one stage) and SpriTrainer (both stages, switch after step 2; the switch checkpoint is pushed too)."""

@@ -114,6 +114,7 @@ def test_error_codes(hub):
         huggingface_hub.hf_hub_download("user/errs", ".gitattributes", revision="no-such-branch")
 
 
+@pytest.mark.slow
 def test_push_and_load_in_process_and_subprocess(hub, tmp_path):
     input_ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
     model = tiny_llama(seed=0)

@@ -91,6 +91,7 @@ def _principal(weight, ratio):
     return (u[:, :r] * s[:r]) @ vh[:r]
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=VALID)
 def test_valid_settings_upcycle_and_keep_the_invariants(case, dense_folder, tmp_path_factory):
@@ -367,6 +368,7 @@ def test_a_target_that_cannot_fit_is_refused_before_writing(tmp_path):
 # Determinism
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_checkpoints_across_processes(dense_folder, tmp_path):
     for name in ("a", "b"):
         command = CLI + ["upcycle", str(dense_folder), str(tmp_path / name), "--num-experts", "4", "--seed", "9",

@@ -240,6 +240,7 @@ def test_seq2seq_trainer_trains_both_stages_and_evaluates_with_generation(family
     assert metrics2["eval_loss"] < metrics1["eval_loss"]
 
 
+@pytest.mark.slow
 def test_seq2seq_checkpoint_loads_with_trust_remote_code_where_spri_hf_is_not_importable(tmp_path):
     dense, inputs = tiny("whisper"), inputs_for("whisper")
     model = SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4, diversity=0.5, upcycle="both")

@@ -304,6 +304,7 @@ def _accelerate_launch(*target, timeout=600, **env):
     return result
 
 
+@pytest.mark.slow
 def test_train_under_accelerate_launch_with_two_processes_ends_identical(dense_folder, tmp_path):
     """2 CPU processes (gloo), conversational SFT data: both stages, one switch, the same weights on both ranks."""
     data, out = _write(tmp_path / "chat.jsonl", conversations()), tmp_path / "out"
@@ -326,6 +327,7 @@ def test_train_under_accelerate_launch_with_two_processes_ends_identical(dense_f
     assert digest.hexdigest() == ranks[0]["sha256"]  # what was saved is what both ranks hold
 
 
+@pytest.mark.slow
 def test_the_module_entry_point_under_accelerate_launch(dense_folder, tmp_path):
     """`accelerate launch -m spri_hf.training_cli` (the documented way) with the 0.2 flags: messages once."""
     data, out = _write(tmp_path / "data.jsonl", ROWS), tmp_path / "out"

@@ -127,6 +127,7 @@ def test_trl_fused_head_computes_the_same_loss_as_spri_forward(family):
 
 
 # ---- SFTTrainer -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_sft_trains_conversations_with_the_chat_template(tokenizer, tmp_path, stage):
     model = tiny_spri(tokenizer, stage)
@@ -161,6 +162,7 @@ def test_sft_prompt_completion_with_completion_only_loss(tokenizer, tmp_path, pa
     assert changed(model, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["attention", "fused-experts"])
 def test_sft_with_a_lora_peft_config(tokenizer, tmp_path, target):
     """LoRA through `peft_config`: on the attention projections, or on the fused expert tensors (`target_parameters`,
@@ -184,6 +186,7 @@ def test_sft_with_a_lora_peft_config(tokenizer, tmp_path, target):
         assert any(".experts." in name for name in moved)
 
 
+@pytest.mark.slow
 def test_sft_refuses_a_z_loss_it_would_drop(tokenizer, tmp_path):
     model = tiny_spri(tokenizer, stage=2, router_z_loss_coef=1e-3)
     trainer = SFTTrainer(model=model, args=train_args(SFTConfig, tmp_path), train_dataset=conversations(),
@@ -195,7 +198,7 @@ def test_sft_refuses_a_z_loss_it_would_drop(tokenizer, tmp_path):
 
 
 # ---- DPOTrainer -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_dpo_trains_both_stages(tokenizer, tmp_path, stage):
     """The reference model is loaded from the policy's checkpoint, as DPOTrainer does for a model given by path."""
     tiny_spri(tokenizer, stage).save_pretrained(tmp_path / "policy")
@@ -213,6 +216,7 @@ def test_dpo_trains_both_stages(tokenizer, tmp_path, stage):
 
 
 # ---- the `trl sft` command ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_trl_sft_command_trains_a_spri_checkpoint(tokenizer, tmp_path):
     """`trl sft --model_name_or_path <SPRI checkpoint> --trust_remote_code`, in a process that never imports spri_hf:
     the checkpoint's own code files load it."""
@@ -285,6 +289,7 @@ def stage_args(config_class, folder, **overrides):
     return config_class(**{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_two_stage_sft_with_packing_switches_once(tokenizer, tmp_path):
     model = tiny_spri(tokenizer, stage=1)
     stage1_trainable = {name for name, param in model.named_parameters() if param.requires_grad}
@@ -303,6 +308,7 @@ def test_two_stage_sft_with_packing_switches_once(tokenizer, tmp_path):
     assert all(param.requires_grad for param in model.parameters())
 
 
+@pytest.mark.slow
 def test_two_stage_dpo_through_the_switch(tokenizer, tmp_path):
     tiny_spri(tokenizer, stage=1).save_pretrained(tmp_path / "policy")
     model = SpriForCausalLM.from_pretrained(tmp_path / "policy")
@@ -320,6 +326,7 @@ def _sft_run(tokenizer, folder, **overrides):
                           train_dataset=conversations(), processing_class=tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_at", [2, 3, 5])  # before, at and after the switch
 def test_two_stage_sft_resumes_bit_identical(tokenizer, tmp_path, resume_at):
     full = _sft_run(tokenizer, tmp_path / "full")
@@ -345,6 +352,7 @@ class _StopAt(__import__("transformers").TrainerCallback):
         return control
 
 
+@pytest.mark.slow
 def test_lora_through_the_switch_is_refused_with_the_fix(tokenizer, tmp_path):
     from peft import LoraConfig
 
@@ -401,6 +409,7 @@ def test_any_trl_trainer_gets_the_schedule_in_three_lines(tokenizer, tmp_path):
     assert logs[0]["learning_rate"] == pytest.approx(1e-2) and trainer.model.config.stage == 2
 
 
+@pytest.mark.slow
 def test_spri_sft_trainer_pushes_code_and_the_spri_card(tokenizer, tmp_path):
     """Through the switch, with `push_to_hub=True` to a real HTTP Hub on 127.0.0.1: the pushes at every save carry the
     code files config.json's auto_map names; the final card is TRL's with the SPRI section added back."""
@@ -422,6 +431,7 @@ def test_spri_sft_trainer_pushes_code_and_the_spri_card(tokenizer, tmp_path):
     assert json.loads(files["config.json"])["stage"] == 2
 
 
+@pytest.mark.slow
 def test_two_stage_sft_under_accelerate_launch_with_two_processes(tmp_path):
     """`accelerate launch` of examples/train_sft_distributed.py on 2 CPU processes (DDP, gloo): both stages, and the
     two ranks end with bit-identical weights."""

@@ -15,6 +15,9 @@ import pytest
 # Tests never reach the network: set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One intra-op thread in the processes the tests start, as in tests/conftest.py (tiny models; on a shared CPU a second
+# OpenMP thread spins waiting for the first).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
 
