@@ -6,7 +6,7 @@ Importing this module registers `model_type="spri"` with `AutoConfig`, `AutoMode
 """
 
 from .architectures import FFN_LAYOUTS, FfnLayout, get_ffn_layout, get_ffn_layouts
-from .callbacks import SpriMonitorCallback, add_spri_monitor
+from .callbacks import SpriMonitorCallback, SpriRouterBiasCallback, add_spri_monitor
 from .configuration_spri import SpriConfig
 from .export import export_native, fold_to_dense
 from .integrations import SpriHubCallback
@@ -49,6 +49,7 @@ __all__ = [
     "SpriModel",
     "SpriMoeBlock",
     "SpriMonitorCallback",
+    "SpriRouterBiasCallback",
     "SpriPreTrainedModel",
     "SpriSeq2SeqTrainer",
     "SpriSeq2SeqTrainingArguments",

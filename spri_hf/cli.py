@@ -152,7 +152,7 @@ def _calibration(args):
     if args.calibration_data is not None and args.router_init == "random":
         raise ValueError("--calibration_data is used by --router_init kmeans, prompts or orthogonal; pass one of them.")
     texts = read_calibration(args.calibration_data, args.router_init) if args.calibration_data else None
-    check_router_init(None, args.router_init, texts, num_experts=args.num_experts)
+    check_router_init(None, args.router_init, texts, num_experts=args.num_experts, granularity=args.expert_granularity)
     return texts
 
 

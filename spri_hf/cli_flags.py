@@ -32,7 +32,7 @@ def config_help(docstring: str) -> dict[str, str]:
     helps = {}
     pattern = re.compile(r"^ {8}(\w+) \(.*?\):\n((?: {12}.*\n?)+)", re.MULTILINE)
     for name, text in pattern.findall(docstring):
-        helps[name] = " ".join(line.strip() for line in text.splitlines())
+        helps[name] = " ".join(line.strip() for line in text.splitlines()).replace("%", "%%")  # argparse formats help
     return helps
 
 

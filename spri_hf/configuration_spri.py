@@ -14,6 +14,7 @@ from .defaults import (
     MAX_EXPERTS,
     MAX_SEED,
     PARTITIONS,
+    ROUTER_BALANCE,
     SHARED_EXPERTS,
     SPRI_MODES,
     STAGE1_EXPERTS,
@@ -33,6 +34,7 @@ except ImportError:  # 5.16 - 5.19: a plain `sub_configs` map; the config builds
 UPCYCLING_SETTINGS = (
     "num_experts",
     "num_experts_per_tok",
+    "expert_granularity",
     "init",
     "principal_ratio",
     "principal_energy",
@@ -47,6 +49,8 @@ UPCYCLING_SETTINGS = (
     "shared_expert",
     "router_aux_loss_coef",
     "router_z_loss_coef",
+    "router_balance",
+    "router_bias_update_rate",
     "norm_topk_prob",
     "seed",
 )
@@ -82,6 +86,12 @@ class SpriConfig(PreTrainedConfig):
             Routed experts per upcycled FFN layer.
         num_experts_per_tok (`int`, defaults to 2):
             Experts each token is sent to (top-k).
+        expert_granularity (`int`, defaults to 1):
+            Fine-grained experts (granular upcycling): each expert holds one of `G` slices of the dense FFN's
+            intermediate neurons (width `intermediate_size / G`); `num_experts` and `num_experts_per_tok` count these
+            small experts and must be multiples of `G`. Expert `e` holds slice `e % G` of virtual group `e // G`; the
+            router rows of a group start equal and the experts' down projections are scaled by `G`, so that
+            `init="copy"` reproduces the dense model exactly (top-k picks whole groups).
         init (`str`, defaults to `"spri"`):
             How experts start: `"spri"` (shared principal + SVD-partitioned residual), `"copy"` (every expert is the
             dense FFN), `"noise"` (copy + Gaussian noise), `"drop"` (Drop-Upcycling) or `"random"` (from scratch).
@@ -114,6 +124,15 @@ class SpriConfig(PreTrainedConfig):
             Weight of the Switch load-balancing loss, added to the loss whenever labels are given.
         router_z_loss_coef (`float`, defaults to 0.0):
             Weight of the router z-loss (mean squared log-sum-exp of the router logits).
+        router_balance (`str`, defaults to `"aux_loss"`):
+            How experts are kept busy alike: `"aux_loss"` (the load-balancing loss, `router_aux_loss_coef`), `"bias"`
+            (auxiliary-loss-free balancing: a per-expert bias `e_score_correction_bias` added to the routing scores
+            for the top-k choice only, not to the mixing weights, and moved after every optimizer step toward the
+            under-loaded experts; `router_aux_loss_coef` is set to 0, so no trainer adds the loss) or `"both"`.
+            SpriTrainer and the SPRI TRL trainers update the bias; with a plain `Trainer` add
+            `spri_hf.callbacks.SpriRouterBiasCallback()`.
+        router_bias_update_rate (`float`, defaults to 0.001):
+            With bias balancing: how far each bias moves per optimizer step (`bias += rate * sign(mean load - load)`).
         norm_topk_prob (`bool`, defaults to `True`):
             Renormalise the top-k routing weights to sum to one.
         output_router_logits (`bool`, defaults to `False`):
@@ -155,6 +174,7 @@ class SpriConfig(PreTrainedConfig):
     base_config: dict | PreTrainedConfig | None = None
     num_experts: int = DEFAULTS.num_experts
     num_experts_per_tok: int = DEFAULTS.num_experts_per_tok
+    expert_granularity: int = DEFAULTS.expert_granularity
     init: str = DEFAULTS.init
     principal_ratio: float | int = DEFAULTS.principal_ratio
     principal_energy: float | int | None = DEFAULTS.principal_energy
@@ -169,6 +189,8 @@ class SpriConfig(PreTrainedConfig):
     shared_expert: str | None = DEFAULTS.shared_expert
     router_aux_loss_coef: float | int = DEFAULTS.router_aux_loss_coef
     router_z_loss_coef: float | int = DEFAULTS.router_z_loss_coef
+    router_balance: str = DEFAULTS.router_balance
+    router_bias_update_rate: float | int = DEFAULTS.router_bias_update_rate
     norm_topk_prob: bool = DEFAULTS.norm_topk_prob
     output_router_logits: bool = False
     stage: int | None = DEFAULTS.stage
@@ -191,6 +213,8 @@ class SpriConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.stage is None:
             self.stage = 1 if self.init == "spri" else 2
+        if self.router_balance == "bias":  # every trainer (TRL's too) reads the coefficient: no aux loss anywhere
+            self.router_aux_loss_coef = 0.0
         if SubConfigSpec is None:  # transformers < 5.20 (see the import): build `base_config` as 5.20's spec would
             self.base_config = _sub_config(self.base_config, default_model_type="llama")
         super().__post_init__(**kwargs)
@@ -216,6 +240,10 @@ class SpriConfig(PreTrainedConfig):
                 f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts="
                 f"{self.num_experts}; lower num_experts_per_tok or raise num_experts."
             )
+        self._validate_granularity()
+        _check_choice("router_balance", self.router_balance, ROUTER_BALANCE)
+        if not 0 <= self.router_bias_update_rate < float("inf"):
+            raise ValueError(f"router_bias_update_rate={self.router_bias_update_rate} must be a finite number >= 0.")
         for name in ("principal_ratio", "diversity", "drop_ratio"):
             _check_unit_interval(name, getattr(self, name))
         if self.principal_energy is not None:
@@ -266,6 +294,38 @@ class SpriConfig(PreTrainedConfig):
                     raise ValueError(f"moe_layers contains {idx}, outside the dense model's {stack} layers 0..{num_layers - 1}.")
             if len(set(layers)) != len(layers):
                 raise ValueError(f"moe_layers={layers} lists a layer twice.")
+
+    def _validate_granularity(self):
+        granularity = self.expert_granularity
+        if not isinstance(granularity, int) or granularity < 1:
+            raise ValueError(f"expert_granularity={granularity!r} must be a positive integer (1: full-size experts).")
+        if granularity == 1:
+            return
+        if self.num_experts % granularity:
+            valid = [n for n in range(granularity, 4 * granularity + 1, granularity)]
+            raise ValueError(
+                f"num_experts={self.num_experts} is not a multiple of expert_granularity={granularity}: each virtual "
+                f"group holds all {granularity} slices of the dense FFN. Use num_experts={valid} or another multiple."
+            )
+        valid = list(range(granularity, self.num_experts + 1, granularity))
+        if self.num_experts_per_tok % granularity:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} is not a multiple of expert_granularity={granularity}"
+                f": top-k must pick whole virtual groups. With num_experts={self.num_experts} the valid values are "
+                f"{valid}."
+            )
+        for stack, layout in get_ffn_layouts(self.base_config).items():
+            width = layout.intermediate_size(self.base_config)
+            if width % granularity:
+                divisors = [g for g in range(1, min(width, 64) + 1) if width % g == 0]
+                raise ValueError(
+                    f"expert_granularity={granularity} does not divide the {stack} FFN width (intermediate size "
+                    f"{width}); choose one of {divisors}."
+                )
+
+    def expert_intermediate_size(self, layout) -> int:
+        """The FFN width of one routed expert of a stack with FFN `layout`: the dense width / `expert_granularity`."""
+        return layout.intermediate_size(self.base_config) // self.expert_granularity
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -14,6 +14,7 @@ class UpcyclingDefaults:
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
+    expert_granularity: int = 1
     init: str = "spri"
     principal_ratio: float | int = 0.5
     principal_energy: float | int | None = None
@@ -27,6 +28,8 @@ class UpcyclingDefaults:
     shared_expert: str | None = None
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
+    router_balance: str = "aux_loss"
+    router_bias_update_rate: float | int = 0.001
     norm_topk_prob: bool = True
     stage: int | None = None
     seed: int = 0
@@ -40,6 +43,7 @@ SPRI_MODES = ("balanced", "partition")
 PARTITIONS = ("interleaved", "contiguous", "random")
 STAGE1_EXPERTS = (None, "eager", "batched_mm", "grouped_mm")
 SHARED_EXPERTS = (None, "dense")
+ROUTER_BALANCE = ("aux_loss", "bias", "both")
 UPCYCLE = (None, "decoder", "encoder", "both")
 # Far beyond any released MoE; refuses absurd configs before anything is allocated.
 MAX_EXPERTS = 4096

@@ -119,6 +119,7 @@ class MixtralFormat(NativeFormat):
             router_jitter_noise=0.0,
             output_router_logits=False,
             sliding_window=sliding,
+            intermediate_size=base.intermediate_size // config.expert_granularity,  # one expert's width
         )
 
 
@@ -140,7 +141,7 @@ def _qwen_moe_fields(config: SpriConfig) -> dict:
         num_experts_per_tok=config.num_experts_per_tok,
         norm_topk_prob=config.norm_topk_prob,
         router_aux_loss_coef=config.router_aux_loss_coef,  # the same loss function: the same coefficient
-        moe_intermediate_size=config.base_config.intermediate_size,
+        moe_intermediate_size=config.base_config.intermediate_size // config.expert_granularity,
         mlp_only_layers=_dense_layers(config),
         decoder_sparse_step=1,
         output_router_logits=False,
@@ -314,6 +315,21 @@ def _fill(target: PreTrainedModel, tensors: dict[str, torch.Tensor], what: str):
     target.tie_weights()
 
 
+def _refuse_routing_bias(model: SpriPreTrainedModel, native_type: str):
+    """Bias balancing changes which experts a token visits; the native formats choose by the softmax alone."""
+    biased = [
+        f"{stack}.{idx}" for stack, idx, block in model.moe_sites()
+        if block.router.e_score_correction_bias is not None and block.router.e_score_correction_bias.any()
+    ]  # fmt: skip
+    if biased:
+        raise ValueError(
+            f"The routers of layers {biased} carry a non-zero e_score_correction_bias (router_balance="
+            f"{model.config.router_balance!r}), which changes the top-k choice, and {native_type} routes by the "
+            "softmax alone: the export would route differently. Nothing was written. Share the SPRI checkpoint "
+            "(it loads with trust_remote_code=True), or fold_to_dense."
+        )
+
+
 @torch.no_grad()
 def to_native(model: SpriForCausalLM):
     """The native transformers MoE model equal to `model` (in memory; see `export_native`)."""
@@ -323,6 +339,7 @@ def to_native(model: SpriForCausalLM):
             f"export_native needs a SpriForCausalLM (native MoE checkpoints are causal LMs), got {type(model).__name__}."
         )
     target = native_format_for(model.config)
+    _refuse_routing_bias(model, target.model_type)
     native_config = target.native_config(model.config)
     native_config.dtype = model.dtype
     reference = next(model.parameters())
@@ -420,19 +437,26 @@ def export_native(model: SpriForCausalLM, out_dir: str | os.PathLike, *, overwri
     return native
 
 
-def _write_dense_ffn(mlp: torch.nn.Module, layout: FfnLayout, experts, gated: bool):
-    """Set a dense FFN to the mean of the experts (views from `FfnLayout.ffn_weights` write through)."""
+def _write_dense_ffn(mlp: torch.nn.Module, layout: FfnLayout, experts, gated: bool, granularity: int = 1):
+    """Set a dense FFN to the mean of the experts (views from `FfnLayout.ffn_weights` write through). Fine-grained
+    experts (`expert_granularity` G) are averaged per slice, the slices laid side by side and the down projection
+    divided by G again."""
     matrices, biases = layout.ffn_weights(mlp)
     up_names = ("gate", "up") if gated else ("up",)
     prefix = "gate_up" if gated else "up"
-    up = getattr(experts, f"{prefix}_proj").mean(0).chunk(len(up_names), dim=0)
+
+    def per_slice(tensor: torch.Tensor) -> torch.Tensor:  # (E, ...) -> (G, ...): the mean of each slice's experts
+        return tensor.view(-1, granularity, *tensor.shape[1:]).mean(0)
+
+    up = per_slice(getattr(experts, f"{prefix}_proj")).chunk(len(up_names), dim=1)  # each (G, I / G, H)
     for proj, value in zip(up_names, up):
-        matrices[proj].copy_(value)
-    matrices["down"].copy_(experts.down_proj.mean(0))
+        matrices[proj].copy_(value.flatten(0, 1))
+    down = per_slice(experts.down_proj)  # (G, H, I / G)
+    matrices["down"].copy_(down.transpose(0, 1).flatten(1) / granularity)
     if biases:
-        up_bias = getattr(experts, f"{prefix}_proj_bias").mean(0).chunk(len(up_names), dim=0)
+        up_bias = per_slice(getattr(experts, f"{prefix}_proj_bias")).chunk(len(up_names), dim=1)
         for proj, value in zip(up_names, up_bias):
-            biases[proj].copy_(value)
+            biases[proj].copy_(value.flatten())
         biases["down"].copy_(experts.down_proj_bias.mean(0))
 
 
@@ -466,7 +490,7 @@ def fold_to_dense(model: SpriPreTrainedModel) -> PreTrainedModel:
         layers_name = module_name(model.model, model.stack_layers(stack))
         ffn_prefixes += [f"{layers_name}.{idx}.{path}." for path in layout.ffn_paths()]
         owner = layout.ffn_owner(layout.layers(dense)[idx])
-        _write_dense_ffn(owner, layout, _stage2_experts(block), layout.gated)
+        _write_dense_ffn(owner, layout, _stage2_experts(block), layout.gated, config.expert_granularity)
         owner_name = f"{layers_name}.{idx}" + ("" if layout.split else f".{layout.mlp_attr}")
         for name, value in list(owner.named_parameters()) + list(owner.named_buffers()):
             folded[f"{owner_name}.{name}"] = value.detach().clone()

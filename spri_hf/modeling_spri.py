@@ -287,6 +287,26 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
             router_z_loss(router_logits, attention_mask),
         )
 
+    @torch.no_grad()
+    def update_router_biases(self) -> bool:
+        """Auxiliary-loss-free balancing, after an optimizer step: move every router's `e_score_correction_bias` by the
+        expert load the step's training forwards counted, summed over the processes when torch.distributed is
+        initialised (every rank then applies the same update). Returns whether any router balances by bias.
+        `SpriRouterBiasCallback` calls it (SpriTrainer and the TRL trainers add it)."""
+        routers = [block.router for _, _, block in self.moe_sites() if block.router.e_score_correction_bias is not None]
+        if not routers:
+            return False
+        device = routers[0].e_score_correction_bias.device
+        loads = torch.stack([
+            router.expert_load.to(device) if router.expert_load is not None else torch.zeros(router.num_experts, device=device)
+            for router in routers
+        ])  # fmt: skip
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)
+        for router, load in zip(routers, loads):
+            router.update_bias(load)
+        return True
+
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 

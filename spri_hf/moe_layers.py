@@ -27,7 +27,13 @@ from .configuration_spri import SpriConfig
 
 
 class SpriRouter(nn.Module):
-    """Top-k softmax router. Returns `(router_logits, top_k_weights, top_k_index)`."""
+    """Top-k softmax router. Returns `(router_logits, top_k_weights, top_k_index)`.
+
+    With bias balancing (`router_balance="bias"` or `"both"`) the buffer `e_score_correction_bias` (float32, one value
+    per expert, stored in checkpoints) is added to the routing probabilities for the top-k choice only; the mixing
+    weights stay the probabilities of the chosen experts. Training forwards count each expert's top-k choices
+    (`expert_load`) until `update_bias` moves the bias after the optimizer step.
+    """
 
     def __init__(self, config: SpriConfig, layout: FfnLayout):
         super().__init__()
@@ -35,14 +41,41 @@ class SpriRouter(nn.Module):
         self.num_experts = config.num_experts
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, layout.hidden_size(config.base_config)))
+        self.bias_update_rate = config.router_bias_update_rate
+        balances_by_bias = config.router_balance in ("bias", "both")
+        bias = torch.zeros(config.num_experts, dtype=torch.float32) if balances_by_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
+        self.expert_load: torch.Tensor | None = None  # not a buffer: DDP would broadcast rank 0's counts
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)  # (tokens, num_experts)
         router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
-        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.e_score_correction_bias is None:
+            top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
+        else:
+            choice_scores = router_probs.detach() + self.e_score_correction_bias.float()
+            top_k_index = torch.topk(choice_scores, self.top_k, dim=-1).indices
+            top_k_weights = router_probs.gather(-1, top_k_index)
+            if self.training and torch.is_grad_enabled():
+                self._count_load(top_k_index)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+    @torch.no_grad()
+    def _count_load(self, top_k_index: torch.Tensor):
+        counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts].float()
+        self.expert_load = counts if self.expert_load is None else self.expert_load + counts
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor):
+        """One step of auxiliary-loss-free balancing (DeepSeek-V3's rule): every expert busier than the mean load
+        loses `bias_update_rate`, every idler one gains it (`load`: the step's top-k counts, all processes summed)."""
+        if load.sum() > 0:
+            self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(
+                self.e_score_correction_bias.device
+            )
+        self.expert_load = None
 
 
 class SpriExpertsBase(nn.Module):
@@ -57,7 +90,7 @@ class SpriExpertsBase(nn.Module):
         base = config.base_config
         self.num_experts = config.num_experts
         self.hidden_dim = layout.hidden_size(base)
-        self.intermediate_dim = layout.intermediate_size(base)
+        self.intermediate_dim = config.expert_intermediate_size(layout)
         self.act_fn = ACT2FN[layout.activation(base)]
         num_experts, hidden, inter = self.num_experts, self.hidden_dim, self.intermediate_dim
         if layout.gated:
@@ -140,7 +173,8 @@ class SpriResidualExperts(nn.Module):
         self.layout = layout
         self.num_experts = config.num_experts
         self.hidden_dim = layout.hidden_size(base)
-        self.intermediate_dim = layout.intermediate_size(base)
+        self.intermediate_dim = config.expert_intermediate_size(layout)  # one expert's width
+        self.granularity = config.expert_granularity
         self.rank = config.residual_rank or 1
         self.has_gate = layout.gated
         self.has_bias = layout.has_bias(base)
@@ -148,10 +182,13 @@ class SpriResidualExperts(nn.Module):
         num_experts, hidden, inter, rank = self.num_experts, self.hidden_dim, self.intermediate_dim, self.rank
         parts = 2 if self.has_gate else 1
         prefix = "gate_up" if self.has_gate else "up"
-        setattr(self, f"{prefix}_shared", nn.Parameter(torch.empty(parts * inter, hidden)))
+        # the shared base holds every slice of the dense FFN, slice after slice ([gate_s; up_s] rows of slice s, the
+        # dense matrices themselves when expert_granularity is 1); expert e adds its factors to slice e % G
+        slices = self.granularity
+        setattr(self, f"{prefix}_shared", nn.Parameter(torch.empty(slices * parts * inter, hidden)))
         setattr(self, f"{prefix}_residual_a", nn.Parameter(torch.empty(num_experts, parts * rank, hidden)))
         setattr(self, f"{prefix}_residual_b", nn.Parameter(torch.empty(num_experts, parts * inter, rank)))
-        self.down_shared = nn.Parameter(torch.empty(hidden, inter))
+        self.down_shared = nn.Parameter(torch.empty(hidden, slices * inter))
         self.down_residual_a = nn.Parameter(torch.empty(num_experts, rank, inter))
         self.down_residual_b = nn.Parameter(torch.empty(num_experts, hidden, rank))
         if self.has_bias:
@@ -220,16 +257,27 @@ class SpriResidualExperts(nn.Module):
         factor_a = getattr(self, f"{self._prefix}_residual_a").view(num_experts, parts, rank, self.hidden_dim)
         factor_b = getattr(self, f"{self._prefix}_residual_b").view(num_experts, parts, inter, rank)
         up_delta = torch.matmul(factor_b, factor_a).reshape(num_experts, parts * inter, self.hidden_dim)
-        up = getattr(self, f"{self._prefix}_shared") + up_delta
-        down = self.down_shared + torch.bmm(self.down_residual_b, self.down_residual_a)
-        return up, down
+        down_delta = torch.bmm(self.down_residual_b, self.down_residual_a)
+        shared_up, shared_down = getattr(self, f"{self._prefix}_shared"), self.down_shared
+        if self.granularity == 1:
+            return shared_up + up_delta, shared_down + down_delta
+        slices = self.slice_of_expert(shared_up.device)
+        shared_up = shared_up.view(self.granularity, parts * inter, self.hidden_dim)[slices]
+        shared_down = shared_down.view(self.hidden_dim, self.granularity, inter).transpose(0, 1)[slices]
+        return shared_up + up_delta, shared_down + down_delta
+
+    def slice_of_expert(self, device=None) -> torch.Tensor:
+        """The dense FFN slice each expert holds (`expert % expert_granularity`)."""
+        return torch.arange(self.num_experts, device=device) % self.granularity
 
     def low_rank_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        # The shared base is applied once per token: S x for gate/up, and S (sum_k w_k h_k) for down.
+        # The shared base is applied once per token: S x for gate/up, and S (sum_k w_k h_k) for down. With fine-grained
+        # experts S holds every slice: expert e reads and writes the columns of its slice e % G.
         shared_up = F.linear(hidden_states, getattr(self, f"{self._prefix}_shared"))
-        mixed_intermediate = hidden_states.new_zeros(hidden_states.shape[0], self.intermediate_dim)
+        width = (2 if self.has_gate else 1) * self.intermediate_dim
+        mixed_intermediate = hidden_states.new_zeros(hidden_states.shape[0], self.granularity * self.intermediate_dim)
         final_hidden_states = torch.zeros_like(hidden_states)
         up_bias = getattr(self, f"{self._prefix}_proj_bias", None)
         with torch.no_grad():
@@ -239,7 +287,9 @@ class SpriResidualExperts(nn.Module):
             expert_idx = expert_idx[0]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             routing_weight = top_k_weights[token_idx, top_k_pos, None]
-            projected = shared_up[token_idx] + self._up_delta(hidden_states[token_idx], expert_idx)
+            piece = int(expert_idx) % self.granularity
+            projected = shared_up[token_idx, piece * width : (piece + 1) * width]
+            projected = projected + self._up_delta(hidden_states[token_idx], expert_idx)
             if up_bias is not None:
                 projected = projected + up_bias[expert_idx]
             if self.has_gate:
@@ -248,7 +298,8 @@ class SpriResidualExperts(nn.Module):
             else:
                 intermediate = self.act_fn(projected)
             weighted = intermediate * routing_weight
-            mixed_intermediate.index_add_(0, token_idx, weighted.to(mixed_intermediate.dtype))
+            own_columns = mixed_intermediate.narrow(1, piece * self.intermediate_dim, self.intermediate_dim)
+            own_columns.index_add_(0, token_idx, weighted.to(mixed_intermediate.dtype))
             delta = F.linear(F.linear(intermediate, self.down_residual_a[expert_idx]), self.down_residual_b[expert_idx])
             if self.has_bias:
                 delta = delta + self.down_proj_bias[expert_idx]

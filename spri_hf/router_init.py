@@ -14,6 +14,10 @@ routers below it already changed). Rows are unit vectors times one scale per lay
 mean routing entropy over the calibration tokens is `target_entropy` x log(num_experts): neither uniform (every
 expert alike, entropy 1) nor one-hot (entropy 0). Without calibration texts the data-free methods keep the norm of the
 random init (`initializer_range` x sqrt(hidden size)).
+
+With fine-grained experts (`expert_granularity` G > 1) the router chooses among virtual groups: one row per group
+(`num_experts / G` of them, which k-means clusters and `texts` keys for "prompts" count) is set and repeated for the
+G experts of the group, as the upcycler does, so that top-k still picks whole groups.
 """
 
 import json
@@ -63,8 +67,9 @@ def read_calibration(path: str, method: str):
     return prompts
 
 
-def check_router_init(model, method: str, texts, num_experts: int | None = None) -> None:
-    """Refuse bad input before any weight changes, naming the value and the fix."""
+def check_router_init(model, method: str, texts, num_experts: int | None = None, granularity: int = 1) -> None:
+    """Refuse bad input before any weight changes, naming the value and the fix (`num_experts` and `granularity`
+    where no model is given)."""
     if method not in ROUTER_INITS:
         raise ValueError(f"router init method={method!r} is not one of {ROUTER_INITS}.")
     if model is not None:
@@ -76,16 +81,17 @@ def check_router_init(model, method: str, texts, num_experts: int | None = None)
                 f"{model.config.base_config.model_type} is an encoder-decoder: use method='orthogonal' or 'random' "
                 "without texts."
             )
-        num_experts = model.config.num_experts
+        num_experts, granularity = model.config.num_experts, model.config.expert_granularity
+    num_experts //= granularity  # the router's choices: virtual groups of G experts
     if num_experts < 2:
-        raise ValueError(f"num_experts={num_experts}: a router with one expert has nothing to choose.")
+        raise ValueError(f"{_choices(num_experts, granularity)}: a router with one choice has nothing to choose.")
     if method == "kmeans":
         if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
             raise ValueError("method='kmeans' needs a non-empty list of calibration texts.")
         if len(texts) < num_experts:
             raise ValueError(
-                f"method='kmeans' got {len(texts)} calibration texts for {num_experts} experts: give at least one text "
-                "per expert (a few hundred are better)."
+                f"method='kmeans' got {len(texts)} calibration texts for {_choices(num_experts, granularity)}: give "
+                "at least one text per expert (a few hundred are better)."
             )
         _check_strings(texts, "texts")
     elif method == "prompts":
@@ -94,7 +100,8 @@ def check_router_init(model, method: str, texts, num_experts: int | None = None)
         unknown = sorted(key for key in texts if not (isinstance(key, int) and 0 <= key < num_experts))
         if unknown:
             raise ValueError(
-                f"method='prompts' got prompts for experts {unknown}, but the model has experts 0..{num_experts - 1}."
+                f"method='prompts' got prompts for experts {unknown}, but the model has "
+                f"{_choices(num_experts, granularity)} (keys 0..{num_experts - 1})."
             )
         missing = sorted(set(range(num_experts)) - set(texts))
         if missing:
@@ -107,6 +114,12 @@ def check_router_init(model, method: str, texts, num_experts: int | None = None)
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
             raise ValueError(f"method={method!r} takes no texts, or a non-empty list of texts to calibrate the scale.")
         _check_strings(texts, "texts")
+
+
+def _choices(count: int, granularity: int) -> str:
+    if granularity == 1:
+        return f"{count} experts"
+    return f"{count} virtual groups of {granularity} fine-grained experts (expert_granularity={granularity})"
 
 
 def _check_strings(texts, what: str) -> None:
@@ -137,6 +150,8 @@ def init_routers(
         raise ValueError(f"target_entropy={target_entropy} must lie strictly between 0 (one-hot) and 1 (uniform).")
     if texts is not None and tokenizer is None:
         raise ValueError("init_routers needs the model's tokenizer to run the calibration texts.")
+    granularity = model.config.expert_granularity
+    groups = model.config.num_experts // granularity
     sites = model.moe_sites()
     originals = [block.router.weight.detach().clone() for _, _, block in sites]
     generator = torch.Generator().manual_seed(seed)
@@ -151,9 +166,11 @@ def init_routers(
                 if states is not None and len(states) > max_tokens:
                     keep = torch.randperm(len(states), generator=generator)[:max_tokens]
                     states, owners = states[keep], owners[keep]
-                directions = _directions(method, block.router.weight, states, owners, generator)
-                scale, entropy, top_share = _calibrate(directions, states, block.router.top_k, target_entropy, model)
-                block.router.weight.copy_((scale * directions).to(block.router.weight.dtype))
+                directions = _directions(method, groups, block.router.weight.shape[1], states, owners, generator)
+                scale, entropy, top_share = _calibrate(directions, states, block.router.top_k // granularity,
+                                                       target_entropy, model)
+                rows = (scale * directions).repeat_interleave(granularity, dim=0)
+                block.router.weight.copy_(rows.to(block.router.weight.dtype))
                 reports.append({"site": f"{stack}.{index}", "scale": scale, "entropy": entropy, "top_share": top_share})
     except BaseException:
         for (_, _, block), weight in zip(sites, originals):
@@ -210,9 +227,8 @@ def _capture(model, block, batches, bar) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(states), torch.cat(owners)
 
 
-def _directions(method: str, weight: torch.Tensor, states, owners, generator) -> torch.Tensor:
-    """Unit rows (num_experts, hidden), float32."""
-    num_experts, hidden = weight.shape
+def _directions(method: str, num_experts: int, hidden: int, states, owners, generator) -> torch.Tensor:
+    """Unit rows (num_experts, hidden), float32 (one per virtual group with fine-grained experts)."""
     if method == "random":
         rows = torch.randn(num_experts, hidden, generator=generator)
     elif method == "orthogonal":

@@ -38,7 +38,8 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
-from .integrations import SpriHubCallback, add_spri_card_section, is_spri_model
+from .callbacks import SpriRouterBiasCallback
+from .integrations import SpriHubCallback, add_spri_card_section, find_spri_model, is_spri_model
 
 
 logger = logging.get_logger(__name__)
@@ -182,6 +183,10 @@ class SpriTrainerMixin:
         self.add_callback(self._stage_record)
         if not any(isinstance(callback, SpriHubCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(SpriHubCallback())  # mid-training pushes carry the code files and the card
+        balance = getattr(getattr(find_spri_model(self.model), "config", None), "router_balance", "aux_loss")
+        biased = any(isinstance(callback, SpriRouterBiasCallback) for callback in self.callback_handler.callbacks)
+        if balance in ("bias", "both") and not biased:
+            self.add_callback(SpriRouterBiasCallback())  # the bias moves after every optimizer step
         if getattr(self.args, "fsdp", None) and not self.is_fsdp_enabled and not self.is_fsdp_xla_enabled:
             logger.warning(
                 "TrainingArguments(fsdp=...) is set, but accelerate did not enable FSDP (distributed type %s): "

@@ -23,6 +23,7 @@ from transformers import (  # noqa: E402
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForSpeechSeq2Seq,
+    PreTrainedTokenizerFast,
 )
 from transformers.utils import logging  # noqa: E402
 
@@ -237,6 +238,15 @@ def without_spri_hf(script: str) -> str:
 
 
 # ---- slow tier: real models from benchmarks/real_models.py ----------------------------------------------------------
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary ("w0" .. "w96"), with padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0")
+
+
 def require_packages(*names):
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:

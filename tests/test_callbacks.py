@@ -17,7 +17,7 @@ from spri_hf.modeling_spri import load_balancing_loss
 
 NUM_EXPERTS, TOP_K = 4, 2
 SITES = ["decoder.0", "decoder.1"]
-LAYER_METRICS = ["load_max", "load_min", "entropy", "aux_loss", "z_loss"]
+LAYER_METRICS = ["load_max", "load_min", "load_cv", "entropy", "aux_loss", "z_loss"]
 
 
 def _dataset(n=16, length=10, padded=False):
@@ -84,11 +84,16 @@ def test_metrics_in_log_history(tmp_path):
             assert sum(loads) == pytest.approx(1.0, abs=1e-5)
             assert entry[f"spri/{site}/load_max"] == pytest.approx(max(loads))
             assert entry[f"spri/{site}/load_min"] == pytest.approx(min(loads))
+            mean = sum(loads) / NUM_EXPERTS
+            spread = math.sqrt(sum((load - mean) ** 2 for load in loads) / NUM_EXPERTS)
+            assert entry[f"spri/{site}/load_cv"] == pytest.approx(spread / mean)
             assert 0.0 <= entry[f"spri/{site}/entropy"] <= math.log(NUM_EXPERTS) + 1e-6
             assert entry[f"spri/{site}/aux_loss"] > 0 and entry[f"spri/{site}/z_loss"] >= 0
         for name in LAYER_METRICS:
             mean = sum(entry[f"spri/{site}/{name}"] for site in SITES) / len(SITES)
             assert entry[f"spri/{name}_mean"] == pytest.approx(mean)
+        # no routing labels asked for, no router with a correction bias
+        assert not [key for key in entry if "label_expert_mi_bits" in key or "bias_range" in key]
     # the run summary and the model are left as they were: no metrics there, no hooks left behind
     assert not any(key.startswith("spri/") for key in trainer.state.log_history[-1])
     assert all(not block.router._forward_hooks and not block._forward_hooks for _, _, block in model.moe_sites())
@@ -188,7 +193,8 @@ def test_forced_nan_warns_naming_the_first_layer(tmp_path, caplog, where, messag
 
 
 def test_peft_wrapped_stage2_model(tmp_path):
-    """LoRA on attention and on the fused experts, routers as `modules_to_save`: the monitor finds the blocks."""
+    """LoRA on attention and on the fused experts, routers as `modules_to_save`: the monitor finds the blocks, and the
+    routing labels pass through PEFT's forward to the SPRI model, where the monitor takes them out."""
     model = _spri().set_stage(2)
     config = LoraConfig(
         r=4,
@@ -198,10 +204,14 @@ def test_peft_wrapped_stage2_model(tmp_path):
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         modules_to_save=["router"],
     )
-    trainer = _trainer(get_peft_model(model, config), tmp_path, [SpriMonitorCallback()])
+    monitor = SpriMonitorCallback(routing_label_key="language")
+    dataset = _dataset().add_column("language", [0, 1] * 8)
+    peft_model = get_peft_model(model, config)
+    trainer = _trainer(peft_model, tmp_path, [monitor], dataset=dataset, remove_unused_columns=False)
     trainer.train()
     for entry in _train_logs(trainer):
-        assert all(f"spri/{site}/{name}" in entry for site in SITES for name in LAYER_METRICS)
+        names = LAYER_METRICS + ["label_expert_mi_bits"]
+        assert all(f"spri/{site}/{name}" in entry for site in SITES for name in names)
         assert 0.25 <= entry["spri/load_max_mean"] <= 1.0
 
 
@@ -224,3 +234,168 @@ def test_refuses_a_threshold_that_uniform_routing_reaches_and_a_dense_model(tmp_
         _trainer(_spri(), tmp_path, [SpriMonitorCallback(collapse_share=0.5)], max_steps=1).train()
     with pytest.raises(ValueError, match="found no SPRI model inside LlamaForCausalLM"):
         _trainer(tiny_dense("llama").train(), tmp_path, [SpriMonitorCallback()], max_steps=1).train()
+
+
+# ---- routing labels, load spread and balancing bias ----
+
+LANGUAGE = "language"
+
+
+def _language_dataset(design):
+    """16 examples, 8 of them on the first half of the vocabulary (side A) and 8 on the second half (side B), with a
+    `language` label each. `split`: the sides are the labels; `independent`: each label has 4 examples of each side;
+    `one_side`: every example is on side A, labels alternate."""
+    half = VOCAB // 2
+    generator = torch.Generator().manual_seed(0)
+    side_a = torch.randint(3, half, (8, 10), generator=generator)
+    side_b = torch.randint(half, VOCAB, (8, 10), generator=generator)
+    ids = torch.cat([side_a, side_a if design == "one_side" else side_b])
+    languages = [0] * 8 + [1] * 8 if design == "split" else [0, 1] * 8
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), LANGUAGE: languages})
+
+
+def _side_routed_spri():
+    """Both layers send every token of side A to experts 0 and 1 and every token of side B to experts 2 and 3: a large
+    embedding channel (+20 on side A, -20 on side B) that only this channel of the router weights reads."""
+    model = _spri()
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[: VOCAB // 2, 0], embeddings[VOCAB // 2 :, 0] = 20.0, -20.0
+        for block in model.moe_blocks().values():
+            block.router.weight[:, 0] = torch.tensor([5.0, 5.0, -5.0, -5.0])
+    return model
+
+
+def _keys_reaching_the_backbone(model):
+    """The input names of every call of the wrapped dense model, which the SPRI model's forward calls."""
+    seen = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "design, load_cv, mi_bits",
+    [
+        # balanced load, and the label names the pair of experts of every token: log2(4 / 2) = 1 bit, the maximum
+        ("split", 0.0, 1.0),
+        ("independent", 0.0, 0.0),
+        # experts 0 and 1 take every token: shares (1/2, 1/2, 0, 0), standard deviation 1/4 over a mean of 1/4
+        ("one_side", 1.0, 0.0),
+    ],
+)
+def test_load_cv_and_label_mutual_information_of_known_routing(tmp_path, design, load_cv, mi_bits):
+    """The language column reaches the monitor, not the model (remove_unused_columns=False keeps it in the batches)."""
+    model = _side_routed_spri()
+    backbone_calls = _keys_reaching_the_backbone(model)
+    monitor = SpriMonitorCallback(routing_label_key=LANGUAGE)
+    trainer = _trainer(
+        model,
+        tmp_path,
+        [monitor],
+        max_steps=2,
+        logging_steps=2,
+        dataset=_language_dataset(design),
+        learning_rate=0.0,
+        remove_unused_columns=False,
+    )
+    trainer.train()
+    (entry,) = _train_logs(trainer)  # one report over both steps: all 16 examples
+    for site in SITES:
+        assert entry[f"spri/{site}/load_cv"] == pytest.approx(load_cv, abs=1e-6)
+        assert entry[f"spri/{site}/label_expert_mi_bits"] == pytest.approx(mi_bits, abs=1e-6)
+    assert entry["spri/load_cv_mean"] == pytest.approx(load_cv, abs=1e-6)
+    assert entry["spri/label_expert_mi_bits_mean"] == pytest.approx(mi_bits, abs=1e-6)
+    assert len(backbone_calls) == 2 and all("input_ids" in keys and LANGUAGE not in keys for keys in backbone_calls)
+
+
+def _hand_mutual_information_bits(forwards, site_index):
+    """MI (bits) between label and chosen expert from routing this test recorded itself: every top-k choice of every
+    unmasked token counts for its example's label; negative labels are left out."""
+    counts = {}
+    for labels, mask, choices in forwards:
+        batch = labels.shape[0]
+        per_token = choices[site_index].reshape(batch, -1, TOP_K)
+        for example, label in enumerate(labels.tolist()):
+            if label < 0:
+                continue
+            row = counts.setdefault(label, torch.zeros(NUM_EXPERTS, dtype=torch.float64))
+            kept = per_token[example][mask[example].bool()]
+            row += torch.bincount(kept.reshape(-1), minlength=NUM_EXPERTS).double()
+    joint = torch.stack(list(counts.values()))
+    joint = joint / joint.sum()
+    independent = joint.sum(dim=1, keepdim=True) * joint.sum(dim=0, keepdim=True)
+    nonzero = joint > 0
+    return (joint[nonzero] * torch.log2(joint[nonzero] / independent[nonzero])).sum().item()
+
+
+def test_label_mutual_information_matches_the_recorded_routing(tmp_path, caplog):
+    """Random routers that learn, padding, two micro-batches per step, two steps per report, labels that are arbitrary
+    integers (-1: no label): the logged MI is the one computed from the routing that the test records itself."""
+    model = _spri()
+    dataset = _dataset(padded=True)
+    dataset = dataset.add_column(LANGUAGE, [[0, 7, 1000, -1][i % 4] for i in range(len(dataset))])
+    forwards = []
+
+    def record_batch(module, args, kwargs):  # registered before the monitor's hook, so it still sees the labels
+        if module.training:
+            forwards.append((kwargs[LANGUAGE].clone(), kwargs["attention_mask"].clone(), []))
+
+    model.register_forward_pre_hook(record_batch, with_kwargs=True)
+    for block in model.moe_blocks().values():
+        block.router.register_forward_hook(lambda router, args, output: forwards[-1][2].append(output[2].clone()))
+    trainer = _trainer(
+        model,
+        tmp_path,
+        [SpriMonitorCallback(routing_label_key=LANGUAGE)],
+        max_steps=2,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=2,
+        dataset=dataset,
+        remove_unused_columns=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="spri_hf"):
+        trainer.train()
+    assert not caplog.records  # the labels travel with the step's sums without disturbing the checks
+    (entry,) = _train_logs(trainer)
+    assert len(forwards) == 4
+    expected = [_hand_mutual_information_bits(forwards, index) for index in range(len(SITES))]
+    for site, value in zip(SITES, expected):
+        assert entry[f"spri/{site}/label_expert_mi_bits"] == pytest.approx(value, rel=1e-6, abs=1e-9)
+    assert entry["spri/label_expert_mi_bits_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "column, remove_unused_columns, match",
+    [
+        # Trainer drops columns that the model's forward does not name
+        ([0, 1] * 8, True, "found no 'language' in the training batch .*remove_unused_columns=False"),
+        ([[0] * 10, [1] * 10] * 8, False, "expects one integer label per example.*tensor of shape \\(8, 10\\)"),
+    ],
+    ids=["dropped", "per_token"],
+)
+def test_routing_labels_missing_or_misshaped_stop_the_first_step(tmp_path, column, remove_unused_columns, match):
+    model = _spri()
+    dataset = _dataset().add_column(LANGUAGE, column)
+    monitor = SpriMonitorCallback(routing_label_key=LANGUAGE)
+    trainer = _trainer(model, tmp_path, [monitor], dataset=dataset, remove_unused_columns=remove_unused_columns)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # no hook stays behind to fail the next run on this model
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all(not block.router._forward_hooks for block in model.moe_blocks().values())
+
+
+def test_bias_range_only_for_routers_with_a_correction_bias(tmp_path):
+    """Layer 0's router carries an auxiliary-loss-free balancing bias, layer 1's a bias slot left at None."""
+    model = _spri()
+    blocks = model.moe_blocks()
+    blocks[0].router.register_buffer("e_score_correction_bias", torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    blocks[1].router.register_buffer("e_score_correction_bias", None)
+    trainer = _trainer(model, tmp_path, [SpriMonitorCallback()], max_steps=2)
+    trainer.train()
+    for entry in _train_logs(trainer):
+        assert entry["spri/decoder.0/bias_range"] == pytest.approx(0.5)
+        assert "spri/decoder.1/bias_range" not in entry
+        assert entry["spri/bias_range_mean"] == pytest.approx(0.5)

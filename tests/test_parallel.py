@@ -213,6 +213,26 @@ def test_expert_parallel_matches_one_process_with_idle_experts(checkpoints, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["tp", "tp+ep"])
+def test_fine_grained_experts_shard_and_match_one_process(tmp_path, mode):
+    """`expert_granularity=2` (8 experts of half the FFN width, top-4): the same plans split the narrower experts by
+    their intermediate dim (tp) or by whole experts (ep); logits, loss and gradients equal one process."""
+    model = SpriForCausalLM.from_dense(
+        tiny_dense("llama"), num_experts=8, num_experts_per_tok=4, expert_granularity=2, diversity=0.3
+    )
+    perturb_experts(model.set_stage(2))
+    model.save_pretrained(tmp_path / "fine")
+    _ok(_run([FORWARD, tmp_path / "fine", "--mode", "single", "--output", tmp_path / "single"], processes=1))
+    _ok(_run([FORWARD, tmp_path / "fine", "--mode", mode, "--output", tmp_path / mode]))
+    _assert_matches(load_file(tmp_path / mode / "result.safetensors"), load_file(tmp_path / "single" / "result.safetensors"))
+    # 24 neurons per expert (48 / 2): tp halves them, ep keeps 4 whole experts per rank
+    expected = {"gate_up_proj": [8, 24, 32], "down_proj": [8, 32, 12]} if mode == "tp" else {
+        "gate_up_proj": [4, 48, 32], "down_proj": [4, 32, 24]}  # fmt: skip
+    for layer in json.loads((tmp_path / mode / "rank0.json").read_text())["experts"].values():
+        assert layer["local_shapes"] == expected
+
+
+@pytest.mark.slow
 def test_stage1_checkpoint_is_refused_with_the_fix(tmp_path):
     folder = tmp_path / "stage1"
     SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4).save_pretrained(folder)

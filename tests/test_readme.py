@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dense
+from conftest import tiny_dense, word_tokenizer
 from datasets import Dataset
 
 import spri_hf
@@ -167,10 +167,13 @@ PYTHON_EXAMPLES = {
     "TRAINING any trainer": ("docs/TRAINING.md", "class SpriGRPOTrainer", {}, ()),
     "SERVING export": ("docs/SERVING.md", 'spri_hf.export_native(moe, "native")', {}, ("spri_hf", "moe")),
     "PEFT": ("docs/PEFT.md", "get_peft_model(moe, config)", {}, ()),
-    "TRAINING_SIGNALS": ("docs/TRAINING_SIGNALS.md", "add_spri_monitor(trainer", {
+    "TRAINING_SIGNALS": ("docs/TRAINING_SIGNALS.md", "add_spri_monitor(trainer, collapse_share", {
         'report_to="tensorboard"': 'report_to="none"',  # tensorboard is not a test dependency
         "logging_steps=10": "logging_steps=1, max_steps=2",
     }, ("dense", "train_dataset")),
+    "TRAINING_SIGNALS labels": ("docs/TRAINING_SIGNALS.md", "routing_label_key", {
+        "logging_steps=10": "logging_steps=1, max_steps=2, report_to=[]",
+    }, ("moe", "labelled_dataset", "tokenizer")),
 }  # fmt: skip
 
 
@@ -182,8 +185,12 @@ def test_the_python_examples_of_each_page_run(name, workdir):
     available = {
         "dense": tiny_dense("llama"), "train_dataset": _tiny_train_dataset(), "ds": _tiny_train_dataset(),
         "moe": SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4), "input_ids": ids, "labels": ids,
-        "spri_hf": spri_hf,
+        "spri_hf": spri_hf, "labelled_dataset": _tiny_train_dataset().add_column("language", [i % 3 for i in range(16)]),
+        "tokenizer": word_tokenizer(),
     }  # fmt: skip
+    if name == "TRAINING_SIGNALS labels":
+        available["train_dataset"] = available["labelled_dataset"].remove_columns("labels")
+        needs = ("moe", "train_dataset", "tokenizer")
     if name == "PEFT":  # the page starts from a stage-2 SPRI checkpoint saved as "out"
         stage2 = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4)
         stage2.set_stage(2)

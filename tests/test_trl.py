@@ -309,6 +309,26 @@ def test_two_stage_sft_with_packing_switches_once(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("trainer_class, config_class", [(SpriSFTTrainer, SpriSFTConfig), (SpriDPOTrainer, SpriDPOConfig)])
+def test_trl_trainers_move_the_routing_bias_after_every_step(tokenizer, tmp_path, trainer_class, config_class):
+    """router_balance="bias": TRL reads router_aux_loss_coef = 0 (no aux loss in its loss), and the SPRI TRL trainers
+    move each router's bias once per optimizer step (+-rate per expert: after 4 steps every value is a multiple of
+    the rate, at most 4 of them away from 0, and some moved)."""
+    rate = 0.01
+    tiny_spri(tokenizer, stage=2, router_balance="bias", router_bias_update_rate=rate).save_pretrained(tmp_path / "m")
+    model = SpriForCausalLM.from_pretrained(tmp_path / "m")  # DPO builds its reference model from the path
+    assert model.config.router_aux_loss_coef == 0.0
+    dataset = conversations() if trainer_class is SpriSFTTrainer else preferences()
+    trainer = trainer_class(model=model, args=stage_args(config_class, tmp_path / "run", stage1_steps=0, max_steps=4),
+                            train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    for block in model.moe_blocks().values():
+        steps = block.router.e_score_correction_bias / rate
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4 + 1e-4
+        assert steps.abs().max() >= 1 - 1e-4
+
+
+@pytest.mark.slow
 def test_two_stage_dpo_through_the_switch(tokenizer, tmp_path):
     tiny_spri(tokenizer, stage=1).save_pretrained(tmp_path / "policy")
     model = SpriForCausalLM.from_pretrained(tmp_path / "policy")

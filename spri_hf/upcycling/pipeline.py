@@ -22,7 +22,7 @@ from ..architectures import FfnLayout, get_ffn_layouts
 from ..configuration_spri import SpriConfig
 from ..torch_tools import module_name, torch_threads
 from . import initializers as spri_init
-from .recipe import decompose, generator_key, residual_rank, upcycle_layer
+from .recipe import decompose, ffn_slices, generator_key, residual_rank, upcycle_layer
 from .settings import WorkOptions
 
 
@@ -72,11 +72,11 @@ def dense_groups(model, source, layouts: dict) -> list[tuple[list[str], list[str
 
 
 def block_names(model) -> list[tuple[str, list[str]]]:
-    """`(block name, parameter names)` of every MoE block in the inner model; a kept shared expert is a dense
-    tensor, streamed with the others."""
+    """`(block name, tensor names)` of every MoE block in the inner model (its parameters, and the routers' bias of
+    bias balancing); a kept shared expert is a dense tensor, streamed with the others."""
     inner = model.model
     return [
-        (module_name(inner, block), [name for name, _ in block.named_parameters() if not name.startswith("shared_expert.")])
+        (module_name(inner, block), [name for name in block.state_dict() if not name.startswith("shared_expert.")])
         for _, _, block in model.moe_sites()
     ]
 
@@ -108,7 +108,8 @@ def skeleton(spri_class: type, config: SpriConfig, source, dtype: torch.dtype):
 
         def matrices(stack: str, idx: int) -> dict:
             read, _ = read_ffn(source, layouts[stack], idx)
-            return read if source.resident else {proj: weight.clone() for proj, weight in read.items()}
+            read = read if source.resident else {proj: weight.clone() for proj, weight in read.items()}
+            return ffn_slices(config, read)
 
         # single-threaded as the upcycling workers are: the same singular values, so the same principal ranks
         with torch_threads(1):
@@ -188,6 +189,7 @@ def _upcycled_layers(spri_model, source, layouts, dtype, work: WorkOptions):
         try:
             for position, (stack, idx, block) in enumerate(sites):
                 matrices, biases = read_ffn(source, layouts[stack], idx)
+                matrices = ffn_slices(config, matrices)
                 if per_matrix:
                     ranks = principals(stack, idx)
                     parts = {proj: pool.submit(decompose_one, w, ranks.get(proj)) for proj, w in matrices.items()}

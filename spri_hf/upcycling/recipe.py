@@ -22,21 +22,54 @@ def generator_key(stack: str, idx: int) -> int:
     return idx if stack == "decoder" else 100_000 + idx
 
 
+def experts_per_slice(config: SpriConfig) -> int:
+    """How many experts hold each slice of the dense FFN (all of them unless `expert_granularity` > 1)."""
+    return config.num_experts // config.expert_granularity
+
+
+def slice_name(proj: str, piece: int, granularity: int) -> str:
+    return proj if granularity == 1 else f"{proj}.{piece}"
+
+
+def ffn_slices(config: SpriConfig, matrices: dict) -> dict:
+    """The matrices the experts are made from, keyed `slice_name(proj, piece, G)`: the dense FFN's own when
+    `expert_granularity` is 1; otherwise each projection's `G` slices of the intermediate neurons (rows of gate and
+    up, columns of down), slice after slice, the down slices scaled by `G` (in float64) so that the `G` slices of a
+    virtual group, each weighted 1/G by the replicated router, sum to the dense FFN."""
+    granularity = config.expert_granularity
+    if granularity == 1:
+        return matrices
+    sliced = {}
+    for piece in range(granularity):
+        for proj, weight in matrices.items():
+            if proj == "down":
+                width = weight.shape[1] // granularity
+                sliced[f"down.{piece}"] = weight[:, piece * width : (piece + 1) * width].double() * granularity
+            else:
+                width = weight.shape[0] // granularity
+                sliced[f"{proj}.{piece}"] = weight[piece * width : (piece + 1) * width]
+    return sliced
+
+
 def principal_of(config: SpriConfig, singular_values: torch.Tensor) -> int:
     """A matrix's principal rank under the config's rule (`principal_ratio` or `principal_energy`)."""
     return spri_init.principal_rank(singular_values, config.principal_ratio, config.principal_energy)
 
 
 def check_tail(config: SpriConfig, tail: int, where: str):
-    """Refuse a residual rank below `num_experts`: some experts would get no residual direction."""
-    if 0 < tail < config.num_experts:
+    """Refuse a residual rank below the number of experts sharing it: some experts would get no residual direction."""
+    experts = experts_per_slice(config)
+    if 0 < tail < experts:
         setting = (
             f"principal_energy={config.principal_energy}"
             if config.principal_energy is not None
             else f"principal_ratio={config.principal_ratio}"
         )
+        holders = f"num_experts={config.num_experts}"
+        if config.expert_granularity > 1:
+            holders = f"the {experts} experts that hold each slice (expert_granularity={config.expert_granularity})"
         raise ValueError(
-            f"The residual rank of {where} is {tail}, smaller than num_experts={config.num_experts}: some experts "
+            f"The residual rank of {where} is {tail}, smaller than {holders}: some experts "
             f"would get no residual direction. Lower {setting} or use fewer experts."
         )
 
@@ -46,22 +79,24 @@ def residual_rank(config: SpriConfig, layout: FfnLayout, stack: str, ffn_matrice
     work, and with `principal_energy` the principal rank of every FFN matrix (`{layer: {projection: r}}`; None
     otherwise, when the rank follows from the shapes alone).
 
-    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` (only read when `principal_energy` is set). The ranks
+    `ffn_matrices(idx)` gives the FFN matrices of layer `idx` as `ffn_slices` keys them (only read when
+    `principal_energy` is set). The ranks
     come from the singular values alone (`singular_values`), and `decompose` takes them from here, so no matrix's
     singular values are computed twice.
     """
-    rank = min(layout.hidden_size(config.base_config), layout.intermediate_size(config.base_config))
+    rank = min(layout.hidden_size(config.base_config), config.expert_intermediate_size(layout))
+    experts = experts_per_slice(config)
     if config.principal_energy is None:
         tail = rank - spri_init.principal_rank(torch.empty(rank), config.principal_ratio)
         check_tail(config, tail, "every FFN matrix")
-        return max(spri_init.residual_rank_per_expert(tail, config.num_experts), 1), None
+        return max(spri_init.residual_rank_per_expert(tail, experts), 1), None
     largest, ranks = 0, {}
     for idx in config.upcycled_layers(stack):
         for proj, weight in ffn_matrices(idx).items():
             principal = principal_of(config, spri_init.singular_values(weight))
             ranks.setdefault(idx, {})[proj] = principal
             check_tail(config, rank - principal, f"{stack} layer {idx} {proj}")
-            largest = max(largest, spri_init.residual_rank_per_expert(rank - principal, config.num_experts))
+            largest = max(largest, spri_init.residual_rank_per_expert(rank - principal, experts))
     return max(largest, 1), ranks
 
 
@@ -101,23 +136,38 @@ def upcycle_layer(
 ) -> dict:
     """Router and expert tensors of one SpriMoeBlock, keyed by parameter name relative to the block.
 
-    Computed in float64; with `out_dtype` each projection's experts are cast as soon as they are made (the streaming
-    upcycler keeps one layer's float64 work at a time this way). `layer_key` seeds the layer's random stream (the
-    layer index; encoder layers are offset). `decomposed` (`{projection: decompose(...)}`) gives the SVDs made
-    elsewhere (the streaming upcycler's workers); without it the layer's SVDs are made here, as one batch on an
-    accelerator `svd_device`, with the principal ranks `principals` (`{projection: r}`, from `residual_rank`) where
-    given.
+    `matrices` are the layer's `ffn_slices`. Computed in float64; with `out_dtype` each projection's experts are cast
+    as soon as they are made (the streaming upcycler keeps one layer's float64 work at a time this way). `layer_key`
+    seeds the layer's random stream (the layer index; encoder layers are offset). `decomposed` (`{name:
+    decompose(...)}`) gives the SVDs made elsewhere (the streaming upcycler's workers); without it the layer's SVDs are
+    made here, as one batch on an accelerator `svd_device`, with the principal ranks `principals` (`{name: r}`, from
+    `residual_rank`) where given.
+
+    With `expert_granularity` G > 1 each slice is upcycled as an FFN of its own into the `N = num_experts / G` experts
+    that hold it (expert `n * G + s` is the n-th of slice s), and the router's `N` rows are each repeated for the G
+    experts of their virtual group.
     """
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if out_dtype is None else tensor.to(out_dtype)
 
     generator = spri_init.layer_generator(config.seed, layer_key)
-    num_experts = config.num_experts
-    hidden = matrices["down"].shape[0]
-    tensors = {"router.weight": config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)}
+    granularity, num_experts = config.expert_granularity, experts_per_slice(config)
+    hidden = layout.hidden_size(config.base_config)
+    router = config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)
+    tensors = {"router.weight": router.repeat_interleave(granularity, dim=0) if granularity > 1 else router}
     up_names = ("gate", "up") if layout.gated else ("up",)
+    projections = (*up_names, "down")
     prefix = "gate_up" if layout.gated else "up"
+
+    def name(proj: str, piece: int) -> str:
+        return slice_name(proj, piece, granularity)
+
+    def interleave(per_slice: list[torch.Tensor]) -> torch.Tensor:
+        """(G x (N, ...)) -> (N * G, ...) with expert n * G + s the n-th of slice s."""
+        if granularity == 1:
+            return per_slice[0]
+        return torch.stack(per_slice, dim=1).flatten(0, 1)
 
     if config.init == "spri":
         _, expert_coef = spri_init.spri_coefficients(num_experts, config.spri_mode, config.diversity, config.residual_scale)
@@ -125,57 +175,65 @@ def upcycle_layer(
             svds = spri_init.thin_svds(list(matrices.values()), svd_method, svd_device)
             principals = principals or {}
             decomposed = {
-                proj: decompose(config, w, svd, principals.get(proj)) for (proj, w), svd in zip(matrices.items(), svds)
+                key: decompose(config, w, svd, principals.get(key)) for (key, w), svd in zip(matrices.items(), svds)
             }
         factors = {}
-        for proj in matrices:  # the random partition draws in this fixed order
-            svd, principal, shared = decomposed[proj]
+        for key in matrices:  # the random partition draws in this fixed order
+            svd, principal, shared = decomposed[key]
             factor_b, factor_a = spri_init.spri_factors(
                 svd, num_experts, principal=principal, expert_coef=expert_coef, partition=config.partition,
                 rank_per_expert=config.residual_rank, generator=generator,
             )  # fmt: skip
-            factors[proj] = (shared, factor_b, factor_a)
+            factors[key] = (shared, factor_b, factor_a)
         del decomposed
+        pieces = range(granularity)
         if config.stage == 1:
-            tensors[f"experts.{prefix}_shared"] = torch.cat([factors[p][0] for p in up_names], dim=0)
-            tensors[f"experts.{prefix}_residual_b"] = torch.cat([factors[p][1] for p in up_names], dim=1)
-            tensors[f"experts.{prefix}_residual_a"] = torch.cat([factors[p][2] for p in up_names], dim=1)
-            shared, factor_b, factor_a = factors["down"]
-            tensors["experts.down_shared"], tensors["experts.down_residual_b"] = shared, factor_b
-            tensors["experts.down_residual_a"] = factor_a
+            tensors[f"experts.{prefix}_shared"] = torch.cat([factors[name(p, s)][0] for s in pieces for p in up_names])
+            for factor, position in (("b", 1), ("a", 2)):
+                tensors[f"experts.{prefix}_residual_{factor}"] = interleave(
+                    [torch.cat([factors[name(p, s)][position] for p in up_names], dim=1) for s in pieces]
+                )
+                tensors[f"experts.down_residual_{factor}"] = interleave([factors[name("down", s)][position] for s in pieces])
+            tensors["experts.down_shared"] = torch.cat([factors[name("down", s)][0] for s in pieces], dim=1)
         else:
-            experts = {proj: cast(spri_init.materialize_experts(*factors.pop(proj))) for proj in list(matrices)}
-            add_full_experts(tensors, experts, up_names, prefix)
+            experts = {key: cast(spri_init.materialize_experts(*factors.pop(key))) for key in list(matrices)}
+            add_full_experts(tensors, experts, projections, prefix, interleave, name, granularity)
     else:
-        if config.init == "copy":
-            experts = {proj: cast(spri_init.copy_experts(w, num_experts)) for proj, w in matrices.items()}
-        elif config.init == "noise":
-            experts = {
-                proj: cast(spri_init.noise_experts(w, num_experts, config.noise_std, generator))
-                for proj, w in matrices.items()
-            }
-        elif config.init == "drop":
-            dropped = spri_init.drop_neurons(num_experts, matrices["down"].shape[1], config.drop_ratio, generator)
-            experts = {
-                proj: cast(spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator))
-                for proj, w in matrices.items()
-            }
-        else:  # random
-            experts = {
-                proj: cast(spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator))
-                for proj, w in matrices.items()
-            }
-        add_full_experts(tensors, experts, up_names, prefix)
+        experts = {}
+        for piece in range(granularity):
+            if config.init == "drop":
+                width = matrices[name("down", piece)].shape[1]
+                dropped = spri_init.drop_neurons(num_experts, width, config.drop_ratio, generator)
+            for proj in projections:
+                w = matrices[name(proj, piece)]
+                if config.init == "copy":
+                    made = spri_init.copy_experts(w, num_experts)
+                elif config.init == "noise":
+                    made = spri_init.noise_experts(w, num_experts, config.noise_std, generator)
+                elif config.init == "drop":
+                    made = spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator)
+                else:  # random
+                    made = spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator)
+                experts[name(proj, piece)] = cast(made)
+        add_full_experts(tensors, experts, projections, prefix, interleave, name, granularity)
 
     if biases:
         zero = config.init == "random"
-        up_bias = torch.cat([biases[p].detach().double() for p in up_names])
-        down_bias = biases["down"].detach().double()
-        tensors[f"experts.{prefix}_proj_bias"] = (up_bias * (not zero)).expand(num_experts, -1)
-        tensors["experts.down_proj_bias"] = (down_bias * (not zero)).expand(num_experts, -1)
-    return {name: cast(tensor) for name, tensor in tensors.items()}
+        per_slice_up = [
+            torch.cat([biases[p].detach().double().chunk(granularity)[s] for p in up_names]) for s in range(granularity)
+        ]
+        up_bias = interleave([bias.expand(num_experts, -1) for bias in per_slice_up])
+        tensors[f"experts.{prefix}_proj_bias"] = up_bias * (not zero)
+        # the down bias is added once per virtual group: each of its G experts adds it with weight 1/G
+        tensors["experts.down_proj_bias"] = (biases["down"].detach().double() * (not zero)).expand(num_experts * granularity, -1)
+    tensors = {key: cast(tensor) for key, tensor in tensors.items()}
+    if config.router_balance in ("bias", "both"):  # bias balancing starts from no correction, kept in float32
+        tensors["router.e_score_correction_bias"] = torch.zeros(config.num_experts, dtype=torch.float32)
+    return tensors
 
 
-def add_full_experts(tensors: dict, experts: dict, up_names: tuple, prefix: str):
-    tensors[f"experts.{prefix}_proj"] = torch.cat([experts[p] for p in up_names], dim=1)
-    tensors["experts.down_proj"] = experts["down"]
+def add_full_experts(tensors: dict, experts: dict, projections: tuple, prefix: str, interleave, name, granularity: int):
+    """Stage-2 expert tensors from each slice's experts (`experts[name(proj, piece)]`, (N, out, in))."""
+    up_names, pieces = projections[:-1], range(granularity)
+    tensors[f"experts.{prefix}_proj"] = interleave([torch.cat([experts[name(p, s)] for p in up_names], dim=1) for s in pieces])
+    tensors["experts.down_proj"] = interleave([experts[name("down", s)] for s in pieces])

@@ -53,7 +53,8 @@ def layer_work_bytes(model) -> int:
         projections = 3 if layout.gated else 2
         full_experts = config.stage == 2 or config.init != "spri"
         # the matrices, U/V and the principal part of each, plus the experts of one projection before the cast
-        work = projections * 4 * matrix + (config.num_experts * matrix * 2 if full_experts else 0)
+        experts = config.num_experts // config.expert_granularity  # each expert is 1/G of the dense width
+        work = projections * 4 * matrix + (experts * matrix * 2 if full_experts else 0)
         largest = max(largest, 8 * work)
     return largest
 
