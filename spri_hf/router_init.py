@@ -67,24 +67,37 @@ def read_calibration(path: str, method: str):
     return prompts
 
 
-def check_router_init(model, method: str, texts, num_experts: int | None = None, granularity: int = 1) -> None:
+def check_router_init(
+    model, method: str, texts, num_experts: int | None = None, granularity: int = 1, batches=None
+) -> None:
     """Refuse bad input before any weight changes, naming the value and the fix (`num_experts` and `granularity`
     where no model is given)."""
     if method not in ROUTER_INITS:
         raise ValueError(f"router init method={method!r} is not one of {ROUTER_INITS}.")
+    if batches is not None:
+        if texts is not None:
+            raise ValueError("init_routers takes calibration texts or model input batches, not both.")
+        if method == "prompts":
+            raise ValueError("method='prompts' needs texts per expert ({expert: [prompts]}), not batches.")
+        if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or not batches:
+            raise ValueError("batches must be a non-empty list of model input dicts (what the model's forward takes).")
+        if not all(isinstance(batch, Mapping) for batch in batches):
+            raise ValueError("every item of batches must be a dict of model inputs (input_ids=..., ...).")
     if model is not None:
         if not is_spri_model(model):
             raise TypeError(f"init_routers needs a SPRI model (from_dense or from_pretrained), got {type(model).__name__}.")
-        if model.config.is_encoder_decoder:
+        if model.config.is_encoder_decoder and batches is None and texts is not None:
             raise ValueError(
-                "init_routers runs the calibration texts through a decoder-only or encoder-only model; "
-                f"{model.config.base_config.model_type} is an encoder-decoder: use method='orthogonal' or 'random' "
-                "without texts."
+                "init_routers runs calibration texts through a decoder-only or encoder-only model; "
+                f"{model.config.base_config.model_type} is an encoder-decoder: pass batches=[model input dicts] "
+                "(input_features or input_ids, decoder_input_ids, ...) instead of texts."
             )
         num_experts, granularity = model.config.num_experts, model.config.expert_granularity
     num_experts //= granularity  # the router's choices: virtual groups of G experts
     if num_experts < 2:
         raise ValueError(f"{_choices(num_experts, granularity)}: a router with one choice has nothing to choose.")
+    if batches is not None:  # checked above; k-means counts the tokens once they are captured
+        return
     if method == "kmeans":
         if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
             raise ValueError("method='kmeans' needs a non-empty list of calibration texts.")
@@ -141,11 +154,16 @@ def init_routers(
     max_tokens: int = 8192,
     seed: int = 0,
     show_progress: bool = True,
+    batches: list[dict] | None = None,
 ) -> list[dict]:
     """Set every MoE layer's router of `model` by `method` (see the module docstring); returns one report per layer
     (`site`, `scale`, `entropy` as a fraction of log(num_experts), `top_share`: the busiest expert's share of the top-k
-    assignments over the calibration tokens, None without texts)."""
-    check_router_init(model, method, texts)
+    assignments over the calibration tokens, None without calibration data).
+
+    Instead of `texts`, `batches` gives the calibration data as the model's own input dicts (any model, encoder-decoder
+    and speech models included): a layer's tokens are those of its stack, less the padding that the stack's mask
+    (`attention_mask`, or `decoder_attention_mask` for the decoder of an encoder-decoder model) marks."""
+    check_router_init(model, method, texts, batches=batches)
     if not 0.0 < target_entropy < 1.0:
         raise ValueError(f"target_entropy={target_entropy} must lie strictly between 0 (one-hot) and 1 (uniform).")
     if texts is not None and tokenizer is None:
@@ -155,14 +173,19 @@ def init_routers(
     sites = model.moe_sites()
     originals = [block.router.weight.detach().clone() for _, _, block in sites]
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(tokenizer, texts, batch_size, max_length) if texts is not None else []
+    if batches is not None:
+        batches = [(dict(batch), None) for batch in batches]
+    else:
+        batches = _batches(tokenizer, texts, batch_size, max_length) if texts is not None else []
     was_training = model.training
     model.eval()
     reports = []
     try:
         with tqdm(total=len(sites) * len(batches), desc="router init", disable=not show_progress or not batches) as bar:
             for stack, index, block in sites:
-                states, owners = _capture(model, block, batches, bar) if batches else (None, None)
+                mask_name = "decoder_attention_mask" if stack == "decoder" and model.config.is_encoder_decoder else (
+                    "attention_mask")  # fmt: skip
+                states, owners = _capture(model, block, batches, bar, mask_name) if batches else (None, None)
                 if states is not None and len(states) > max_tokens:
                     keep = torch.randperm(len(states), generator=generator)[:max_tokens]
                     states, owners = states[keep], owners[keep]
@@ -198,8 +221,9 @@ def _batches(tokenizer, texts, batch_size: int, max_length: int) -> list[tuple[d
     return batches
 
 
-def _capture(model, block, batches, bar) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states entering `block` (non-padding tokens, float32) and each token's expert label."""
+def _capture(model, block, batches, bar, mask_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states entering `block` (non-padding tokens by the batch's `mask_name`, float32) and each token's
+    expert label (-1 without prompts)."""
     captured = []
 
     def hook(module, args):
@@ -211,14 +235,19 @@ def _capture(model, block, batches, bar) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     try:
         for encoded, experts in batches:
-            inputs = {name: value.to(device) for name, value in encoded.items()}
+            inputs = {name: value.to(device) if torch.is_tensor(value) else value for name, value in encoded.items()}
             try:
                 model(**inputs)
             except _Captured:
                 pass
-            hidden = captured.pop().float().reshape(*inputs["input_ids"].shape, -1)
-            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-            labels = torch.tensor(experts, device=hidden.device)[:, None].expand_as(mask)
+            hidden = captured.pop().float()  # (batch, sequence, hidden): the block's input before it flattens
+            hidden = hidden if hidden.dim() == 3 else hidden[None]
+            mask = inputs.get(mask_name)
+            if mask is None or tuple(mask.shape) != tuple(hidden.shape[:2]):
+                mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            mask = mask.bool().to(hidden.device)
+            labels = torch.tensor(experts if experts is not None else [-1] * hidden.shape[0], device=hidden.device)
+            labels = labels[:, None].expand_as(mask)
             states.append(hidden[mask].cpu())
             owners.append(labels[mask].cpu())
             bar.update()

@@ -238,7 +238,7 @@ def without_spri_hf(script: str) -> str:
 
 
 # ---- slow tier: real models from benchmarks/real_models.py ----------------------------------------------------------
-def word_tokenizer():
+def tiny_word_tokenizer():
     """A word-level tokenizer over the tiny models' vocabulary ("w0" .. "w96"), with padding."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 

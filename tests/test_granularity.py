@@ -7,7 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import SEQ2SEQ_FAMILIES, VOCAB, perturb_experts, progression_dataset, tiny_dense, word_tokenizer
+from conftest import (
+    SEQ2SEQ_FAMILIES,
+    VOCAB,
+    perturb_experts,
+    progression_dataset,
+    tiny_dense,
+    tiny_word_tokenizer,
+)
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
@@ -221,7 +228,7 @@ def test_lora_trains_fine_grained_experts(tmp_path):
 
 
 def test_router_init_keeps_virtual_groups_replicated():
-    tokenizer = word_tokenizer()
+    tokenizer = tiny_word_tokenizer()
     model = SpriForCausalLM.from_dense(
         tiny_dense("llama"), num_experts=8, num_experts_per_tok=2, expert_granularity=2, init="copy"
     )

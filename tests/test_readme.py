@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dense, word_tokenizer
+from conftest import tiny_dense, tiny_word_tokenizer
 from datasets import Dataset
 
 import spri_hf
@@ -186,7 +186,7 @@ def test_the_python_examples_of_each_page_run(name, workdir):
         "dense": tiny_dense("llama"), "train_dataset": _tiny_train_dataset(), "ds": _tiny_train_dataset(),
         "moe": SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4), "input_ids": ids, "labels": ids,
         "spri_hf": spri_hf, "labelled_dataset": _tiny_train_dataset().add_column("language", [i % 3 for i in range(16)]),
-        "tokenizer": word_tokenizer(),
+        "tokenizer": tiny_word_tokenizer(),
     }  # fmt: skip
     if name == "TRAINING_SIGNALS labels":
         available["train_dataset"] = available["labelled_dataset"].remove_columns("labels")

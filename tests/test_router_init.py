@@ -131,3 +131,52 @@ def test_cli_upcycles_with_kmeans_routers_and_refuses_a_missing_calibration_file
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(routers(kmeans), routers(expected)))
     assert not all(torch.allclose(a, b) for a, b in zip(routers(kmeans), routers(plain)))
     assert (tmp_path / "kmeans" / "tokenizer.json").is_file()  # the rest of the checkpoint is kept
+
+
+def test_kmeans_from_model_input_batches_sends_two_separated_clusters_to_different_experts():
+    """An encoder-decoder (tiny Whisper, decoder upcycled) calibrated with its own input dicts: the decoder tokens of
+    two vocabulary halves, whose embeddings are pushed far apart along two directions, all take expert 0 first
+    (a router row that favours both), and after k-means the halves take disjoint sets of experts; decoder padding
+    (`decoder_attention_mask`) is left out."""
+    from conftest import tiny
+
+    from spri_hf import SpriForSpeechSeq2Seq
+
+    dense = tiny("whisper")
+    with torch.no_grad():
+        embeddings = dense.model.decoder.embed_tokens.weight
+        first, second = torch.zeros(32), torch.zeros(32)
+        first[0], second[1] = 30.0, 30.0
+        embeddings[3:50] += first
+        embeddings[50:97] += second
+    model = SpriForSpeechSeq2Seq.from_dense(dense, num_experts=4, num_experts_per_tok=1, init="copy")
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for low, high in ((3, 50), (50, 97), (3, 50), (50, 97)):
+        ids = torch.randint(low, high, (4, 6), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[:, 4:] = 0  # padding: two positions per row
+        batches.append({"input_features": torch.randn(4, 8, 32, generator=generator), "decoder_input_ids": ids,
+                        "decoder_attention_mask": mask})  # fmt: skip
+    block = model.moe_blocks()[0]
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[0, :2] = 1.0  # both directions favour expert 0
+
+    def first_choices():
+        seen = []
+        handle = block.router.register_forward_hook(lambda module, args, out: seen.append(out[2][:, 0]))
+        try:
+            with torch.no_grad():
+                for batch in batches[:2]:
+                    model.eval()(**batch)
+        finally:
+            handle.remove()
+        return [set(choice.reshape(4, 6)[:, :4].flatten().tolist()) for choice in seen]
+
+    assert first_choices() == [{0}, {0}]
+    init_routers(model, method="kmeans", batches=batches, show_progress=False)
+    halves = first_choices()
+    assert halves[0].isdisjoint(halves[1]), halves  # 4 centroids for 2 clusters: each half gets its own experts
+    with pytest.raises(ValueError, match="texts or model input batches, not both"):
+        init_routers(model, word_tokenizer(), TEXTS, method="kmeans", batches=batches, show_progress=False)

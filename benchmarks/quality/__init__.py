@@ -58,6 +58,12 @@ Presets:
     cpu-xx-en            the main comparison, X->En, 5 seeds.
     cpu-xx-en-ablations  SPRI's open settings, one variant each, 3 seeds (`--methods` runs the tables' other
                          variants, such as spri-pr0.25 or spri-s1lr1x, into the same folder).
+    pilot-multi          two tasks (transcribe, translate) on ca, de, id, sv: the untrained model, copying the source,
+                         dense and copy on dev (does dense learn both tasks; does copy's routing depend on the language?).
+    cpu-multi            the comparison on the two-task data, with compute-matched variants, 5 seeds.
+    multi-beyond         issue 37's rows on the two-task data (dev, seed 0): spri and copy with k-means routers
+                         (`init_routers` on 128 training examples), spri with fine-grained experts (G = 4) and spri
+                         balanced by a routing bias, next to dense, copy and spri.
     gpu                  the paper's direction (En->XX, 15 languages), for an accelerator (`--device cuda`).
 
 Design (the same for every method; see docs/RESULTS.md):

@@ -24,6 +24,7 @@ from benchmarks.machine import cpu_model
 from .common import DEFAULT_CACHE, ROOT, SAMPLING_RATE
 from .data import (
     Example,
+    collate,
     context_frames,
     data_direction,
     data_fingerprint,
@@ -92,6 +93,8 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
         "data": data_id,
         "eval_split": eval_split,
     }
+    if method.router_init:
+        spec["router_init"] = method.router_init
     overrides = stage1_overrides(preset, method)
     if overrides:  # only where set: the specs of every other run stay as they were written
         spec["stage1"] = overrides
@@ -153,12 +156,32 @@ def evaluate_model(model, method: Method, examples, ctx: dict, with_cross_entrop
     return result
 
 
+def calibration_batches(ctx: dict, seed: int, device, count: int = 128, batch_size: int = 16) -> list[dict]:
+    """Router-init calibration data: `count` training examples drawn with the run's seed (every language and task
+    in proportion), as the model's input dicts; decoder padding is marked by `decoder_attention_mask`."""
+    examples = ctx["train_examples"]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chosen = [examples[i] for i in order[start : start + batch_size]]
+        batch = collate(chosen, ctx["states"], ctx["dense"].config.pad_token_id, device)
+        batch.pop("labels")
+        lengths = torch.tensor([len(example.decoder_input_ids) for example in chosen], device=device)
+        positions = torch.arange(batch["decoder_input_ids"].shape[1], device=device)
+        batch["decoder_attention_mask"] = (positions[None] < lengths[:, None]).long()
+        batches.append(batch)
+    return batches
+
+
 def run_one(method: Method, seed: int, ctx: dict, log) -> dict:
     preset, device = ctx["preset"], ctx["device"]
     timings = {}
     clock = time.perf_counter()
     torch.manual_seed(seed)
     model = build_model(method, ctx["dense"], preset, seed).to(device)
+    if method.router_init:
+        spri_hf.init_routers(model, method=method.router_init, batches=calibration_batches(ctx, seed, device),
+                     seed=seed, show_progress=False)  # fmt: skip
     timings["upcycle_s"] = time.perf_counter() - clock
     distance_before = pairwise_distances(model) if method.is_moe else None
     initial_settings = spri_settings(model)

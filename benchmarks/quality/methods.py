@@ -23,6 +23,8 @@ class Method:
     # compute-matched variant of this method: its steps scaled so that its training time matches dense's (both
     # measured on the first seed's step-matched runs, which must be finished)
     compute_matched_from: str | None = None
+    # `spri_hf.init_routers(method=...)` after upcycling, on training batches (issue 37's rows)
+    router_init: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -67,6 +69,16 @@ def _methods() -> dict[str, Method]:
         rows.append(Method(f"spri-s1len{fraction:g}", {"init": "spri"}, stage1={"stage1_fraction": fraction}))
     for multiplier in STAGE1_LR_MULTIPLIERS:
         rows.append(Method(f"spri-s1lr{multiplier:g}x", {"init": "spri"}, stage1={"stage1_lr_multiplier": multiplier}))
+    # beyond the paper (docs/METHOD.md): routers from data, fine-grained experts (the same active FFN width as G = 1:
+    # 4x the experts, 4x the top-k), balancing by a routing bias instead of the aux loss
+    rows.append(Method("spri-kmeans", {"init": "spri"}, router_init="kmeans",
+                       description="SPRI, routers from k-means of the decoder states"))  # fmt: skip
+    rows.append(Method("copy-kmeans", {"init": "copy"}, router_init="kmeans",
+                       description="copy, routers from k-means of the decoder states"))  # fmt: skip
+    rows.append(Method("spri-g4", {"init": "spri", "expert_granularity": 4},
+                       description="SPRI with fine-grained experts (G = 4: 4x the experts and the top-k)"))  # fmt: skip
+    rows.append(Method("spri-bias", {"init": "spri", "router_balance": "bias"},
+                       description="SPRI, balanced by a routing bias instead of the aux loss"))  # fmt: skip
     for base in ("copy", "drop", "spri", "spri-stage2only"):
         method = next(row for row in rows if row.name == base)
         rows.append(Method(f"{base}-cm", method.settings, description=f"{base}, as many steps as dense's training time",
@@ -178,6 +190,10 @@ PRESETS = {
                                                       "spri-stage2only-cm"),
                         seeds=(0, 1, 2, 3, 4), steps=400, max_eval_sources=60, langs=XX_EN_LANGS, restrict_vocab=True,
                         amp=True),  # fmt: skip
+    # issue 37's rows on the two-task data (dev, seed 0), next to dense, copy and spri
+    "multi-beyond": Preset("multi-beyond", "whisper-base", ("dense-untrained", "source-copy", "dense", "copy", "spri",
+                                                            "spri-kmeans", "copy-kmeans", "spri-g4", "spri-bias"),
+                           steps=400, max_eval_sources=30, langs=XX_EN_LANGS, restrict_vocab=True, amp=True),
     # the paper's direction, 15 En->XX languages (`python -m benchmarks.data.build`), for an accelerator
     "gpu": Preset(
         "gpu", "whisper-base", MAIN_METHODS, seeds=(0, 1, 2, 3, 4), steps=600, batch_size=32, learning_rate=1e-4,

@@ -137,11 +137,12 @@ def build_model(method: Method, dense, preset: Preset, seed: int):
     if not method.is_moe:
         # the dense weights are shared by every run: fine-tune a copy
         return copy.deepcopy(dense) if method.train else dense
+    granularity = method.settings.get("expert_granularity", 1)  # fine-grained: the same active width as G = 1
     return SpriForSpeechSeq2Seq.from_dense(
         dense,
         upcycle="decoder",
-        num_experts=preset.num_experts,
-        num_experts_per_tok=preset.num_experts_per_tok,
+        num_experts=preset.num_experts * granularity,
+        num_experts_per_tok=preset.num_experts_per_tok * granularity,
         seed=seed,
         stage2_frozen=frozen_patterns(preset),  # SpriTrainer's switch to stage 2 keeps them frozen too
         **method.settings,

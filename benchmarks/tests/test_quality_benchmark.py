@@ -126,11 +126,12 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
             assert run["routing"] is None
             continue
         routing = run["routing"]
-        assert routing["languages"] == langs and routing["num_experts"] == preset.num_experts
+        experts = preset.num_experts * method.settings.get("expert_granularity", 1)  # spri-g4: 4x the experts
+        assert routing["languages"] == langs and routing["num_experts"] == experts
         for lang in langs:
             assert len(routing["load"][lang]) == len(routing["layers"])
             for layer_load in routing["load"][lang]:
-                assert len(layer_load) == preset.num_experts
+                assert len(layer_load) == experts
                 assert sum(layer_load) == pytest.approx(1.0)
         distances = (routing["pairwise_distance_before"], routing["pairwise_distance_after"])
         assert [len(d) for d in distances] == [len(routing["layers"])] * 2
@@ -140,6 +141,11 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
         return json.loads((out / "runs" / f"{name}-seed0.json").read_text())["routing"]["pairwise_distance_before"]
 
     assert max(distances_before("copy")) == 0 and min(distances_before("random")) > 0.1
+    # issue 37's rows: routers from k-means of training batches (part of the spec), the routing bias, G = 4
+    runs = {name: json.loads((out / "runs" / f"{name}-seed0.json").read_text()) for name in ("spri-kmeans", "spri-bias")}
+    assert runs["spri-kmeans"]["spec"]["router_init"] == "kmeans"
+    assert runs["spri-bias"]["settings"]["router_balance"] == "bias"
+    assert runs["spri-bias"]["settings"]["router_aux_loss_coef"] == 0.0
     two_stage = json.loads((out / "runs" / "spri-seed0.json").read_text())["history"]
     assert [step["stage"] for step in two_stage] == [1, 1, 2, 2]
     # the stage-1 length ablations move the switch, within the same number of steps
