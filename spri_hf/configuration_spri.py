@@ -394,6 +394,12 @@ class SpriConfig(PreTrainedConfig):
             )
         if layout.has_bias(base):
             return f"{base.model_type}'s FFNs have biases (mlp_bias=True) and fused MoE kernels run experts without"
+        if self.router_balance in ("bias", "both"):
+            return (
+                f"router_balance={self.router_balance!r} adds e_score_correction_bias to the routing scores for the "
+                "top-k choice, and vLLM's fused MoE, which replaces the router as well, applies it otherwise "
+                "(other tokens than transformers); serve it with transformers"
+            )
         return None
 
     def __getattr__(self, name: str):

