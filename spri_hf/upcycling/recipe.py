@@ -155,19 +155,9 @@ def upcycle_layer(
     granularity, num_experts = config.expert_granularity, experts_per_slice(config)
     hidden = layout.hidden_size(config.base_config)
     router = config.initializer_range * torch.randn(num_experts, hidden, generator=generator, dtype=torch.float64)
-    tensors = {"router.weight": router.repeat_interleave(granularity, dim=0) if granularity > 1 else router}
+    tensors = {"router.weight": router.repeat_interleave(granularity, dim=0)}
     up_names = ("gate", "up") if layout.gated else ("up",)
-    projections = (*up_names, "down")
     prefix = "gate_up" if layout.gated else "up"
-
-    def name(proj: str, piece: int) -> str:
-        return slice_name(proj, piece, granularity)
-
-    def interleave(per_slice: list[torch.Tensor]) -> torch.Tensor:
-        """(G x (N, ...)) -> (N * G, ...) with expert n * G + s the n-th of slice s."""
-        if granularity == 1:
-            return per_slice[0]
-        return torch.stack(per_slice, dim=1).flatten(0, 1)
 
     if config.init == "spri":
         _, expert_coef = spri_init.spri_coefficients(num_experts, config.spri_mode, config.diversity, config.residual_scale)
@@ -186,54 +176,91 @@ def upcycle_layer(
             )  # fmt: skip
             factors[key] = (shared, factor_b, factor_a)
         del decomposed
-        pieces = range(granularity)
         if config.stage == 1:
-            tensors[f"experts.{prefix}_shared"] = torch.cat([factors[name(p, s)][0] for s in pieces for p in up_names])
-            for factor, position in (("b", 1), ("a", 2)):
-                tensors[f"experts.{prefix}_residual_{factor}"] = interleave(
-                    [torch.cat([factors[name(p, s)][position] for p in up_names], dim=1) for s in pieces]
-                )
-                tensors[f"experts.down_residual_{factor}"] = interleave([factors[name("down", s)][position] for s in pieces])
-            tensors["experts.down_shared"] = torch.cat([factors[name("down", s)][0] for s in pieces], dim=1)
+            tensors.update(stage1_tensors(factors, up_names, prefix, granularity))
         else:
             experts = {key: cast(spri_init.materialize_experts(*factors.pop(key))) for key in list(matrices)}
-            add_full_experts(tensors, experts, projections, prefix, interleave, name, granularity)
+            tensors.update(stage2_tensors(experts, up_names, prefix, granularity))
     else:
         experts = {}
         for piece in range(granularity):
-            if config.init == "drop":
-                width = matrices[name("down", piece)].shape[1]
-                dropped = spri_init.drop_neurons(num_experts, width, config.drop_ratio, generator)
-            for proj in projections:
-                w = matrices[name(proj, piece)]
-                if config.init == "copy":
-                    made = spri_init.copy_experts(w, num_experts)
-                elif config.init == "noise":
-                    made = spri_init.noise_experts(w, num_experts, config.noise_std, generator)
-                elif config.init == "drop":
-                    made = spri_init.drop_experts(w, dropped, 1 if proj == "down" else 0, generator)
-                else:  # random
-                    made = spri_init.random_experts(tuple(w.shape), num_experts, config.initializer_range, generator)
-                experts[name(proj, piece)] = cast(made)
-        add_full_experts(tensors, experts, projections, prefix, interleave, name, granularity)
+            experts.update(baseline_experts(config, matrices, (*up_names, "down"), piece, generator, cast))
+        tensors.update(stage2_tensors(experts, up_names, prefix, granularity))
 
     if biases:
         zero = config.init == "random"
         per_slice_up = [
             torch.cat([biases[p].detach().double().chunk(granularity)[s] for p in up_names]) for s in range(granularity)
         ]
-        up_bias = interleave([bias.expand(num_experts, -1) for bias in per_slice_up])
+        up_bias = interleave_slices([bias.expand(num_experts, -1) for bias in per_slice_up])
         tensors[f"experts.{prefix}_proj_bias"] = up_bias * (not zero)
         # the down bias is added once per virtual group: each of its G experts adds it with weight 1/G
-        tensors["experts.down_proj_bias"] = (biases["down"].detach().double() * (not zero)).expand(num_experts * granularity, -1)
+        down_bias = biases["down"].detach().double() * (not zero)
+        tensors["experts.down_proj_bias"] = down_bias.expand(config.num_experts, -1)
     tensors = {key: cast(tensor) for key, tensor in tensors.items()}
     if config.router_balance in ("bias", "both"):  # bias balancing starts from no correction, kept in float32
         tensors["router.e_score_correction_bias"] = torch.zeros(config.num_experts, dtype=torch.float32)
     return tensors
 
 
-def add_full_experts(tensors: dict, experts: dict, projections: tuple, prefix: str, interleave, name, granularity: int):
-    """Stage-2 expert tensors from each slice's experts (`experts[name(proj, piece)]`, (N, out, in))."""
-    up_names, pieces = projections[:-1], range(granularity)
-    tensors[f"experts.{prefix}_proj"] = interleave([torch.cat([experts[name(p, s)] for p in up_names], dim=1) for s in pieces])
-    tensors["experts.down_proj"] = interleave([experts[name("down", s)] for s in pieces])
+def interleave_slices(per_slice: list[torch.Tensor]) -> torch.Tensor:
+    """G tensors (N, ...), one per slice, -> (N * G, ...) with expert `n * G + s` the n-th of slice s."""
+    if len(per_slice) == 1:
+        return per_slice[0]
+    return torch.stack(per_slice, dim=1).flatten(0, 1)
+
+
+def baseline_experts(config: SpriConfig, matrices: dict, projections: tuple, piece: int, generator, cast) -> dict:
+    """The experts of one slice for the baseline inits (copy, noise, drop, random), keyed as `matrices`; the random
+    draws in the order of `projections`."""
+    granularity, num_experts = config.expert_granularity, experts_per_slice(config)
+    if config.init == "drop":
+        width = matrices[slice_name("down", piece, granularity)].shape[1]
+        dropped = spri_init.drop_neurons(num_experts, width, config.drop_ratio, generator)
+    experts = {}
+    for proj in projections:
+        key = slice_name(proj, piece, granularity)
+        weight = matrices[key]
+        if config.init == "copy":
+            made = spri_init.copy_experts(weight, num_experts)
+        elif config.init == "noise":
+            made = spri_init.noise_experts(weight, num_experts, config.noise_std, generator)
+        elif config.init == "drop":
+            made = spri_init.drop_experts(weight, dropped, 1 if proj == "down" else 0, generator)
+        else:  # random
+            made = spri_init.random_experts(tuple(weight.shape), num_experts, config.initializer_range, generator)
+        experts[key] = cast(made)
+    return experts
+
+
+def stage1_tensors(factors: dict, up_names: tuple, prefix: str, granularity: int) -> dict:
+    """SpriResidualExperts' tensors from each slice's `(shared, factor_b, factor_a)`: the shared bases slice after
+    slice, the factors of the experts interleaved."""
+    pieces = range(granularity)
+
+    def key(proj: str, piece: int) -> str:
+        return slice_name(proj, piece, granularity)
+
+    tensors = {f"experts.{prefix}_shared": torch.cat([factors[key(p, s)][0] for s in pieces for p in up_names])}
+    for factor, position in (("b", 1), ("a", 2)):
+        tensors[f"experts.{prefix}_residual_{factor}"] = interleave_slices(
+            [torch.cat([factors[key(p, s)][position] for p in up_names], dim=1) for s in pieces]
+        )
+        tensors[f"experts.down_residual_{factor}"] = interleave_slices([factors[key("down", s)][position] for s in pieces])
+    tensors["experts.down_shared"] = torch.cat([factors[key("down", s)][0] for s in pieces], dim=1)
+    return tensors
+
+
+def stage2_tensors(experts: dict, up_names: tuple, prefix: str, granularity: int) -> dict:
+    """Fused stage-2 expert tensors from each slice's experts (`(N, out, in)`, keyed as `ffn_slices`)."""
+    pieces = range(granularity)
+
+    def key(proj: str, piece: int) -> str:
+        return slice_name(proj, piece, granularity)
+
+    return {
+        f"experts.{prefix}_proj": interleave_slices(
+            [torch.cat([experts[key(p, s)] for p in up_names], dim=1) for s in pieces]
+        ),
+        "experts.down_proj": interleave_slices([experts[key("down", s)] for s in pieces]),
+    }
