@@ -497,8 +497,17 @@ class SpriRouterBiasCallback(TrainerCallback):
             raise ValueError(
                 f"SpriRouterBiasCallback found no SPRI model inside {type(model).__name__}; remove the callback."
             )
-        for _, _, block in spri_model.moe_sites():  # counts of forwards before training are not a step's load
-            block.router.expert_load = None
+        routers = [block.router for _, _, block in spri_model.moe_sites()]
+        if spri_model.config.router_balance in ("bias", "both") and all(
+            router.e_score_correction_bias is None for router in routers
+        ):
+            raise ValueError(
+                f"config.router_balance={spri_model.config.router_balance!r}, but the routers were built without a "
+                "routing bias (the setting was changed after the model was made). Pass it when the model is made: "
+                "from_pretrained(..., router_balance='bias') or from_dense(..., router_balance='bias')."
+            )
+        for router in routers:  # counts of forwards before training are not a step's load
+            router.expert_load = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         spri_model = find_spri_model(model)

@@ -423,6 +423,8 @@ class SpriConfig(PreTrainedConfig):
         # through this config is written to `base_config`, whose values the dense model reads (`config.use_cache =
         # False`, `config.num_hidden_layers = 1`, ...); the shared fields (MIRRORED_FIELDS) are written to both.
         base = self.__dict__.get("base_config")
+        if name == "router_balance" and value == "bias" and self.__dict__.get("_post_init_done"):
+            super().__setattr__("router_aux_loss_coef", 0.0)  # as at construction: no trainer adds the aux loss
         if name.startswith("_") or not self.__dict__.get("_post_init_done") or not isinstance(base, PreTrainedConfig):
             super().__setattr__(name, value)
             return

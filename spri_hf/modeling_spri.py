@@ -181,6 +181,8 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, SpriRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:  # bias balancing turned on for a checkpoint without one
+                init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, (SpriExpertsBase, SpriResidualExperts)):
             for name, param in module.named_parameters(recurse=False):
                 if name.endswith("_bias"):

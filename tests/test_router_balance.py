@@ -169,3 +169,21 @@ def test_ddp_ranks_keep_identical_biases_equal_to_one_process_on_the_whole_batch
     expected = [block.router.e_score_correction_bias.tolist() for block in model.moe_blocks().values()]
     assert ranks[0] == expected
     assert any(value != 0 for layer in expected for value in layer)
+
+
+def test_bias_balancing_turned_on_when_loading_a_checkpoint_without_a_bias_starts_at_zero(tmp_path):
+    SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, init="copy").save_pretrained(tmp_path / "plain")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", router_balance="bias")
+    assert model.config.router_aux_loss_coef == 0.0
+    for block in model.moe_blocks().values():
+        assert torch.equal(block.router.e_score_correction_bias, torch.zeros(4))
+
+
+def test_bias_balancing_switched_on_after_the_model_was_made_is_refused_with_the_fix(tmp_path):
+    model = SpriForCausalLM.from_dense(tiny_dense("llama"), num_experts=4, init="copy")
+    model.config.router_balance = "bias"
+    assert model.config.router_aux_loss_coef == 0.0
+    args = SpriTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = SpriTrainer(model=model, args=args, train_dataset=progression_dataset(n=8))
+    with pytest.raises(ValueError, match=r"built without a routing bias.*from_pretrained\(\.\.\., router_balance='bias'\)"):
+        trainer.train()
