@@ -305,8 +305,8 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
         ])  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loads)
-        for router, load in zip(routers, loads):
-            router.update_bias(load)
+        for router, load in zip(routers, loads):  # the rate read now: a change of the config applies at once
+            router.update_bias(load, self.config.router_bias_update_rate)
         return True
 
     def get_input_embeddings(self):

@@ -41,7 +41,6 @@ class SpriRouter(nn.Module):
         self.num_experts = config.num_experts
         self.norm_topk_prob = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, layout.hidden_size(config.base_config)))
-        self.bias_update_rate = config.router_bias_update_rate
         balances_by_bias = config.router_balance in ("bias", "both")
         bias = torch.zeros(config.num_experts, dtype=torch.float32) if balances_by_bias else None
         self.register_buffer("e_score_correction_bias", bias)
@@ -68,11 +67,11 @@ class SpriRouter(nn.Module):
         self.expert_load = counts if self.expert_load is None else self.expert_load + counts
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor):
+    def update_bias(self, load: torch.Tensor, rate: float):
         """One step of auxiliary-loss-free balancing (DeepSeek-V3's rule): every expert busier than the mean load
-        loses `bias_update_rate`, every idler one gains it (`load`: the step's top-k counts, all processes summed)."""
+        loses `rate`, every idler one gains it (`load`: the step's top-k counts, all processes summed)."""
         if load.sum() > 0:
-            self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(
+            self.e_score_correction_bias += rate * torch.sign(load.mean() - load).to(
                 self.e_score_correction_bias.device
             )
         self.expert_load = None
