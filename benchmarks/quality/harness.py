@@ -310,6 +310,18 @@ def paired_differences(results: list[dict], pairs: tuple[tuple[str, str], ...] =
             "pairs": {name: stat for name, stat in extra.items() if stat is not None}}
 
 
+def paired_by_task(results: list[dict], tasks: list[str | None], pairs: tuple[tuple[str, str], ...] = ()) -> dict:
+    """`paired_differences` within each task of two-task data: `tasks[j]` is the task of evaluation sentence `j` (the
+    order of every run's `sentence_chrf`); {} when the data has no tasks. Each task picks its own best baseline."""
+    per_task = {}
+    for task in sorted({task for task in tasks if task}):
+        keep = [j for j, name in enumerate(tasks) if name == task]
+        sliced = [dict(result, sentence_chrf=[result["sentence_chrf"][j] for j in keep])
+                  if result.get("sentence_chrf") is not None else result for result in results]  # fmt: skip
+        per_task[task] = paired_differences(sliced, pairs)
+    return per_task
+
+
 def _mean_std(values: list[float]) -> dict:
     return {
         "mean": statistics.fmean(values),
@@ -409,6 +421,30 @@ def describe_bleu_tokenize(tokenizers: dict[str, str]) -> str:
     return ", ".join(special) + (", others `13a`" if len(special) < len(tokenizers) else "")
 
 
+def per_task_paired_lines(per_task: dict) -> list[str]:
+    """The per-task paired differences (`paired_by_task`) as a markdown table: each trained method against dense and
+    against the task's best upcycling baseline."""
+    if not per_task:
+        return []
+    tasks = sorted(per_task)
+    lines = ["", "## Paired differences per task", "",
+             "Sentence chrF++ within each task, 95% bootstrap interval over seeds and sentences (the task's best "
+             "baseline: " + ", ".join(f"{task} {per_task[task]['best_baseline']}" for task in tasks) + ").", "",
+             "| method | " + " | ".join(f"{task} vs dense | {task} vs best baseline" for task in tasks) + " |",
+             "|---" * (2 * len(tasks) + 1) + "|"]  # fmt: skip
+    names = [name for name in METHODS if any(name in per_task[task]["methods"] for task in tasks)]
+    for name in names:
+        cells = []
+        for task in tasks:
+            entry = per_task[task]["methods"].get(name, {})
+            for reference in ("dense", per_task[task]["best_baseline"]):
+                stat = entry.get(f"vs_{reference}")
+                cells.append(f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]"
+                             + ("" if stat["significant"] else " (n.s.)") if stat else "")  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict) -> str:
     methods, langs = summary["methods"], summary["languages"]
     header = (f"| method | settings | lr | chrF++ | BLEU | {summary['eval_split']} CE | ΔchrF++ vs dense [95% CI] | "
@@ -473,6 +509,7 @@ def markdown(summary: dict) -> str:
         for name in tasked:
             cells = [_cell(methods[name]["per_task"][task][metric]) for task in tasks for metric in ("chrf", "bleu")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += per_task_paired_lines(summary.get("paired_per_task") or {})
     for metric, title in (("bleu", "BLEU"), ("chrf", "chrF++")):
         lines += ["", f"## {title} per language", "", "| method | " + " | ".join(langs) + " | avg |",
                   "|---" * (len(langs) + 2) + "|"]
@@ -879,6 +916,7 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
         },
         "methods": summarise(results, all_langs if extra_rows else langs),
         "paired": paired_differences(results),
+        "paired_per_task": paired_by_task(results, [example.task for example in eval_examples]),
         "encoder_seconds": encoder_seconds,
     }
     if check_context:

@@ -589,8 +589,36 @@ def test_two_task_data_end_to_end_with_per_task_metrics_and_routing(tiny_two_tas
     for key in ("language_expert_mi_bits", "task_expert_mi_bits", "target_language_expert_mi_bits"):
         assert 0.0 <= routing["mean"][key] <= math.log2(3)
         assert key in summary["methods"]["copy"]["routing"]
+    # paired differences within each task: the sentences of that task only (the evaluation order of the run files)
+    per_task = summary["paired_per_task"]
+    assert set(per_task) == {"transcribe", "translate"}
+    dense_run, copy_run = runs["dense"], runs["copy"]
+    order = [row["task"] for row in test_rows]
+    for task in ("transcribe", "translate"):
+        keep = [j for j, name in enumerate(order) if name == task]
+        expected = sum(copy_run["sentence_chrf"][j] - dense_run["sentence_chrf"][j] for j in keep) / len(keep)
+        stat = per_task[task]["methods"]["copy"]["vs_dense"]
+        assert stat["sentences"] == len(keep) and stat["mean"] == pytest.approx(expected)
     text = (out / "summary.md").read_text()
-    assert "## Per task" in text and "task-expert MI" in text
+    assert "## Per task" in text and "task-expert MI" in text and "## Paired differences per task" in text
+
+
+def test_paired_by_task_pairs_the_sentences_of_each_task_only():
+    from benchmarks.quality.harness import paired_by_task
+
+    # four sentences, transcribe / translate alternating: copy gains 4 on transcribe and loses 2 on translate
+    dense = [[50.0, 30.0, 60.0, 20.0], [52.0, 31.0, 58.0, 21.0]]
+    copy = [[row[0] + 4, row[1] - 2, row[2] + 4, row[3] - 2] for row in dense]
+    results = [{"method": name, "seed": seed, "sentence_chrf": rows[seed]}
+               for name, rows in (("dense", dense), ("copy", copy)) for seed in (0, 1)]  # fmt: skip
+    per_task = paired_by_task(results, ["transcribe", "translate", "transcribe", "translate"])
+    assert set(per_task) == {"transcribe", "translate"}
+    transcribe = per_task["transcribe"]["methods"]["copy"]["vs_dense"]
+    translate = per_task["translate"]["methods"]["copy"]["vs_dense"]
+    assert transcribe["mean"] == pytest.approx(4.0) and transcribe["sentences"] == 2 and transcribe["significant"]
+    assert translate["mean"] == pytest.approx(-2.0) and translate["low"] == pytest.approx(-2.0)
+    # data without tasks has no per-task table
+    assert paired_by_task(results, [None] * 4) == {}
 
 
 def test_mutual_information_bits_on_tables_with_a_known_answer():
