@@ -26,7 +26,14 @@ variants (`copy-cm`, ...: as many steps as dense's training time)::
     python -m benchmarks.quality --preset pilot-multi --data benchmarks/data/covost_multi --eval-split dev \
         --out docs/results/pilot-multi --threads 1
     python -m benchmarks.quality --preset cpu-multi --data benchmarks/data/covost_multi --out docs/results/cpu-multi \
-        --select-lr 1e-4,3e-4,1e-3 --threads 1
+        --learning-rates docs/results/cpu-multi/learning-rates.json --threads 1
+    python -m benchmarks.quality --preset multi-beyond --data benchmarks/data/covost_multi --eval-split dev \
+        --out docs/results/multi-beyond --learning-rates docs/results/cpu-multi/learning-rates.json \
+        --reuse docs/results/pilot-multi --threads 1
+
+cpu-multi's rates are not chosen on its own dev split (that selection alone would cost more than the grid's budget):
+`learning-rates.json` takes cpu-xx-en's dev choice (3e-4 for every method) and trains spri at the library's stage-1
+defaults. multi-beyond's budget equals pilot-multi's, so dense and copy come from the pilot's runs.
 
 The ablations train at spri's chosen rate and stage 1 (the main run's `lr-selection.json`) and take spri's own runs
 from the main comparison; a stage-1 ablation that equals spri's chosen schedule is spri's run, so once dev has chosen
