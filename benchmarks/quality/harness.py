@@ -612,9 +612,10 @@ def status_table(rows: list[dict]) -> str:
 
 
 def _comparable(spec: dict) -> tuple:
-    """What two runs must share to be paired: model, data, split and, for trained runs, the step budget."""
-    budget = spec.get("budget", {})
-    return spec.get("model"), spec.get("data"), spec.get("eval_split"), budget.get("steps") if spec.get("train") else None
+    """What two runs must share to be paired: model, data, split and, for trained step-matched runs, the step budget (a
+    compute-matched variant's steps differ from the grid's by design: it pairs on model, data and split)."""
+    steps = spec.get("budget", {}).get("steps") if spec.get("train") and not spec.get("compute_matched") else None
+    return spec.get("model"), spec.get("data"), spec.get("eval_split"), steps
 
 
 def interim_paired(out: Path, reuse: list[Path] = (), pairs: tuple[tuple[str, str], ...] = ()) -> str:
@@ -631,7 +632,7 @@ def interim_paired(out: Path, reuse: list[Path] = (), pairs: tuple[tuple[str, st
             if result.get("sentence_chrf") is None or result["method"] not in METHODS:
                 continue
             key = _comparable(spec)
-            if reference is None and spec.get("train"):
+            if reference is None and key[3] is not None:
                 reference = key
             pooled.setdefault((result["method"], result["seed"]), (key, result))
     if reference is None:

@@ -621,6 +621,39 @@ def test_paired_by_task_pairs_the_sentences_of_each_task_only():
     assert paired_by_task(results, [None] * 4) == {}
 
 
+def test_interim_table_pools_compute_matched_runs_with_the_step_matched_grid(tmp_path):
+    """`--status` on a grid with compute-matched variants: a `-cm` run trains fewer steps by design and pairs with dense
+    on model, data and split; its name sorts first, yet the grid's step budget stays dense's (issue 35's folder)."""
+    from benchmarks.quality.harness import interim_paired
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    dense = [50.0, 30.0, 60.0, 20.0]
+    scores = {"dense": dense, "copy": [s - 1 for s in dense], "copy-cm": [s - 2 for s in dense],
+              "dense-untrained": [s - 30 for s in dense]}  # fmt: skip
+
+    def write(method, sentence_chrf, steps, train=True, compute_matched=None, model="m"):
+        spec = {"method": method, "train": train, "budget": {"steps": steps}, "model": model, "data": "d",
+                "eval_split": "test"}  # fmt: skip
+        if compute_matched:
+            spec["compute_matched"] = compute_matched
+        result = {"method": method, "seed": 0, "spec": spec, "sentence_chrf": sentence_chrf,
+                  "metrics": {"chrf": float(np.mean(sentence_chrf))}}  # fmt: skip
+        (runs / f"{method}-seed0.json").write_text(json.dumps(result))
+
+    write("copy-cm", scores["copy-cm"], 316, compute_matched={"steps": 316, "seed": 0})
+    write("dense", scores["dense"], 400)
+    write("copy", scores["copy"], 400)
+    write("dense-untrained", scores["dense-untrained"], 400, train=False)
+    table = interim_paired(tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert {"dense", "copy", "copy-cm", "dense-untrained"} <= set(rows)
+    assert "-2.00 [-2.00, -2.00] (1 seeds)" in rows["copy-cm"] and "-1.00 [-1.00, -1.00]" in rows["copy"]
+    # a step-matched run of another budget is still kept apart
+    write("spri", scores["dense"], 300)
+    assert "| spri |" not in interim_paired(tmp_path)
+
+
 def test_mutual_information_bits_on_tables_with_a_known_answer():
     import torch
 
