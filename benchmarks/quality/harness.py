@@ -421,6 +421,13 @@ def describe_bleu_tokenize(tokenizers: dict[str, str]) -> str:
     return ", ".join(special) + (", others `13a`" if len(special) < len(tokenizers) else "")
 
 
+def interval_cell(stat: dict | None) -> str:
+    """A paired difference as a table cell: `+mean [low, high]`, marked (n.s.) when the interval includes 0."""
+    if not stat:
+        return ""
+    return f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]" + ("" if stat["significant"] else " (n.s.)")
+
+
 def per_task_paired_lines(per_task: dict) -> list[str]:
     """The per-task paired differences (`paired_by_task`) as a markdown table: each trained method against dense and
     against the task's best upcycling baseline."""
@@ -438,9 +445,7 @@ def per_task_paired_lines(per_task: dict) -> list[str]:
         for task in tasks:
             entry = per_task[task]["methods"].get(name, {})
             for reference in ("dense", per_task[task]["best_baseline"]):
-                stat = entry.get(f"vs_{reference}")
-                cells.append(f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]"
-                             + ("" if stat["significant"] else " (n.s.)") if stat else "")  # fmt: skip
+                cells.append(interval_cell(entry.get(f"vs_{reference}")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -472,11 +477,7 @@ def markdown(summary: dict) -> str:
     ]
 
     def interval(name, against):
-        stat = paired.get(name, {}).get(f"vs_{against}")
-        if not stat:
-            return ""
-        mark = "" if stat["significant"] else " (n.s.)"
-        return f"{stat['mean']:+.2f} [{stat['low']:+.2f}, {stat['high']:+.2f}]{mark}"
+        return interval_cell(paired.get(name, {}).get(f"vs_{against}"))
 
     def row_line(name, references=("dense", best)):
         row = methods[name]
