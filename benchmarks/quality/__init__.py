@@ -41,10 +41,11 @@ another stage 1 the ablations pair the former default (0.5 of the steps, 10x) ag
 
 On 2 cores, two such processes with disjoint `--methods` (for example `dense,copy,noise,random` and
 `drop,spri,spri-stage2only,spri-div0`) share the work: each writes its own runs, and a last run of the whole preset
-with the same options finds them all finished and writes the complete summary and `lr-selection.json`. A process's
-`--select-lr` chooses only for its own methods, and spri's stage 1 only if spri is among them: a process that trains
-spri-div0 (or another two-stage method) without spri would train it with the default stage 1 instead of spri's
-choice. Once the selection is complete (the committed `docs/results/cpu-xx-en/lr-selection/lr-selection.json`),
+with the same options finds them all finished and writes the complete summary and `lr-selection.json`. (A process
+given `--methods` or `--seeds` also summarises the preset's finished runs that it did not train, so its summary never
+drops another process's rows.) A process's `--select-lr` chooses only for its own methods, and spri's stage 1 only if
+spri is among them: a process that trains spri-div0 (or another two-stage method) without spri would train it with
+the default stage 1 instead of spri's choice. Once the selection is complete (the committed `docs/results/cpu-xx-en/lr-selection/lr-selection.json`),
 give every process `--learning-rates` that file instead of `--select-lr`, and split the methods as you like. Runs go
 seed by seed (every method of seed 0, then of seed 1, ...), so an interrupted grid leaves seeds that pair. Processes
 sharing a cache split a new cache's encoder states between them (a `.claim` file per clip) instead of computing

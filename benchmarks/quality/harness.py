@@ -728,6 +728,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    subset = bool(args.methods or args.seeds)
     if args.methods:
         unknown = [name for name in args.methods.split(",") if name not in METHODS]
         if unknown:
@@ -770,16 +771,22 @@ def main(argv=None) -> int:
     if args.select_lr or args.learning_rates:
         preset = replace(preset, learning_rates=tuple(sorted(selection["chosen"].items())),
                          stage1_choice=tuple(sorted((selection.get("stage1") or {}).get("chosen", {}).items())))
+    # a subset's summary also reads back the preset's other finished runs (other processes', earlier seeds')
+    whole = replace(preset, methods=PRESETS[args.preset].methods, seeds=PRESETS[args.preset].seeds) if subset else None
     run_benchmark(preset, args.data, out, device, args.cache, args.reuse, args.eval_split, args.context_check,
-                  test_pairs=args.test_pairs, keep_models=args.keep_models)
+                  test_pairs=args.test_pairs, keep_models=args.keep_models, summary_preset=whole)
     return 0
 
 
 def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: Path = DEFAULT_CACHE,
                   reuse: list[Path] = (), eval_split: str = "test", check_context: bool = False,
                   log=lambda message: print(message, flush=True), test_pairs: Path | None = None,
-                  keep_models: bool = False) -> dict:
-    """Run every (method, seed) of `preset` that `out` does not hold yet; write the summary, tables and plots."""
+                  keep_models: bool = False, summary_preset: Preset | None = None) -> dict:
+    """Run every (method, seed) of `preset` that `out` does not hold yet; write the summary, tables and plots.
+
+    `summary_preset` (default `preset`) is what the summary covers: the finished runs of its other methods and seeds
+    (in `out` or `reuse`, with the spec they would be trained with) join this invocation's, so a process given a
+    subset (`--methods`, `--seeds`) does not overwrite a wider summary with its own runs only."""
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -851,16 +858,12 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
                dev_examples=examples(dev_rows), extra_examples=examples(extra_rows), keep_models=keep_models,
                out=out, vocabulary=vocabulary)  # fmt: skip
 
-    results = []
-    # seed by seed (every method of seed 0 first): an interrupted grid leaves complete seeds, which pair
-    runs = [(METHODS[name], seed) for seed in preset.seeds for name in preset.methods
-            if (METHODS[name].train or seed == preset.seeds[0]) and not same_run_as_spri(preset, METHODS[name])]
-    for name in preset.methods:
-        if same_run_as_spri(preset, METHODS[name]):
-            schedule = stage1_schedule(preset, METHODS[name])
-            log(f"{name}: stage 1 {schedule} is spri's own schedule; spri's run is its row")
-    for method, seed in runs:
-        seed = seed if method.train else 0
+    def planned(grid: Preset) -> list[tuple[Method, int]]:
+        # seed by seed (every method of seed 0 first): an interrupted grid leaves complete seeds, which pair
+        return [(METHODS[name], seed if METHODS[name].train else 0) for seed in grid.seeds for name in grid.methods
+                if (METHODS[name].train or seed == grid.seeds[0]) and not same_run_as_spri(grid, METHODS[name])]
+
+    def prepare(method: Method, seed: int) -> tuple[dict, dict, Path]:
         run_ctx = ctx
         if method.compute_matched_from:
             matched = compute_matched_steps(preset, method, out)
@@ -870,7 +873,16 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
             spec["compute_matched"] = matched
         if test_pairs is not None:
             spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
-        path = out / "runs" / f"{method.name}-seed{seed}.json"
+        return run_ctx, spec, out / "runs" / f"{method.name}-seed{seed}.json"
+
+    results = []
+    runs = planned(preset)
+    for name in preset.methods:
+        if same_run_as_spri(preset, METHODS[name]):
+            schedule = stage1_schedule(preset, METHODS[name])
+            log(f"{name}: stage 1 {schedule} is spri's own schedule; spri's run is its row")
+    for method, seed in runs:
+        run_ctx, spec, path = prepare(method, seed)
         result = find_finished(spec, path, [Path(folder) for folder in reuse])
         if result is not None:
             log(f"{method.name} seed {seed}: finished before, chrF++ {result['metrics']['chrf']:.2f}")
@@ -887,13 +899,26 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
         if result["routing"]:
             plot_routing(result, out / "plots" / f"routing-{method.name}-seed{seed}.png")
         results.append(result)
+    if summary_preset is not None:
+        order = planned(summary_preset)
+        for method, seed in [(method, seed) for method, seed in order if (method, seed) not in runs]:
+            try:
+                _, spec, path = prepare(method, seed)
+            except ValueError:  # a compute-matched run before its step budget is fixed: it cannot have run yet
+                continue
+            result = find_finished(spec, path, [Path(folder) for folder in reuse])
+            if result is not None:
+                results.append(result)
+        position = {(method.name, seed): i for i, (method, seed) in enumerate(order)}
+        results.sort(key=lambda result: position.get((result["method"], result["seed"]), len(position)))
+        log(f"summary: {len(results)} finished runs of preset {summary_preset.name} ({len(runs)} of this invocation)")
 
     summary = {
         "preset": preset.name,
         "direction": direction,
         "model": model_id,
         "budget": {key: value for key, value in asdict(preset).items() if key not in ("name", "methods", "seeds")},
-        "seeds": list(preset.seeds),
+        "seeds": sorted({result["seed"] for result in results}) or list(preset.seeds),
         "eval_split": eval_split,
         "languages": langs,
         "bleu_tokenize": {lang: bleu_tokenizer(lang) for lang in langs},

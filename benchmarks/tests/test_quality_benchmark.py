@@ -175,6 +175,15 @@ def test_finished_runs_are_skipped_on_resume(tiny_data, tmp_path):
     quality.run_benchmark(preset, tiny_data, out, cache=tmp_path / "cache", log=messages.append)
     assert sum("finished before" in message for message in messages) == 2
     assert (out / "runs" / "spri-seed0.json").read_text() == first
+    # a process given a subset (`--methods dense`) trains nothing new and summarises every finished run of the preset,
+    # not its own only (it used to overwrite summary.json with dense alone)
+    messages.clear()
+    assert quality.main(["--preset", "tiny", "--methods", "dense", "--data", str(tiny_data), "--out", str(out),
+                         "--cache", str(tmp_path / "cache")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["methods"]) == ["dense", "spri"] and summary["seeds"] == [0]
+    assert "| spri |" in (out / "summary.md").read_text()
+    assert (out / "runs" / "spri-seed0.json").read_text() == first
     # --status lists what is finished, with the scores the run files hold
     rows = quality.harness.finished_runs(out)
     assert sorted(row["method"] for row in rows) == ["dense", "spri"]
