@@ -858,15 +858,15 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
                dev_examples=examples(dev_rows), extra_examples=examples(extra_rows), keep_models=keep_models,
                out=out, vocabulary=vocabulary)  # fmt: skip
 
-    def planned(grid: Preset) -> list[tuple[Method, int]]:
+    def planned(of: Preset) -> list[tuple[Method, int]]:
         # seed by seed (every method of seed 0 first): an interrupted grid leaves complete seeds, which pair
-        return [(METHODS[name], seed if METHODS[name].train else 0) for seed in grid.seeds for name in grid.methods
-                if (METHODS[name].train or seed == grid.seeds[0]) and not same_run_as_spri(grid, METHODS[name])]
+        return [(METHODS[name], seed if METHODS[name].train else 0) for seed in of.seeds for name in of.methods
+                if (METHODS[name].train or seed == of.seeds[0]) and not same_run_as_spri(of, METHODS[name])]
 
     def prepare(method: Method, seed: int) -> tuple[dict, dict, Path]:
         run_ctx = ctx
         if method.compute_matched_from:
-            matched = compute_matched_steps(preset, method, out)
+            matched = compute_matched_steps(grid, method, out)
             run_ctx = dict(ctx, preset=replace(preset, steps=matched["steps"]))
         spec = run_spec(method, seed, run_ctx["preset"], model_id, data_id, eval_split)
         if method.compute_matched_from:
@@ -875,6 +875,8 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
             spec["test_pairs"] = fingerprint(Path(test_pairs).read_bytes())
         return run_ctx, spec, out / "runs" / f"{method.name}-seed{seed}.json"
 
+    # a compute-matched budget comes from the grid's first seed, also in a process given later seeds (`--seeds 1,2`)
+    grid = summary_preset or preset
     results = []
     runs = planned(preset)
     for name in preset.methods:
@@ -902,10 +904,12 @@ def run_benchmark(preset: Preset, data_dir: Path, out: Path, device=CPU, cache: 
     if summary_preset is not None:
         order = planned(summary_preset)
         for method, seed in [(method, seed) for method, seed in order if (method, seed) not in runs]:
-            try:
-                _, spec, path = prepare(method, seed)
-            except ValueError:  # a compute-matched run before its step budget is fixed: it cannot have run yet
-                continue
+            if method.compute_matched_from and not all(
+                (out / "runs" / f"{name}-seed{grid.seeds[0]}.json").is_file()
+                for name in ("dense", method.compute_matched_from)
+            ):
+                continue  # its step budget is not fixed before those runs exist, so it cannot have run yet
+            _, spec, path = prepare(method, seed)
             result = find_finished(spec, path, [Path(folder) for folder in reuse])
             if result is not None:
                 results.append(result)
