@@ -39,6 +39,7 @@ from .data import (
 )
 from .methods import (
     ABLATIONS,
+    BEYOND_METHODS,
     HEADLINE_METHODS,
     METHODS,
     NOT_IN_SPEC,
@@ -269,8 +270,8 @@ def paired_bootstrap(a: list[list[float]], b: list[list[float]], samples: int = 
 
 
 def paired_differences(results: list[dict], pairs: tuple[tuple[str, str], ...] = ()) -> dict:
-    """Sentence chrF++ of every trained method against dense, the best upcycling baseline and, for a variant in an
-    ablation table, the default `spri`; each pair over the seeds both methods have (an untrained method, one run
+    """Sentence chrF++ of every trained method against dense, the best upcycling baseline, for a variant in an
+    ablation table the default `spri`, and for a row beyond the paper the row it varies (`Method.variant_of`); each pair over the seeds both methods have (an untrained method, one run
     without seeds, pairs with every seed of the other). `pairs`: more (a, b) comparisons, under "pairs" as "a vs b"
     (left out where either has no runs)."""
     by_method = defaultdict(dict)
@@ -297,7 +298,7 @@ def paired_differences(results: list[dict], pairs: tuple[tuple[str, str], ...] =
 
     paired = {}
     for name in by_method:
-        references = ["dense", best] + (["spri"] if name in ablated else [])
+        references = ["dense", best] + (["spri"] if name in ablated else []) + [METHODS[name].variant_of]
         entry = {}
         for reference in dict.fromkeys(references):
             if reference and reference != name and reference in by_method:
@@ -410,6 +411,12 @@ def _setting_label(name: str, row: dict) -> str:
         for key, value in (row.get("stage1") or METHODS[name].stage1 or {}).items():
             label += f", stage 1 {'x' if key.endswith('multiplier') else ''}{value:g}" + (
                 " of the rate" if key.endswith("multiplier") else " of the steps")
+    if settings.get("expert_granularity", 1) != 1:
+        label += f", G={settings['expert_granularity']}"
+    if settings.get("router_balance", "aux_loss") != "aux_loss":
+        label += f", {settings['router_balance']} balancing"
+    if row.get("router_init") or METHODS[name].router_init:
+        label += f", {row.get('router_init') or METHODS[name].router_init} routers"
     return label
 
 
@@ -501,6 +508,16 @@ def markdown(summary: dict) -> str:
                   "Δ vs spri: each variant paired with the default over the seeds both have.", "",
                   ablation_header, "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(name, ("spri", "dense")) for name in names]
+    beyond = [name for name in BEYOND_METHODS if name in methods]
+    if beyond:
+        lines += ["", "## Beyond the paper", "",
+                  "Each row changes one thing of the row named in its first Δ column, paired over the seeds both have.",
+                  "", ablation_header.replace("vs spri (default)", "vs the row it varies"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in beyond:
+            base = METHODS[name].variant_of
+            line = row_line(name, (base, "dense"))
+            lines.append(line.replace(f"| {name} |", f"| {name} (vs {base}) |", 1))
     tasked = [name for name, row in methods.items() if row.get("per_task")]
     if tasked:
         tasks = sorted(methods[tasked[0]]["per_task"])

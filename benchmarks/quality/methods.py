@@ -25,6 +25,8 @@ class Method:
     compute_matched_from: str | None = None
     # `spri_hf.init_routers(method=...)` after upcycling, on training batches (issue 37's rows)
     router_init: str | None = None
+    # the row this one changes one thing of (issue 37's rows): the summary pairs the two in "Beyond the paper"
+    variant_of: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -71,13 +73,13 @@ def _methods() -> dict[str, Method]:
         rows.append(Method(f"spri-s1lr{multiplier:g}x", {"init": "spri"}, stage1={"stage1_lr_multiplier": multiplier}))
     # beyond the paper (docs/METHOD.md): routers from data, fine-grained experts (the same active FFN width as G = 1:
     # 4x the experts, 4x the top-k), balancing by a routing bias instead of the aux loss
-    rows.append(Method("spri-kmeans", {"init": "spri"}, router_init="kmeans",
+    rows.append(Method("spri-kmeans", {"init": "spri"}, router_init="kmeans", variant_of="spri",
                        description="SPRI, routers from k-means of the decoder states"))  # fmt: skip
-    rows.append(Method("copy-kmeans", {"init": "copy"}, router_init="kmeans",
+    rows.append(Method("copy-kmeans", {"init": "copy"}, router_init="kmeans", variant_of="copy",
                        description="copy, routers from k-means of the decoder states"))  # fmt: skip
-    rows.append(Method("spri-g4", {"init": "spri", "expert_granularity": 4},
+    rows.append(Method("spri-g4", {"init": "spri", "expert_granularity": 4}, variant_of="spri",
                        description="SPRI with fine-grained experts (G = 4: 4x the experts and the top-k)"))  # fmt: skip
-    rows.append(Method("spri-bias", {"init": "spri", "router_balance": "bias"},
+    rows.append(Method("spri-bias", {"init": "spri", "router_balance": "bias"}, variant_of="spri",
                        description="SPRI, balanced by a routing bias instead of the aux loss"))  # fmt: skip
     for base in ("copy", "drop", "spri", "spri-stage2only"):
         method = next(row for row in rows if row.name == base)
@@ -93,6 +95,8 @@ MAIN_METHODS = BASELINES + ("dense", "copy", "noise", "drop", "random", "spri", 
 UPCYCLING_BASELINES = ("copy", "noise", "drop", "random")
 # rows of the main table and of the per-language plot
 HEADLINE_METHODS = MAIN_METHODS
+# rows beyond the paper, each paired with the row it varies (`Method.variant_of`)
+BEYOND_METHODS = tuple(name for name, method in METHODS.items() if method.variant_of)
 # ablation tables: which runs differ in one setting from the default `spri`
 ABLATIONS = {
     "diversity (spri_mode balanced)": ("spri-div0", "spri-div0.05", "spri", "spri-div0.2", "spri-div0.5"),

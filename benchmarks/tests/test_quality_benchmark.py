@@ -115,6 +115,10 @@ def test_tiny_preset_runs_every_method_end_to_end(tiny_data, tmp_path):
     assert json.loads((out / "summary.json").read_text())["methods"].keys() == summary["methods"].keys()
     table = (out / "summary.md").read_text()
     assert "| spri |" in table and "Ablation: principal_ratio" in table
+    # issue 37's rows in their own table, each paired with the row it varies and labelled by what it changes
+    beyond = table.split("## Beyond the paper")[1].split("\n## ")[0]
+    assert "| spri-g4 (vs spri) |" in beyond and ", G=4" in beyond and ", bias balancing" in beyond
+    assert "| copy-kmeans (vs copy) | init=copy, kmeans routers |" in beyond
 
     for name in summary["methods"]:
         method = quality.METHODS[name]
@@ -279,7 +283,13 @@ def test_paired_differences_pair_shared_seeds_and_ablations_with_the_default():
     results += [{"method": "spri-pr0.75", "seed": seed, "sentence_chrf": list(spri[seed] + 1.0)} for seed in range(3)]
     # the untrained model: one run, no seeds
     results.append({"method": "dense-untrained", "seed": 0, "sentence_chrf": list(spri[0] - 3.0)})
+    # rows beyond the paper pair with the row they vary: spri-g4 with spri, copy-kmeans with copy
+    results += [{"method": "spri-g4", "seed": seed, "sentence_chrf": list(spri[seed] + 0.5)} for seed in range(3)]
+    results += [{"method": "copy-kmeans", "seed": seed, "sentence_chrf": list(dense[seed] - 1.5)} for seed in (0, 1)]
     paired = quality.paired_differences(results)
+    assert paired["methods"]["spri-g4"]["vs_spri"]["mean"] == pytest.approx(0.5)
+    assert paired["methods"]["copy-kmeans"]["vs_copy"]["mean"] == pytest.approx(-1.0)
+    assert paired["methods"]["copy-kmeans"]["vs_copy"]["seeds"] == 2 and "vs_spri" not in paired["methods"]["copy-kmeans"]
     assert paired["best_baseline"] == "copy" and paired["default"] == "spri"
     ablation = paired["methods"]["spri-pr0.75"]
     assert ablation["vs_spri"]["seeds"] == 3 and ablation["vs_spri"]["mean"] == pytest.approx(1.0)
