@@ -280,6 +280,33 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
             for block in blocks:
                 block.router_logits_sink = None
 
+    @contextmanager
+    def counting_real_tokens(self, inputs: dict, labels: torch.Tensor | None):
+        """Within the context, every bias-balanced router counts the load of real tokens only: padding routes too, and
+        counted it would steer the bias. A decoder stack of an encoder-decoder model takes `decoder_attention_mask`,
+        else the positions whose `labels` are not -100; every other stack takes `attention_mask`. A mask that does not
+        match a layer's tokens (or none given) leaves that layer counting every token."""
+        routers = [(stack, block.router) for stack, _, block in self.moe_sites()
+                   if block.router.e_score_correction_bias is not None]  # fmt: skip
+        if not routers or not (self.training and torch.is_grad_enabled()):
+            yield
+            return
+        encoder_decoder = getattr(self.config.base_config, "is_encoder_decoder", False)
+        masks = {"encoder": inputs.get("attention_mask"), "decoder": inputs.get("attention_mask")}
+        if encoder_decoder:
+            decoder_mask = inputs.get("decoder_attention_mask")
+            if decoder_mask is None and labels is not None:
+                decoder_mask = labels != -100
+            masks["decoder"] = decoder_mask
+        for stack, router in routers:
+            mask = masks.get(stack)
+            router.load_mask = mask if mask is not None and mask.dim() == 2 else None
+        try:
+            yield
+        finally:
+            for _, router in routers:
+                router.load_mask = None
+
     def router_losses(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +378,10 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
         backbone = self.base_model
         backbone._spri_loss_owner = True
         try:
-            with self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits:
+            with (
+                self.collect_router_logits(enabled=labels is not None or output_router_logits) as router_logits,
+                self.counting_real_tokens(inputs, labels),
+            ):
                 outputs = self.model(**inputs)
         finally:
             backbone._spri_loss_owner = False

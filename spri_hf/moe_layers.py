@@ -32,7 +32,8 @@ class SpriRouter(nn.Module):
     With bias balancing (`router_balance="bias"` or `"both"`) the buffer `e_score_correction_bias` (float32, one value
     per expert, stored in checkpoints) is added to the routing probabilities for the top-k choice only; the mixing
     weights stay the probabilities of the chosen experts. Training forwards count each expert's top-k choices
-    (`expert_load`) until `update_bias` moves the bias after the optimizer step.
+    (`expert_load`, real tokens only where the model's forward sets `load_mask`) until `update_bias` moves the bias
+    after the optimizer step.
     """
 
     def __init__(self, config: SpriConfig, layout: FfnLayout):
@@ -45,6 +46,7 @@ class SpriRouter(nn.Module):
         bias = torch.zeros(config.num_experts, dtype=torch.float32) if balances_by_bias else None
         self.register_buffer("e_score_correction_bias", bias)
         self.expert_load: torch.Tensor | None = None  # not a buffer: DDP would broadcast rank 0's counts
+        self.load_mask: torch.Tensor | None = None  # (batch, length) of real tokens, set by the model's forward
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = F.linear(hidden_states, self.weight)  # (tokens, num_experts)
@@ -63,6 +65,9 @@ class SpriRouter(nn.Module):
 
     @torch.no_grad()
     def _count_load(self, top_k_index: torch.Tensor):
+        mask = self.load_mask
+        if mask is not None and mask.numel() == top_k_index.shape[0]:  # padding routes too, but is no load
+            top_k_index = top_k_index[mask.reshape(-1).to(top_k_index.device).bool()]
         counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts].float()
         self.expert_load = counts if self.expert_load is None else self.expert_load + counts
 

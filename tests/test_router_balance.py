@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import progression_dataset, tiny_dense
+from conftest import progression_dataset, tiny, tiny_dense
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
 import spri_hf
-from spri_hf import SpriForCausalLM, SpriTrainer, SpriTrainingArguments
+from spri_hf import SpriForCausalLM, SpriForSeq2SeqLM, SpriTrainer, SpriTrainingArguments
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,43 @@ def test_bias_spreads_a_collapsed_load_and_leaves_the_mixing_weights_alone(tmp_p
         assert share < 0.5, (idx, share, bias)
         # mixing weights: the chosen experts' probabilities, bias or not
         torch.testing.assert_close(weights.float(), probs.gather(-1, index), rtol=0, atol=0)
+
+
+def _loads(model):
+    return {f"{stack}.{idx}": block.router.expert_load for stack, idx, block in model.moe_sites()}
+
+
+def test_padding_is_no_load():
+    """Padding routes like any token but is not counted: a causal LM counts the tokens of `attention_mask`, the decoder
+    of a seq2seq model the positions of `decoder_attention_mask`, else those whose labels are not -100 (its encoder
+    the positions of `attention_mask`); without a mask every token counts."""
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # 4 padding positions: 14 real tokens
+    model = _biased_model(num_experts_per_tok=2).train()
+    model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert {name: load.sum().item() for name, load in _loads(model).items()} == {"decoder.0": 28, "decoder.1": 28}
+    assert all(block.router.load_mask is None for block in model.moe_blocks().values())  # set for the forward only
+    model.update_router_biases()
+    model(ids, labels=ids)
+    assert all(load.sum().item() == 36 for load in _loads(model).values())
+
+    seq2seq = SpriForSeq2SeqLM.from_dense(tiny("bart"), num_experts=4, num_experts_per_tok=1, init="copy",
+                                          upcycle="both", router_balance="bias").train()  # fmt: skip
+    source = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    source_mask = torch.ones_like(source)
+    source_mask[0, 4:] = 0  # 11 real source tokens
+    labels = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    labels[0, 3:] = -100  # 9 real target positions
+    seq2seq(input_ids=source, attention_mask=source_mask, labels=labels)
+    counts = {name: load.sum().item() for name, load in _loads(seq2seq).items()}
+    assert counts == {"encoder.0": 11, "encoder.1": 11, "decoder.0": 9, "decoder.1": 9}
+    seq2seq.update_router_biases()
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[1, 4:] = 0  # given, it wins over the labels: 10 real target positions
+    seq2seq(input_ids=source, attention_mask=source_mask, labels=labels, decoder_attention_mask=decoder_mask)
+    assert {name: load.sum().item() for name, load in _loads(seq2seq).items() if name.startswith("decoder")} == {
+        "decoder.0": 10, "decoder.1": 10}
 
 
 def test_the_loss_has_no_aux_term_with_bias_and_keeps_it_with_both():
