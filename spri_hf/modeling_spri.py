@@ -43,6 +43,7 @@ from .moe_layers import (
     SpriResidualExperts,
     SpriRouter,
     load_balancing_loss,
+    real_token_masks,
     router_z_loss,
 )
 from .parallel import add_expert_parallel_plans, check_distributed_config
@@ -283,24 +284,15 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
     @contextmanager
     def counting_real_tokens(self, inputs: dict, labels: torch.Tensor | None):
         """Within the context, every bias-balanced router counts the load of real tokens only: padding routes too, and
-        counted it would steer the bias. A decoder stack of an encoder-decoder model takes `decoder_attention_mask`,
-        else the positions whose `labels` are not -100; every other stack takes `attention_mask`. A mask that does not
-        match a layer's tokens (or none given) leaves that layer counting every token."""
+        counted it would steer the bias (`real_token_masks` says which mask each stack takes)."""
         routers = [(stack, block.router) for stack, _, block in self.moe_sites()
                    if block.router.e_score_correction_bias is not None]  # fmt: skip
         if not routers or not (self.training and torch.is_grad_enabled()):
             yield
             return
-        encoder_decoder = getattr(self.config.base_config, "is_encoder_decoder", False)
-        masks = {"encoder": inputs.get("attention_mask"), "decoder": inputs.get("attention_mask")}
-        if encoder_decoder:
-            decoder_mask = inputs.get("decoder_attention_mask")
-            if decoder_mask is None and labels is not None:
-                decoder_mask = labels != -100
-            masks["decoder"] = decoder_mask
+        masks = real_token_masks(inputs, labels, getattr(self.config.base_config, "is_encoder_decoder", False))
         for stack, router in routers:
-            mask = masks.get(stack)
-            router.load_mask = mask if mask is not None and mask.dim() == 2 else None
+            router.load_mask = masks.get(stack)
         try:
             yield
         finally:

@@ -351,6 +351,18 @@ class SpriMoeBlock(nn.Module):
         return output.reshape(shape)
 
 
+def real_token_masks(inputs: dict, labels: torch.Tensor | None, encoder_decoder: bool) -> dict:
+    """`{stack: (batch, length) mask of real tokens, or None}` for a forward's `inputs`: the decoder of an
+    encoder-decoder model takes `decoder_attention_mask`, else the positions whose `labels` are not -100; every other
+    stack takes `attention_mask`. A router whose tokens the mask does not match counts every token."""
+    masks = {"encoder": inputs.get("attention_mask"), "decoder": inputs.get("attention_mask")}
+    if encoder_decoder:
+        masks["decoder"] = inputs.get("decoder_attention_mask")
+        if masks["decoder"] is None and labels is not None:
+            masks["decoder"] = labels != -100
+    return {stack: mask if mask is not None and mask.dim() == 2 else None for stack, mask in masks.items()}
+
+
 def load_balancing_loss(
     router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:

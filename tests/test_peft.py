@@ -11,9 +11,11 @@ The stage-2 matrix (`CASES`) runs one lifecycle per family in a module-scoped fi
 `test_stage1_attention_lora_trains`).
 """
 
+import peft
 import pytest
 import torch
 from conftest import progression_dataset, tiny_dense
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -23,8 +25,8 @@ from spri_hf import SpriForCausalLM
 
 
 # family -> (attention target_modules, expert target_parameters). GPT-2's attention is `Conv1D`, which PEFT adapts
-# only with `fan_in_fan_out=True`, and `ParamWrapper` refuses that flag, so one config cannot hold both (see
-# `test_gpt2_conv1d_attention_and_expert_parameters_do_not_mix`): its case adapts the experts alone.
+# only with `fan_in_fan_out=True`; PEFT < 0.22 refused that flag beside expert parameters (see
+# `test_gpt2_conv1d_attention_and_expert_parameters_in_one_adapter`), so its case adapts the experts alone.
 CASES = {
     "llama": (["q_proj", "v_proj"], ["experts.gate_up_proj", "experts.down_proj"]),
     "qwen3": (["q_proj", "v_proj"], ["experts.gate_up_proj", "experts.down_proj"]),
@@ -191,13 +193,29 @@ def test_merge_and_unload_gives_a_plain_spri_model(lifecycle, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
-def test_gpt2_conv1d_attention_and_expert_parameters_do_not_mix():
-    """PEFT quirk, not a SPRI one: GPT-2's `Conv1D` attention forces `fan_in_fan_out=True` on the shared config, which
-    `ParamWrapper` (the 3D expert LoRA) rejects. Adapt GPT-2's experts alone (the `gpt2` case) or its attention
-    alone."""
+def test_gpt2_conv1d_attention_and_expert_parameters_in_one_adapter(input_ids):
+    """GPT-2's `Conv1D` attention forces `fan_in_fan_out=True` on the shared config. PEFT < 0.22 then refused the 3D
+    expert LoRA (`ParamWrapper`); from 0.22 one adapter holds both, and its expert LoRA acts exactly as an
+    experts-only adapter's with the same weights (the attention LoRA starts at zero)."""
     spri = SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4, stage=2)
-    with pytest.raises(ValueError, match="fan_in_fan_out"):
-        get_peft_model(spri, _lora_config("gpt2", target_modules=["c_attn"]))
+    if Version(peft.__version__) < Version("0.22"):
+        with pytest.raises(ValueError, match="fan_in_fan_out"):
+            get_peft_model(spri, _lora_config("gpt2", target_modules=["c_attn"]))
+        return
+    both = get_peft_model(spri, _lora_config("gpt2", target_modules=["c_attn"]))
+    alone = get_peft_model(SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4, stage=2), _lora_config("gpt2"))
+    adapted = {name for name, _ in both.named_parameters() if "lora_" in name}
+    assert any(".attn.c_attn.lora_" in name for name in adapted) and any(".experts." in name for name in adapted)
+    experts_only = dict(alone.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in both.named_parameters():
+            if "lora_" in name and ".experts." in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                experts_only[name].copy_(param)
+    dense_logits = _logits(SpriForCausalLM.from_dense(tiny_dense("gpt2"), num_experts=4, stage=2), input_ids)
+    assert (_logits(alone, input_ids) - dense_logits).abs().max() > 1e-3  # the expert LoRA is not a no-op
+    torch.testing.assert_close(_logits(both, input_ids), _logits(alone, input_ids), atol=1e-6, rtol=0)
 
 
 def test_stage1_attention_lora_trains(tmp_path, input_ids):
