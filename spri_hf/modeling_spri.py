@@ -285,9 +285,10 @@ class SpriPreTrainedModel(SpriCheckpointMixin, PreTrainedModel):
     def counting_real_tokens(self, inputs: dict, labels: torch.Tensor | None):
         """Within the context, every bias-balanced router counts the load of real tokens only: padding routes too, and
         counted it would steer the bias (`real_token_masks` says which mask each stack takes)."""
+        training = self.training and torch.is_grad_enabled()  # asked first: a serving engine may swap the routers
         routers = [(stack, block.router) for stack, _, block in self.moe_sites()
-                   if block.router.e_score_correction_bias is not None]  # fmt: skip
-        if not routers or not (self.training and torch.is_grad_enabled()):
+                   if training and block.router.e_score_correction_bias is not None]  # fmt: skip
+        if not routers:
             yield
             return
         masks = real_token_masks(inputs, labels, getattr(self.config.base_config, "is_encoder_decoder", False))

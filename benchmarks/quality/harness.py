@@ -104,7 +104,8 @@ def run_spec(method: Method, seed: int, preset: Preset, model_id: str, data_id: 
 
 def compute_matched_steps(preset: Preset, method: Method, out: Path) -> dict:
     """The steps of a compute-matched run: the preset's, times dense's training seconds over its base method's, both
-    from the first seed's finished step-matched runs in `out` (fixed once they exist, so the spec is stable)."""
+    from the first seed's finished step-matched runs in `out` (fixed once they exist, so the spec is stable). A
+    two-stage method keeps at least 2 steps, one per stage (a slow MoE on a tiny preset would otherwise get 1)."""
     seed = preset.seeds[0]
     seconds = {}
     for name in ("dense", method.compute_matched_from):
@@ -113,7 +114,8 @@ def compute_matched_steps(preset: Preset, method: Method, out: Path) -> dict:
             raise ValueError(f"{method.name} needs the finished {name} run of seed {seed} ({path}): list {name} first")
         seconds[name] = json.loads(path.read_text())["timings"]["train_s"]
     ratio = seconds["dense"] / seconds[method.compute_matched_from]
-    return {"steps": max(1, round(preset.steps * ratio)), "time_ratio_dense_over_method": ratio, "seed": seed}
+    least = 2 if method.two_stage else 1
+    return {"steps": max(least, round(preset.steps * ratio)), "time_ratio_dense_over_method": ratio, "seed": seed}
 
 
 def write_json(path: Path, payload):

@@ -640,6 +640,22 @@ def test_paired_by_task_pairs_the_sentences_of_each_task_only():
     assert paired_by_task(results, [None] * 4) == {}
 
 
+def test_a_compute_matched_two_stage_run_keeps_one_step_per_stage(tmp_path):
+    """On a loaded machine a MoE may train 4x slower than dense: the tiny preset's 4 steps then shrink to 1, and a
+    two-stage run of 1 step has no stage 2 (SpriTrainer refuses it). A two-stage method keeps 2; others may go to 1."""
+    from benchmarks.quality.harness import compute_matched_steps, write_json
+
+    preset = quality.PRESETS["tiny"]
+    for name, seconds in (("dense", 1.0), ("spri", 10.0), ("copy", 10.0)):
+        write_json(tmp_path / "runs" / f"{name}-seed0.json", {"timings": {"train_s": seconds}})
+    spri, copy = (compute_matched_steps(preset, quality.METHODS[name], tmp_path) for name in ("spri-cm", "copy-cm"))
+    assert quality.METHODS["spri-cm"].two_stage and not quality.METHODS["copy-cm"].two_stage
+    assert (spri["steps"], copy["steps"]) == (2, 1)
+    assert spri["time_ratio_dense_over_method"] == pytest.approx(0.1)
+    write_json(tmp_path / "runs" / "spri-seed0.json", {"timings": {"train_s": 1.25}})  # not floored when not needed
+    assert compute_matched_steps(preset, quality.METHODS["spri-cm"], tmp_path)["steps"] == round(4 / 1.25)
+
+
 def test_interim_table_pools_compute_matched_runs_with_the_step_matched_grid(tmp_path):
     """`--status` on a grid with compute-matched variants: a `-cm` run trains fewer steps by design and pairs with dense
     on model, data and split; its name sorts first, yet the grid's step budget stays dense's (issue 35's folder)."""
